@@ -1,0 +1,61 @@
+# agent-orchestrator. `make run` and `make test` are the two commands; both create .venv if missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+SERVICE := agent-orchestrator
+PREFIX ?= /opt/agent-orchestrator
+
+.PHONY: run install test lint pytest bench e2e-llm schema docs clean \
+	agent-orchestrator agent-orchestrator-status agent-orchestrator-logs agent-orchestrator-restart
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@ $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/agentctl serve
+
+test: $(TEST_STAMP) lint pytest
+
+pytest: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check runner tests bench
+	$(BIN)/mypy
+
+bench: $(TEST_STAMP)
+	$(BIN)/python -m bench
+
+schema: $(STAMP)
+	$(BIN)/python -m runner.specs.schema --write
+
+# -- operator targets (the seed's): install as a systemd service and manage it
+agent-orchestrator:
+	sh systemd/install.sh "$(PREFIX)"
+
+agent-orchestrator-status:
+	@systemctl status $(SERVICE) --no-pager || true
+	@$(BIN)/agentctl status 2>/dev/null || true
+
+agent-orchestrator-logs:
+	journalctl -u $(SERVICE) -n 200 --no-pager || tail -n 200 -f var/logs/agent_orchestrator.log
+
+agent-orchestrator-restart:
+	systemctl restart $(SERVICE)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

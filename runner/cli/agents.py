@@ -1,0 +1,197 @@
+"""Commands on agents and their runs: status, start, stop, history, tools, serve."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from runner.cli.main import App, cli, pass_app
+from runner.errors import NotFoundError
+from runner.ledger.ingesting import flush
+from runner.ledger.reading import query
+from runner.reconcile.applied import AppliedAgent, load_applied, set_suspended
+from runner.specs.catalog import BUILTIN_TOOLS
+from runner.supervise.scheduling import next_fire
+
+
+@cli.command()
+@click.argument("name", required=False)
+@pass_app
+def status(app: App, name: str | None) -> None:
+    """Agents with their state, revision, last and next run."""
+    agents = load_applied(app.conn, app.settings.client_id, name)
+    if name and not agents:
+        raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
+    last = last_runs(app)
+    source = app.conn.execute("SELECT * FROM sources WHERE client_id = ?", (app.settings.client_id,)).fetchone()
+    rows = [agent_row(a, last.get(a.name)) for a in agents.values()]
+    data = {"client_id": app.settings.client_id,
+            "source": dict(source) if source else None, "agents": rows}
+    app.emit(data, lambda: _print_status(data))
+
+
+def agent_row(a: AppliedAgent, last: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "name": a.name, "state": a.state, "revision": (a.applied_revision or "")[:12],
+        "generation": a.generation, "last_run": last, "next_run": next_run(a), "message": a.message,
+        "conditions": a.conditions, "path": a.path, "suspended": a.suspended,
+    }
+
+
+def next_run(a: AppliedAgent) -> str | None:
+    spec = a.spec_dict
+    if not spec or a.suspended or not spec.get("enabled", True):
+        return None
+    now = datetime.now(UTC)
+    times = [next_fire(t["cron"], t.get("timezone", "UTC"), now)
+             for t in spec.get("triggers", []) if t.get("type") == "schedule"]
+    return min(times).isoformat(timespec="seconds") if times else None
+
+
+def last_runs(app: App) -> dict[str, dict[str, Any]]:
+    flush(app.conn, app.settings.ledger_path)
+    cols, rows = query(app.settings.ledger_path,
+                       "SELECT agent, run_id, status, started_at, ended_at FROM runs WHERE client_id = ? "
+                       "QUALIFY row_number() OVER (PARTITION BY agent ORDER BY coalesce(started_at, queued_at) "
+                       "DESC) = 1", [app.settings.client_id])
+    return {r[0]: dict(zip(cols[1:], r[1:], strict=True)) for r in rows}
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    console = Console(width=160 if not sys.stdout.isatty() else None)
+    src = data["source"]
+    if src:
+        line = f"source {src['location']} at {(src['revision'] or '-')[:12]}, reconciled {src['reconciled_at']}"
+        console.print(line, highlight=False)
+        if src.get("error"):
+            console.print(f"[red]last source error:[/red] {src['error']}", highlight=False)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "STATE", "REVISION", "LAST RUN", "NEXT RUN", "MESSAGE"):
+        table.add_column(col, overflow="fold" if col == "MESSAGE" else "ellipsis", no_wrap=col != "MESSAGE")
+    for row in data["agents"]:
+        last = row["last_run"]
+        last_text = f"{last['status']} {str(last['started_at'] or '')[:19]}" if last else "-"
+        table.add_row(row["name"], row["state"], row["revision"] or "-", last_text, row["next_run"] or "-",
+                      row["message"])
+    if not data["agents"]:
+        console.print("no agents applied yet: run 'agentctl apply'")
+    else:
+        console.print(table)
+
+
+@cli.command()
+@click.argument("name")
+@pass_app
+def start(app: App, name: str) -> None:
+    """Resume an agent (its triggers fire again)."""
+    _suspend(app, name, False)
+
+
+@cli.command()
+@click.argument("name")
+@pass_app
+def stop(app: App, name: str) -> None:
+    """Suspend an agent (its triggers stop firing)."""
+    _suspend(app, name, True)
+
+
+def _suspend(app: App, name: str, suspended: bool) -> None:
+    if not set_suspended(app.conn, app.settings.client_id, name, suspended):
+        raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
+    word = "suspended" if suspended else "resumed"
+    app.emit({"name": name, "suspended": suspended}, lambda: click.echo(f"{name} {word}"))
+
+
+@cli.command()
+@click.option("--agent", help="Only this agent's runs.")
+@click.option("--status", "status_", help="Only runs with this status.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--sql", help="Any read-only SQL over the ledger (tables runs, run_events, reconciles, audit).")
+@click.option("--reconciles", is_flag=True, help="List reconciles instead of runs.")
+@pass_app
+def history(app: App, agent: str | None, status_: str | None, limit: int, sql: str | None,
+            reconciles: bool) -> None:
+    """Run history from the DuckDB ledger."""
+    flush(app.conn, app.settings.ledger_path)
+    if sql:
+        cols, rows = query(app.settings.ledger_path, sql)
+    elif reconciles:
+        cols, rows = query(app.settings.ledger_path,
+                           "SELECT revision, started_at, created, updated, deleted, invalid, initiator, error "
+                           "FROM reconciles WHERE client_id = ? ORDER BY started_at DESC LIMIT ?",
+                           [app.settings.client_id, limit])
+    else:
+        where, params = ["client_id = ?"], [app.settings.client_id]
+        if agent:
+            where.append("agent = ?")
+            params.append(agent)
+        if status_:
+            where.append("status = ?")
+            params.append(status_)
+        cols, rows = query(app.settings.ledger_path,
+                           "SELECT run_id, agent, status, trigger, started_at, ended_at, input_tokens, "
+                           "output_tokens, error FROM runs WHERE " + " AND ".join(where)
+                           + " ORDER BY coalesce(started_at, queued_at) DESC LIMIT ?", [*params, limit])
+    records = [dict(zip(cols, r, strict=True)) for r in rows]
+    app.emit(records, lambda: _print_rows(cols, rows))
+
+
+def _print_rows(cols: list[str], rows: list[tuple[Any, ...]]) -> None:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for c in cols:
+        table.add_column(c.upper())
+    for r in rows:
+        table.add_row(*("-" if v is None else str(v) for v in r))
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+@cli.command()
+@pass_app
+def tools(app: App) -> None:
+    """Builtin and custom tools with their permissions."""
+    rows = [{"name": t.name, "kind": "builtin", "permissions": sorted(t.allowed), "needs": sorted(t.needs),
+             "summary": t.summary} for t in BUILTIN_TOOLS.values()]
+    rows.extend(custom_tool_rows(app))
+    def text() -> None:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for c in ("NAME", "KIND", "PERMISSIONS", "SUMMARY"):
+            table.add_column(c)
+        for r in rows:
+            table.add_row(r["name"], r["kind"], ",".join(r["permissions"]) or "-", r["summary"])
+        Console().print(table)
+    app.emit(rows, text)
+
+
+def custom_tool_rows(app: App) -> list[dict[str, Any]]:
+    from runner.errors import OrchestratorError
+    from runner.reconcile.reconciling import open_source
+    from runner.specs.validating import custom_tools_of
+
+    try:
+        src = open_source(app.settings)
+        files = src.files(src.revision(fetch=False))
+    except OrchestratorError:
+        return []
+    return [{"name": t.name, "kind": "custom", "permissions": sorted(t.allowed), "needs": sorted(t.needs),
+             "summary": t.error or "custom tool (tools/" + t.name + ".py)"} for t in custom_tools_of(files).values()]
+
+
+@cli.command()
+@click.option("--host", help="Address to listen on (AGENT_ORCH_HOST).")
+@click.option("--port", type=int, help="Port to listen on (AGENT_ORCH_PORT).")
+@pass_app
+def serve(app: App, host: str | None, port: int | None) -> None:
+    """The daemon: follows the spec source and keeps the applied state in step."""
+    import logging
+
+    from runner.settings import Settings
+    from runner.supervise.daemon import Daemon
+
+    settings = Settings.load(app.home, app.client_id, host=host, port=port)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Daemon(settings).run()

@@ -1,0 +1,137 @@
+"""Commands on specs and their source: validate, plan, apply, hook."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from runner.cli.main import App, cli, pass_app
+from runner.reconcile.planning import Plan
+from runner.reconcile.reconciling import SourceOverride, open_source, plan, reconcile
+from runner.specs.problems import Problem
+from runner.specs.validating import files_on_disk, validate_tree
+
+source_options = [
+    click.option("--source", help="Git URL or local path of the spec repository (AGENT_ORCH_SOURCE)."),
+    click.option("--ref", help="Branch, tag or commit (AGENT_ORCH_SOURCE_REF)."),
+    click.option("--path", "path_", help="Folder in the repository (AGENT_ORCH_SOURCE_PATH)."),
+]
+
+
+def with_source_options(f):  # type: ignore[no-untyped-def]
+    for option in reversed(source_options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@pass_app
+def validate(app: App, paths: tuple[str, ...]) -> None:
+    """Validate spec files or folders (no git needed). Exit 0 all valid, 1 problems."""
+    problems: list[Problem] = []
+    checked = 0
+    client = app.client_id or "default"
+    home = str(Path(app.home or "var").absolute())
+    for root, files in files_on_disk(list(paths)):
+        results, _ = validate_tree(files, client_id=client, home=home,
+                                   file_exists=lambda rel, root=root: (root / rel).is_file())
+        checked += len(results)
+        for r in results:
+            problems.extend(r.problems)
+    errors = [p for p in problems if p.severity == "error"]
+    app.emit({"files": checked, "valid": not errors, "problems": [p.as_json() for p in problems]},
+             lambda: _print_problems(problems, checked))
+    sys.exit(1 if errors else 0)
+
+
+def _print_problems(problems: list[Problem], checked: int) -> None:
+    for p in problems:
+        click.echo(str(p))
+    errors = sum(1 for p in problems if p.severity == "error")
+    summary = f"{checked} spec file(s) checked: " + (f"{errors} error(s)" if errors else "all valid")
+    warnings = len(problems) - errors
+    click.echo(summary + (f", {warnings} warning(s)" if warnings else ""), err=True)
+
+
+@cli.command("plan")
+@with_source_options
+@pass_app
+def plan_cmd(app: App, source: str | None, ref: str | None, path_: str | None) -> None:
+    """What apply would do. Exit 0 in sync, 1 changes, 2 error."""
+    src = open_source(app.settings, SourceOverride(source, ref, path_))
+    p = plan(app.settings, app.conn, src)
+    app.emit(p.as_json(), lambda: _print_plan(p))
+    sys.exit(0 if p.in_sync else 1)
+
+
+def _print_plan(p: Plan) -> None:
+    for change in p.changes:
+        click.echo(str(change))
+    if p.refused:
+        click.echo(f"refused: {p.refused}", err=True)
+    state = "in sync" if p.in_sync else f"{len(p.changes)} change(s)"
+    click.echo(f"{p.location} at {p.revision[:12]}: {state}", err=True)
+
+
+@cli.command()
+@with_source_options
+@click.option("--allow-empty", is_flag=True, help="Allow a revision that deletes every agent.")
+@pass_app
+def apply(app: App, source: str | None, ref: str | None, path_: str | None, allow_empty: bool) -> None:
+    """Reconcile once. Exit 0 done, 1 some specs invalid (the rest applied), 2 error."""
+    src = open_source(app.settings, SourceOverride(source, ref, path_))
+    p, outcome = reconcile(app.settings, app.conn, src, initiator="cli:apply", allow_empty=allow_empty)
+    data = {**p.as_json(), "applied": outcome.as_json() if outcome else None}
+    app.emit(data, lambda: _print_apply(p, outcome is not None))
+    if outcome is None:
+        sys.exit(2)
+    sys.exit(1 if p.count("invalid") else 0)
+
+
+def _print_apply(p: Plan, applied: bool) -> None:
+    for change in p.changes:
+        click.echo(str(change))
+    if not applied:
+        click.echo(f"error: {p.refused}", err=True)
+        return
+    click.echo(f"applied {p.revision[:12]}: {p.count('create')} created, {p.count('update')} updated, "
+               f"{p.count('delete')} deleted, {p.count('invalid')} invalid", err=True)
+
+
+@cli.group()
+def hook() -> None:
+    """The push gate for a bare repository."""
+
+
+@hook.command("install")
+@click.argument("bare_repo", type=click.Path(exists=True, file_okay=False))
+@click.option("--path", "path_", help="Spec folder inside the repository (default AGENT_ORCH_SOURCE_PATH).")
+@pass_app
+def hook_install(app: App, bare_repo: str, path_: str | None) -> None:
+    """Install pre-receive (validate pushed specs) and post-receive (ask the daemon to reconcile)."""
+    from runner.source.hooks import install
+
+    installed = install(Path(bare_repo), settings=app.settings, spec_path=path_ or app.settings.source_path)
+    app.emit({"installed": [str(p) for p in installed]},
+             lambda: [click.echo(f"installed {p}") for p in installed] and None)
+
+
+@hook.command("pre-receive", hidden=True)
+@click.option("--path", "path_", required=True)
+@pass_app
+def hook_pre_receive(app: App, path_: str) -> None:
+    from runner.source.hooks import pre_receive
+
+    sys.exit(pre_receive(sys.stdin, sys.stdout, spec_path=path_, client_id=app.client_id or "default",
+                         home=str(Path(app.home or "var").absolute())))
+
+
+@hook.command("post-receive", hidden=True)
+@pass_app
+def hook_post_receive(app: App) -> None:
+    from runner.source.hooks import post_receive
+
+    post_receive(app.settings, sys.stdin.read(), sys.stdout)

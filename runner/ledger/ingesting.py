@@ -1,0 +1,93 @@
+"""Move journal rows from the state database into the DuckDB ledger.
+
+DuckDB lets one process hold its file for writing, and a reader (``duckdb -readonly``) blocks every
+writer while it has the file open. So nobody keeps the ledger open: writers append to the SQLite
+journal, and ``flush`` opens DuckDB only for the few milliseconds of one ingest transaction. When the
+file is busy the rows simply stay in the journal for the next flush; nothing is lost, nothing fails.
+
+Order matters (a run row is written when it starts and again when it ends), so flushes are
+serialized with a file lock and rows are applied in journal order, last write per key winning.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from runner.ledger.schema import TABLES, columns
+
+KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("reconcile_id",),
+        "audit": ("audit_id",)}
+BATCH = 5000
+
+
+def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False) -> int | None:
+    """Ingest pending journal rows. Returns how many, or None when the ledger is busy right now."""
+    lock_path = ledger_path.with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None  # another process is flushing; it will take our rows too
+        total = 0
+        while True:
+            rows = state.execute("SELECT id, tbl, row FROM journal ORDER BY id LIMIT ?", (BATCH,)).fetchall()
+            if not rows:
+                return total
+            try:
+                _ingest(ledger_path, rows)
+            except duckdb.IOException:
+                return None if total == 0 else total  # a reader holds the file; try again later
+            state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
+            total += len(rows)
+
+
+def pending(state: sqlite3.Connection) -> int:
+    return int(state.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    for ddl in TABLES.values():
+        con.execute(ddl)
+
+
+def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> None:
+    by_table: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    for _id, tbl, raw in rows:
+        row = json.loads(raw)
+        key = tuple(row.get(k) for k in KEYS[tbl])
+        bucket = by_table.setdefault(tbl, {})
+        bucket.pop(key, None)  # keep journal order for the last write of each key
+        bucket[key] = row
+    con = duckdb.connect(str(ledger_path))
+    try:
+        ensure_schema(con)
+        con.execute("BEGIN")
+        for tbl, bucket in by_table.items():
+            _insert(con, tbl, list(bucket.values()))
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    cols = columns(table)
+    placeholders = "(" + ", ".join("?" for _ in cols) + ")"
+    for start in range(0, len(rows), 500):
+        chunk = rows[start:start + 500]
+        values: list[Any] = []
+        for row in chunk:
+            values.extend(_cell(row.get(c)) for c in cols)
+        sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES "
+               + ", ".join(placeholders for _ in chunk))
+        con.execute(sql, values)
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value

@@ -1,0 +1,48 @@
+"""Read the ledger while others write it: short read-only connections, retried while a flush runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from runner.errors import TransientError
+from runner.ledger.ingesting import ensure_schema
+
+
+def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeout: float = 10.0
+          ) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run ``sql`` read-only; returns (column names, rows)."""
+    if not ledger_path.exists():
+        _create_empty(ledger_path)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            con = duckdb.connect(str(ledger_path), read_only=True)
+            break
+        except duckdb.IOException as exc:  # a flush holds the write lock for a few milliseconds
+            if time.monotonic() > deadline:
+                raise TransientError(f"the ledger {ledger_path} stays locked: {exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+    try:
+        cur = con.execute(sql, params or [])
+        names = [d[0] for d in cur.description or []]
+        return names, cur.fetchall()
+    finally:
+        con.close()
+
+
+def _create_empty(ledger_path: Path) -> None:
+    ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(ledger_path))
+    except duckdb.IOException:
+        return
+    try:
+        ensure_schema(con)
+    finally:
+        con.close()

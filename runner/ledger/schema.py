@@ -1,0 +1,76 @@
+"""The ledger's tables. Column names are part of the outside interface (users query them)."""
+
+from __future__ import annotations
+
+# Each table has a primary key so ingesting the same journal row twice (after a crash between the
+# DuckDB commit and the journal delete) replaces instead of duplicating.
+TABLES: dict[str, str] = {
+    "runs": """
+        CREATE TABLE IF NOT EXISTS runs (
+            run_id VARCHAR PRIMARY KEY,
+            client_id VARCHAR NOT NULL,
+            agent VARCHAR NOT NULL,
+            spec_revision VARCHAR,
+            trigger VARCHAR,
+            status VARCHAR NOT NULL,
+            queued_at TIMESTAMP,
+            started_at TIMESTAMP,
+            ended_at TIMESTAMP,
+            input_tokens BIGINT DEFAULT 0,
+            output_tokens BIGINT DEFAULT 0,
+            model_calls INTEGER DEFAULT 0,
+            tool_calls INTEGER DEFAULT 0,
+            error VARCHAR,
+            input VARCHAR,
+            output VARCHAR,
+            requested_by VARCHAR,
+            pid INTEGER
+        )""",
+    "run_events": """
+        CREATE TABLE IF NOT EXISTS run_events (
+            run_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,
+            ts TIMESTAMP NOT NULL,
+            kind VARCHAR NOT NULL,
+            name VARCHAR,
+            decision VARCHAR,
+            detail JSON,
+            PRIMARY KEY (run_id, seq)
+        )""",
+    "reconciles": """
+        CREATE TABLE IF NOT EXISTS reconciles (
+            reconcile_id VARCHAR PRIMARY KEY,
+            client_id VARCHAR NOT NULL,
+            revision VARCHAR,
+            started_at TIMESTAMP,
+            ended_at TIMESTAMP,
+            created INTEGER,
+            updated INTEGER,
+            deleted INTEGER,
+            invalid INTEGER,
+            initiator VARCHAR,
+            error VARCHAR
+        )""",
+    "audit": """
+        CREATE TABLE IF NOT EXISTS audit (
+            audit_id VARCHAR PRIMARY KEY,
+            client_id VARCHAR NOT NULL,
+            ts TIMESTAMP NOT NULL,
+            actor VARCHAR,
+            action VARCHAR NOT NULL,
+            target VARCHAR,
+            outcome VARCHAR,
+            detail JSON
+        )""",
+}
+
+
+def columns(table: str) -> list[str]:
+    """Column names of ``table`` in order, read from its DDL."""
+    body = TABLES[table].split("(", 1)[1]
+    names = []
+    for line in body.splitlines():
+        word = line.strip().split(" ", 1)[0]
+        if word and word.islower() and not line.strip().startswith("PRIMARY"):
+            names.append(word)
+    return names

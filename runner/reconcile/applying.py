@@ -1,0 +1,109 @@
+"""Write a plan into the applied state, with its ledger record, in one transaction.
+
+One bad spec never blocks the others: valid changes apply; an invalid agent keeps its last good
+spec and gets ``Synced=False`` with the problems as its message. Either the whole plan and its
+reconcile record commit, or nothing does.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from runner.reconcile.applied import now
+from runner.reconcile.planning import Change, Plan
+from runner.specs.problems import errors_in
+from runner.state import Transaction, journal
+
+
+@dataclass
+class Outcome:
+    reconcile_id: str
+    revision: str
+    created: int
+    updated: int
+    deleted: int
+    invalid: int
+
+    def as_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def apply_plan(conn: sqlite3.Connection, plan: Plan, *, initiator: str, started_at: str) -> Outcome:
+    rev = plan.revision
+    stamp = now()
+    with Transaction(conn) as tx:
+        for change in plan.changes:
+            _apply(tx, plan, change, stamp)
+        tx.execute("UPDATE agents SET attempted_revision = ? WHERE client_id = ?", (rev, plan.client_id))
+        tx.execute(
+            "INSERT OR REPLACE INTO sources (client_id, location, revision, reconciled_at, error) "
+            "VALUES (?, ?, ?, ?, NULL)", (plan.client_id, plan.location, rev, stamp))
+        outcome = Outcome(uuid.uuid4().hex, rev, plan.count("create"), plan.count("update"),
+                          plan.count("delete"), plan.count("invalid"))
+        journal(tx, "reconciles", {
+            "reconcile_id": outcome.reconcile_id, "client_id": plan.client_id, "revision": rev,
+            "started_at": started_at, "ended_at": now(), "created": outcome.created,
+            "updated": outcome.updated, "deleted": outcome.deleted, "invalid": outcome.invalid,
+            "initiator": initiator, "error": None,
+        })
+    return outcome
+
+
+def record_failure(conn: sqlite3.Connection, client_id: str, location: str, error: str, *, initiator: str,
+                   started_at: str) -> None:
+    """A source that cannot be read changes nothing but is still on record."""
+    with Transaction(conn) as tx:
+        tx.execute("INSERT INTO sources (client_id, location, error) VALUES (?, ?, ?) "
+                   "ON CONFLICT(client_id) DO UPDATE SET error = excluded.error, location = excluded.location",
+                   (client_id, location, error))
+        journal(tx, "reconciles", {
+            "reconcile_id": uuid.uuid4().hex, "client_id": client_id, "revision": None,
+            "started_at": started_at, "ended_at": now(), "created": 0, "updated": 0, "deleted": 0,
+            "invalid": 0, "initiator": initiator, "error": error,
+        })
+
+
+def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> None:
+    key = (plan.client_id, change.name)
+    r = change.result
+    if change.action == "delete":
+        tx.execute("DELETE FROM agents WHERE client_id = ? AND name = ?", key)
+        return
+    if change.action in ("create", "update") and r is not None and r.spec is not None:
+        ready = _condition("Ready", True, "Applied", f"generation applied from {plan.revision[:12]}", stamp)
+        synced = _condition("Synced", True, "Applied", "", stamp)
+        tx.execute(
+            """INSERT INTO agents (client_id, name, path, blob, spec, generation, applied_revision,
+                   attempted_revision, fingerprint, conditions, updated_at)
+               VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
+               ON CONFLICT(client_id, name) DO UPDATE SET path = excluded.path, blob = excluded.blob,
+                   spec = excluded.spec, generation = agents.generation + 1,
+                   applied_revision = excluded.applied_revision, attempted_revision = excluded.attempted_revision,
+                   fingerprint = excluded.fingerprint, conditions = excluded.conditions,
+                   updated_at = excluded.updated_at""",
+            (*key, r.rel_path, r.blob, r.spec.model_dump_json(), plan.revision, plan.revision, plan.fingerprint,
+             json.dumps([ready, synced]), stamp))
+        return
+    # invalid: keep the last good spec (if any); say why it is not what the source says
+    problems = errors_in(change.problems)
+    message = "; ".join(str(p) for p in problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+    existing = tx.execute("SELECT spec FROM agents WHERE client_id = ? AND name = ?", key).fetchone()
+    has_spec = existing is not None and existing[0] is not None
+    ready = (_condition("Ready", True, "LastGoodSpec", "running its last valid spec", stamp) if has_spec
+             else _condition("Ready", False, "NeverValid", "no valid spec applied yet", stamp))
+    synced = _condition("Synced", False, "Invalid", message, stamp)
+    tx.execute(
+        """INSERT INTO agents (client_id, name, path, blob, attempted_revision, conditions, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(client_id, name) DO UPDATE SET conditions = excluded.conditions,
+               blob = NULL, attempted_revision = excluded.attempted_revision, updated_at = excluded.updated_at""",
+        (*key, r.rel_path if r else None, None, plan.revision, json.dumps([ready, synced]), stamp))
+
+
+def _condition(kind: str, status: bool, reason: str, message: str, stamp: str) -> dict[str, Any]:
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "since": stamp}

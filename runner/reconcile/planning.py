@@ -1,0 +1,130 @@
+"""What apply would do: the specs at a revision against the applied state.
+
+Planning reads only what changed: files whose path, blob id and validation context match an applied
+valid agent are not even read from git (see ``validate_tree``'s known_good), and everything else
+goes through the spec cache, keyed by blob id. A 10,000-spec repository with one change validates
+one file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from runner.reconcile.applied import AppliedAgent, load_applied
+from runner.source.git import GitSource
+from runner.specs.problems import Problem, errors_in
+from runner.specs.validating import SpecResult, validate_tree
+from runner.state import SpecCache
+
+Action = Literal["create", "update", "delete", "invalid"]
+
+
+@dataclass
+class Change:
+    action: Action
+    name: str
+    fields: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    result: SpecResult | None = None
+
+    def __str__(self) -> str:
+        if self.action == "update":
+            return f"update {self.name} ({', '.join(self.fields)})"
+        if self.action == "invalid":
+            first = errors_in(self.problems)[:1]
+            more = len(errors_in(self.problems)) - 1
+            reason = str(first[0]) if first else "invalid"
+            return f"invalid {self.name}: {reason}" + (f" (+{more} more)" if more > 0 else "")
+        return f"{self.action} {self.name}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"action": self.action, "name": self.name, "fields": self.fields,
+                "problems": [p.as_json() for p in self.problems]}
+
+
+@dataclass
+class Plan:
+    client_id: str
+    location: str
+    revision: str
+    fingerprint: str
+    changes: list[Change]
+    results: list[SpecResult]
+    applied: dict[str, AppliedAgent]
+    refused: str | None = None  # why apply must not proceed (deleting every agent)
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.changes
+
+    def count(self, action: Action) -> int:
+        return sum(1 for c in self.changes if c.action == action)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "source": self.location, "revision": self.revision,
+                "in_sync": self.in_sync, "refused": self.refused,
+                "changes": [c.as_json() for c in self.changes]}
+
+
+def make_plan(conn: sqlite3.Connection, source: GitSource, revision: str, *, client_id: str, home: str,
+              allow_empty: bool = False) -> Plan:
+    applied = load_applied(conn, client_id)
+    known = {a.path: (a.blob or "", a.fingerprint or "", a.name) for a in applied.values()
+             if a.path and a.spec_json and a.synced}
+    cache = SpecCache(conn)
+    files = source.files(revision)
+    results, fingerprint = validate_tree(files, client_id=client_id, home=home, cache=cache, known_good=known)
+    cache.save()
+    changes = diff(results, applied)
+    plan = Plan(client_id, source.location.describe(), revision, fingerprint, changes, results, applied)
+    real = [a for a in applied.values() if a.spec_json]
+    deleting = {c.name for c in changes if c.action == "delete"}
+    if real and all(a.name in deleting for a in real) and not any(r.valid for r in results) and not allow_empty:
+        plan.refused = (f"revision {revision[:12]} would delete every agent ({len(real)}); "
+                        "pass --allow-empty if that is what you want")
+    return plan
+
+
+def diff(results: list[SpecResult], applied: dict[str, AppliedAgent]) -> list[Change]:
+    changes: list[Change] = []
+    claimed: set[str] = set()
+    by_path = {a.path: a for a in applied.values() if a.path}
+    for r in sorted(results, key=lambda r: (r.name or "", r.rel_path)):
+        name = r.name
+        if name is None and r.rel_path in by_path:
+            name = by_path[r.rel_path].name  # unreadable file at the path of a known agent
+        if name:
+            claimed.add(name)
+        current = applied.get(name) if name else None
+        if not r.valid:
+            changes.append(Change("invalid", name or r.file, problems=r.problems, result=r))
+        elif r.known_good:
+            continue
+        elif current is None or current.spec_json is None:
+            changes.append(Change("create", name or r.file, result=r))
+        else:
+            new = r.spec.model_dump(mode="json") if r.spec else {}
+            fields = changed_fields(current.spec_dict or {}, new)
+            if not fields and not current.synced:
+                fields = ["recovered from Invalid"]
+            if fields:
+                changes.append(Change("update", current.name, fields=fields, result=r))
+    for name in sorted(set(applied) - claimed):
+        changes.append(Change("delete", name))
+    return changes
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "", depth: int = 2) -> list[str]:
+    """Dotted names of the fields that differ (two levels deep; lists count as one field)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and depth > 1:
+            out.extend(changed_fields(a, b, f"{prefix}{key}.", depth - 1))
+        else:
+            out.append(prefix + key)
+    return out

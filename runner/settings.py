@@ -1,0 +1,225 @@
+"""One settings object. Every field is documented here and in docs/configuration.md (a test checks).
+
+Precedence, highest first: command-line options, environment variables, then the settings file
+``$AGENT_ORCH_HOME/config/settings.json`` (keys are the environment variable names), then defaults.
+A client (``--client-id``) may override the source keys in the file's ``clients`` section::
+
+    {"MAX_AGENTS": 4, "clients": {"acme": {"AGENT_ORCH_SOURCE": "/srv/git/acme-agents.git"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from runner.errors import UsageError
+
+CLIENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SOURCE_KEYS = ("AGENT_ORCH_SOURCE", "AGENT_ORCH_SOURCE_REF", "AGENT_ORCH_SOURCE_PATH")
+
+
+def _env(name: str, default: Any, description: str, group: str, **kwargs: Any) -> Any:
+    """A field read from environment variable ``name`` (the same key in settings.json)."""
+    return Field(
+        default,
+        validation_alias=AliasChoices(name, name.lower()),
+        description=description,
+        json_schema_extra={"env": name, "group": group},
+        **kwargs,
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # -- where things live
+    home: Path = _env(
+        "AGENT_ORCH_HOME", Path("var"), "State folder: applied state, ledger, memory, logs, tokens.", "state"
+    )
+    client_id: str = _env(
+        "AGENT_ORCH_CLIENT_ID",
+        "default",
+        "The client (tenant) this process acts for; `--client-id` sets it too. Each client has its own "
+        "source, state, memory, logs and tokens, and `${CLIENT_ID}` in a spec expands to it.",
+        "state",
+        pattern=CLIENT_ID_PATTERN,
+    )
+
+    # -- the spec source
+    source: str = _env(
+        "AGENT_ORCH_SOURCE",
+        "",
+        "Git repository of agent specs: a local path, file://, ssh or https URL. Empty means the git "
+        "repository that contains the current directory (so `make run` serves this checkout's specs).",
+        "source",
+    )
+    source_ref: str = _env(
+        "AGENT_ORCH_SOURCE_REF", "HEAD", "Branch, tag or commit to follow. HEAD is the default branch.", "source"
+    )
+    source_path: str = _env(
+        "AGENT_ORCH_SOURCE_PATH", "specs", "Folder inside the repository that holds the specs.", "source"
+    )
+    sync_interval: float = _env(
+        "AGENT_ORCH_SYNC_INTERVAL",
+        60.0,
+        "Seconds between polls of the source (with up to 10% jitter). A push with the hook installed, "
+        "or POST /agents/v1/hooks/git, reconciles at once; polling is the safety net.",
+        "source",
+        gt=0,
+    )
+
+    # -- the API
+    host: str = _env("AGENT_ORCH_HOST", "127.0.0.1", "Address the API listens on.", "api")
+    port: int = _env("AGENT_ORCH_PORT", 3031, "Port for API access.", "api", ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = _env(
+        "AGENT_ORCH_LOG_LEVEL", "info", "Logging level: debug, info, warning or error.", "api"
+    )
+
+    # -- models
+    ollama_host: str = _env(
+        "OLLAMA_HOST",
+        "http://127.0.0.1:11434",
+        "Ollama server for `model: NAME` and `model: ollama:NAME` (the default provider).",
+        "models",
+    )
+    langchain_api_url: str = _env(
+        "LANGCHAIN_API_URL",
+        "http://127.0.0.1:8080/v1",
+        "Base URL of the OpenAI-compatible endpoint (llama.cpp server, vLLM, LM Studio) used by "
+        "`model: openai:NAME`. LangChain itself runs in-process; this is where it sends requests.",
+        "models",
+    )
+
+    # -- runs
+    max_agents: int = _env(
+        "MAX_AGENTS", 10, "Maximum number of runs at once across all agents; more wait in a queue.", "runs", ge=1
+    )
+    default_agent_timeout: float = _env(
+        "DEFAULT_AGENT_TIMEOUT",
+        300.0,
+        "Deadline in seconds for a run whose spec sets no `constraints.max_runtime`.",
+        "runs",
+        gt=0,
+    )
+    enable_remote_tools: bool = _env(
+        "ENABLE_REMOTE_TOOLS",
+        False,
+        "Allow tools to reach hosts beyond this machine (still only a spec's `allowed_domains`).",
+        "runs",
+    )
+
+    # -- memory
+    vector_db_url: str = _env(
+        "VECTOR_DB_URL",
+        "",
+        "Where agent memory (sqlite-vec files) lives: a folder path or file:// URL. Empty means "
+        "`$AGENT_ORCH_HOME/memory/`.",
+        "memory",
+    )
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load() passes the settings file as init kwargs: the environment must win over it.
+        return (env_settings, init_settings)
+
+    # -- derived paths
+    @property
+    def config_dir(self) -> Path:
+        return self.home / "config"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.home / "runs.duckdb"
+
+    @property
+    def state_path(self) -> Path:
+        return self.home / "state.sqlite"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def memory_dir(self) -> Path:
+        url = self.vector_db_url
+        if not url:
+            return self.home / "memory"
+        return Path(url.removeprefix("file://")).expanduser().absolute()
+
+    @classmethod
+    def load(cls, home: str | Path | None = None, client_id: str | None = None, **overrides: Any) -> Settings:
+        """Settings for one process: file < environment < explicit overrides (command-line options)."""
+        home_path = Path(home or os.environ.get("AGENT_ORCH_HOME") or "var").expanduser().absolute()
+        client = client_id or os.environ.get("AGENT_ORCH_CLIENT_ID") or "default"
+        if not re.match(CLIENT_ID_PATTERN, client):
+            raise UsageError(f"client id {client!r} must match {CLIENT_ID_PATTERN}")
+        from_file = read_settings_file(home_path / "config" / "settings.json", client)
+        from_file.pop("AGENT_ORCH_HOME", None)
+        from_file.pop("AGENT_ORCH_CLIENT_ID", None)
+        try:
+            base = cls(**from_file)
+            update = {k: v for k, v in overrides.items() if v is not None}
+            # Re-validate so overrides get the same checks as every other source.
+            data = base.model_dump() | update | {"home": home_path, "client_id": client}
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+            raise UsageError("invalid settings", details=problems) from None
+
+    def public(self) -> dict[str, Any]:
+        """Settings as shown to users (`agentctl status`, /healthz): env names, no secrets."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            env = extra.get("env") if isinstance(extra, dict) else None
+            value = getattr(self, name)
+            out[str(env or name)] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def read_settings_file(path: Path, client_id: str) -> dict[str, Any]:
+    """The settings file's keys, with the client's own section laid over the top level."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read settings: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: settings must be a JSON object")
+    clients = data.pop("clients", {}) or {}
+    if not isinstance(clients, dict):
+        raise UsageError(f"{path}: 'clients' must be an object of client id to settings")
+    section = clients.get(client_id, {})
+    if not isinstance(section, dict):
+        raise UsageError(f"{path}: clients.{client_id} must be an object")
+    return {k.upper(): v for k, v in {**data, **section}.items()}
+
+
+def setting_fields() -> list[tuple[str, str, str, str]]:
+    """(env name, default, group, description) for every setting: the docs table comes from this."""
+    rows = []
+    for field in Settings.model_fields.values():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        default = field.default
+        rows.append((str(extra["env"]), "" if default is None else str(default), str(extra["group"]),
+                     field.description or ""))
+    return rows

@@ -1,0 +1,177 @@
+"""Read specs at a commit straight from git objects.
+
+Nothing is checked out: the reconciler reads blobs by id through one long-lived ``git cat-file
+--batch`` process (GitPython's object database), so a daemon never sees a half-written work tree and
+a local repository can be served while someone edits it. A remote source (file://, ssh, https) is
+mirrored into ``$AGENT_ORCH_HOME/sources/`` and fetched on each sync; a local path is read in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from runner.errors import SourceError, UsageError
+from runner.specs.validating import SpecFile
+
+FETCH_TIMEOUT = 120  # seconds; a hung remote must not hang the reconciler forever
+_REMOTE = re.compile(r"^(file|ssh|https?|git)://|^[\w.-]+@[\w.-]+:")
+
+
+@dataclass(frozen=True)
+class Location:
+    url: str  # as configured (path or URL)
+    ref: str
+    path: str  # folder inside the repository, '' for the root
+
+    def describe(self) -> str:
+        return f"{self.url}@{self.ref}:{self.path or '.'}"
+
+
+class GitSource:
+    def __init__(self, location: Location, mirror_root: Path) -> None:
+        self.location = location
+        self.remote = bool(_REMOTE.match(location.url))
+        self._repo_path = _mirror_path(mirror_root, location.url) if self.remote else Path(location.url)
+        self._repo: git.Repo | None = None
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def revision(self, *, fetch: bool = True) -> str:
+        """The commit the ref points at now (fetching first for a remote source)."""
+        repo = self._open(fetch=fetch)
+        if self.remote and fetch:
+            self._fetch(repo)
+        ref = self.location.ref
+        try:
+            return str(repo.rev_parse(f"{ref}^{{commit}}").hexsha)
+        except (git.BadName, git.BadObject, ValueError, git.GitCommandError):
+            raise SourceError(f"ref '{ref}' not found in {self.location.url}") from None
+
+    def files(self, revision: str) -> list[SpecFile]:
+        """Every file under the source folder at ``revision``, content read lazily by blob id."""
+        repo = self._open(fetch=False)
+        prefix = self.location.path.strip("/")
+        try:
+            listing = repo.git.ls_tree("-r", "-z", "--full-tree", revision, "--", prefix or ".")
+        except git.GitCommandError as exc:
+            raise SourceError(f"cannot list {self.location.describe()} at {revision[:12]}: {exc.stderr.strip()}") \
+                from None
+        files = []
+        for entry in listing.split("\0"):
+            if not entry:
+                continue
+            meta, path = entry.split("\t", 1)
+            mode, kind, sha = meta.split()
+            if kind != "blob":
+                continue  # submodules
+            rel = path[len(prefix) + 1:] if prefix else path
+            display = path
+            if mode == "120000":
+                files.append(SpecFile(rel, sha, _symlink_marker, display))
+            else:
+                files.append(SpecFile(rel, sha, self._reader(repo, sha), display))
+        if prefix and not files and not self._has_folder(repo, revision, prefix):
+            raise SourceError(f"folder '{prefix}' not found in {self.location.url} at {revision[:12]}")
+        return files
+
+    def read_file(self, revision: str, path: str) -> bytes:
+        repo = self._open(fetch=False)
+        try:
+            return bytes(repo.git.show(f"{revision}:{path}", stdout_as_string=False))
+        except git.GitCommandError:
+            raise SourceError(f"{path} not found at {revision[:12]}") from None
+
+    @property
+    def repo_path(self) -> Path:
+        return self._repo_path
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _open(self, *, fetch: bool) -> git.Repo:
+        if self._repo is not None:
+            return self._repo
+        if self.remote:
+            if not (self._repo_path / "HEAD").exists():
+                self._clone()
+        elif not self._repo_path.exists():
+            raise SourceError(f"spec source {self.location.url} does not exist")
+        try:
+            self._repo = git.Repo(self._repo_path, search_parent_directories=not self.remote)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise SourceError(f"{self.location.url} is not a git repository") from None
+        return self._repo
+
+    def _clone(self) -> None:
+        tmp = self._repo_path.with_suffix(".tmp")
+        try:
+            git.Repo.clone_from(self.location.url, tmp, mirror=True, kill_after_timeout=FETCH_TIMEOUT)
+        except git.GitCommandError as exc:
+            raise SourceError(f"cannot clone {self.location.url}: {_stderr(exc)}") from None
+        os.replace(tmp, self._repo_path)
+
+    def _fetch(self, repo: git.Repo) -> None:
+        try:
+            repo.git.fetch("--prune", "origin", kill_after_timeout=FETCH_TIMEOUT)
+        except git.GitCommandError as exc:
+            raise SourceError(f"cannot fetch {self.location.url}: {_stderr(exc)}") from None
+
+    @staticmethod
+    def _reader(repo: git.Repo, sha: str) -> SpecReader:
+        return SpecReader(repo, sha)
+
+    @staticmethod
+    def _has_folder(repo: git.Repo, revision: str, prefix: str) -> bool:
+        try:
+            repo.git.cat_file("-e", f"{revision}:{prefix}")
+            return True
+        except git.GitCommandError:
+            return False
+
+    def close(self) -> None:
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
+
+
+class SpecReader:
+    """A blob's content, read when called (through the repository's persistent cat-file process)."""
+
+    __slots__ = ("repo", "sha")
+
+    def __init__(self, repo: git.Repo, sha: str) -> None:
+        self.repo, self.sha = repo, sha
+
+    def __call__(self) -> bytes:
+        return bytes(self.repo.odb.stream(bytes.fromhex(self.sha)).read())
+
+
+def _symlink_marker() -> bytes:
+    return b"\0symbolic link: specs must be regular files"
+
+
+def default_source_url(cwd: Path | None = None) -> str:
+    """The git repository containing ``cwd`` (the default source: this checkout)."""
+    try:
+        repo = git.Repo(cwd or Path.cwd(), search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise UsageError("no spec source: set AGENT_ORCH_SOURCE or run inside a git repository") from None
+    top = repo.working_tree_dir or repo.git_dir
+    repo.close()
+    return str(top)
+
+
+def _mirror_path(root: Path, url: str) -> Path:
+    digest = hashlib.sha1(url.encode()).hexdigest()[:12]
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rstrip("/").rsplit("/", 1)[-1])[:40]
+    return root / f"{tail}-{digest}.git"
+
+
+def _stderr(exc: git.GitCommandError) -> str:
+    text = str(exc.stderr or exc).strip()
+    return text.removeprefix("stderr:").strip().strip("'").strip() or str(exc)

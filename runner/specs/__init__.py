@@ -1,0 +1,1 @@
+"""Agent specs: the models, loading YAML with positions, and validation."""

@@ -1,0 +1,333 @@
+"""From a parsed document to an AgentSpec, with every problem of the file, each at its position.
+
+Two passes over the same document, both always run so a file's problems come out together:
+the pydantic models check shapes (types, unknown fields, choices), and ``_semantics`` checks what
+needs context (cron syntax, time zones, known tools and their permissions, path variables).
+The semantic pass reads the raw data defensively, so it works even where the shape is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+import types
+import typing
+import zoneinfo
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from croniter import croniter
+from pydantic import BaseModel, ValidationError
+
+from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
+from runner.specs.loading import Document, Loc
+from runner.specs.models import AgentSpec
+from runner.specs.problems import Problem, Severity, field_path
+
+VARIABLE = re.compile(r"\$\{([^}]*)\}")
+HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+
+FIELD_HINTS = {
+    "name": "use lowercase letters, digits, '-' and '_' (at most 63, starting with a letter or digit)",
+    "model": "write NAME, ollama:NAME, openai:NAME or scripted:PATH",
+    "collection": "use lowercase letters, digits, '-' and '_'",
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What validating a spec depends on besides the file itself."""
+
+    client_id: str = "default"
+    home: str = "/var/lib/agent-orchestrator"
+    custom_tools: dict[str, ToolInfo] = field(default_factory=dict)
+    # Whether a support file exists, by path relative to the spec source folder (scripted models).
+    file_exists: Callable[[str], bool] = lambda _path: True
+
+    def variables(self, agent_name: str) -> dict[str, str]:
+        return {"CLIENT_ID": self.client_id, "AGENT_NAME": agent_name, "AGENT_ORCH_HOME": self.home}
+
+    def tool(self, name: str) -> ToolInfo | None:
+        return BUILTIN_TOOLS.get(name) or self.custom_tools.get(name)
+
+
+def check_document(doc: Document, ctx: Context, rel_path: str) -> tuple[AgentSpec | None, list[Problem]]:
+    """All problems of one document; the spec when there is no error among them."""
+    problems: list[Problem] = []
+    spec: AgentSpec | None = None
+    try:
+        spec = AgentSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        problems.extend(_from_pydantic(doc, exc))
+    problems.extend(_Semantics(doc, ctx, rel_path).run())
+    problems.sort(key=lambda p: (p.line, p.col))
+    if any(p.severity == "error" for p in problems):
+        spec = None
+    return spec, problems
+
+
+def expand(value: str, variables: dict[str, str]) -> str:
+    """Expand ${VAR} from ``variables``; raises KeyError naming the first unknown variable."""
+    return VARIABLE.sub(lambda m: variables[m.group(1)], value)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# -- shape errors -------------------------------------------------------------------------------
+
+
+def _from_pydantic(doc: Document, exc: ValidationError) -> list[Problem]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = _data_loc(doc.data, tuple(err["loc"]))
+        kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+        at_key = False
+        if kind == "extra_forbidden":
+            known = _fields_at(loc[:-1], doc.data)
+            message = f"unknown field '{loc[-1]}'{did_you_mean(str(loc[-1]), known)}"
+            if known:
+                message += f" (known: {', '.join(sorted(known))})" if not did_you_mean(str(loc[-1]), known) else ""
+            at_key = True
+        elif kind == "missing":
+            message = f"required field '{loc[-1]}' is missing"
+        elif kind == "literal_error":
+            choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+            message = f"{value!r} is not one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+            if kind == "union_tag_not_found":
+                message = f"required field 'type' is missing (one of {', '.join(choices)})"
+            else:
+                message = f"{ctx.get('tag')!r} is not one of {', '.join(choices)}"
+                message += did_you_mean(str(ctx.get("tag")), choices)
+                loc = (*loc, "type")
+        elif kind == "string_pattern_mismatch":
+            hint = FIELD_HINTS.get(str(loc[-1]), f"it must match {ctx.get('pattern')}")
+            message = f"{value!r} is not valid: {hint}"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
+            message = f"{_lower(err['msg'])}, not {_describe(value)}"
+        else:
+            message = _lower(err["msg"])
+        line, col = doc.position(loc, key=at_key)
+        out.append(Problem(doc.file, line, col, field_path(loc), message))
+    return out
+
+
+def _data_loc(data: Any, loc: Loc) -> Loc:
+    """Drop the discriminator tags pydantic puts in locations (triggers.0.schedule.cron)."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("type") == part:
+            continue
+        out.append(part)
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+    return tuple(out)
+
+
+def _fields_at(loc: Loc, data: Any) -> set[str]:
+    """Field names of the model found at ``loc`` (for did-you-mean on unknown fields)."""
+    tp: Any = AgentSpec
+    node = data
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None)
+        tp = _unwrap(tp.model_fields[part].annotation if isinstance(part, str) and _is_model(tp)
+                     and part in tp.model_fields else tp, node)
+    tp = _unwrap(tp, node)
+    return set(tp.model_fields) if _is_model(tp) else set()
+
+
+def _unwrap(tp: Any, node: Any) -> Any:
+    for _ in range(6):
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin is list:
+            tp = typing.get_args(tp)[0]
+            if not isinstance(node, dict):
+                return tp
+        elif origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            tag = node.get("type") if isinstance(node, dict) else None
+            tagged = [m for m in members if _is_model(m) and "type" in m.model_fields
+                      and tag in typing.get_args(m.model_fields["type"].annotation)]
+            tp = tagged[0] if tagged else members[0]
+        else:
+            return tp
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _lower(msg: str) -> str:
+    return msg[:1].lower() + msg[1:]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "empty"
+    return f"{type(value).__name__} {value!r}"
+
+
+# -- semantic checks ----------------------------------------------------------------------------
+
+
+class _Semantics:
+    def __init__(self, doc: Document, ctx: Context, rel_path: str) -> None:
+        self.doc, self.ctx, self.rel_path = doc, ctx, rel_path
+        self.problems: list[Problem] = []
+        data = doc.data if isinstance(doc.data, dict) else {}
+        self.data = data
+        name = data.get("name")
+        self.variables = ctx.variables(name if isinstance(name, str) else "")
+
+    def run(self) -> list[Problem]:
+        self._model()
+        self._tools()
+        self._triggers()
+        self._domains()
+        if not self.data.get("instructions") and not self.data.get("description"):
+            self._add((), "no 'instructions' or 'description': the model gets no task", "warning")
+        return self.problems
+
+    def _add(self, loc: Loc, message: str, severity: Severity = "error", key: bool = False) -> None:
+        line, col = self.doc.position(loc, key=key)
+        self.problems.append(Problem(self.doc.file, line, col, field_path(loc), message, severity))
+
+    def _model(self) -> None:
+        model = self.data.get("model")
+        if isinstance(model, str) and model.startswith("scripted:"):
+            target = os.path.normpath(os.path.join(os.path.dirname(self.rel_path), model[len("scripted:"):]))
+            if target.startswith("..") or os.path.isabs(target):
+                self._add(("model",), "a scripted model file must be inside the spec source folder")
+            elif not self.ctx.file_exists(target):
+                self._add(("model",), f"scripted model file '{target}' not found in the spec source")
+
+    def _tools(self) -> None:
+        tools = self.data.get("tools")
+        if not isinstance(tools, list):
+            return
+        seen: dict[str, int] = {}
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                continue
+            name = tool["name"]
+            if name in seen:
+                self._add(("tools", i, "name"), f"tool '{name}' is listed twice (first as tools[{seen[name]}])")
+                continue
+            seen[name] = i
+            info = self.ctx.tool(name)
+            if info is None:
+                known = [*BUILTIN_TOOLS, *self.ctx.custom_tools]
+                self._add(("tools", i, "name"), f"unknown tool '{name}'{did_you_mean(name, known)} "
+                          "(builtins: " + ", ".join(BUILTIN_TOOLS) + "; custom tools live in tools/NAME.py)")
+                continue
+            if info.error:
+                self._add(("tools", i, "name"), f"custom tool '{name}' cannot be loaded: {info.error}")
+                continue
+            self._tool(i, tool, info)
+
+    def _tool(self, i: int, tool: dict[str, Any], info: ToolInfo) -> None:
+        perms = tool.get("permissions")
+        if isinstance(perms, list):
+            for j, perm in enumerate(perms):
+                if perm in PERMISSIONS and perm not in info.allowed:
+                    may = ", ".join(sorted(info.allowed)) or "none"
+                    self._add(("tools", i, "permissions", j),
+                              f"{info.name} cannot be granted '{perm}' (it may have: {may})")
+            for need in sorted(info.needs - set(perms)):
+                self._add(("tools", i, "permissions"), f"{info.name} needs '{need}' to work")
+        paths = tool.get("paths")
+        if info.file_tool and not paths:
+            self._add(("tools", i), f"{info.name} touches files: name the folders it may use in 'paths'")
+        elif info.name == "data_analyzer" and not paths:
+            self._add(("tools", i), "data_analyzer has no 'paths': its queries can read no files", "warning")
+        elif paths and info.builtin and not info.file_tool and info.name not in ("data_analyzer", "shell"):
+            self._add(("tools", i, "paths"), f"{info.name} does not use 'paths'; they are ignored", "warning")
+        if isinstance(paths, list):
+            for j, path in enumerate(paths):
+                if isinstance(path, str):
+                    self._path(("tools", i, "paths", j), path)
+        commands = tool.get("commands")
+        if info.name == "shell" and not commands:
+            self._add(("tools", i), "shell runs only listed programs: name them in 'commands'")
+        elif commands and info.name != "shell":
+            self._add(("tools", i, "commands"), "only the shell tool takes 'commands'")
+
+    def _path(self, loc: Loc, value: str) -> None:
+        try:
+            expanded = expand(value, self.variables)
+        except KeyError as exc:
+            known = ", ".join(f"${{{v}}}" for v in self.variables)
+            self._add(loc, f"unknown variable ${{{exc.args[0]}}} (known: {known})")
+            return
+        if not os.path.isabs(expanded):
+            self._add(loc, f"'{expanded}' is not an absolute path")
+
+    def _triggers(self) -> None:
+        triggers = self.data.get("triggers")
+        if not isinstance(triggers, list):
+            return
+        for i, trig in enumerate(triggers):
+            if not isinstance(trig, dict):
+                continue
+            if trig.get("type") == "schedule" and isinstance(trig.get("cron"), str):
+                problem = cron_problem(trig["cron"])
+                if problem:
+                    self._add(("triggers", i, "cron"), problem)
+            tz = trig.get("timezone")
+            if isinstance(tz, str) and tz not in _timezones():
+                self._add(("triggers", i, "timezone"),
+                          f"unknown time zone '{tz}'{did_you_mean(tz, _timezones())} (use an IANA name "
+                          "such as Europe/Berlin)")
+            if trig.get("type") == "file_change" and isinstance(trig.get("path"), str):
+                self._path(("triggers", i, "path"), trig["path"])
+
+    def _domains(self) -> None:
+        constraints = self.data.get("constraints")
+        domains = constraints.get("allowed_domains") if isinstance(constraints, dict) else None
+        if not isinstance(domains, list):
+            domains = []
+        for i, dom in enumerate(domains):
+            if isinstance(dom, str) and dom != "local" and not HOSTNAME.match(dom):
+                self._add(("constraints", "allowed_domains", i),
+                          f"'{dom}' is not a host name ('example.com', '*.example.com' or 'local')")
+        tools = self.data.get("tools")
+        names = {t.get("name") for t in tools if isinstance(t, dict)} if isinstance(tools, list) else set()
+        if "http_get" in names and not domains:
+            self._add(("constraints",), "http_get can reach nothing: constraints.allowed_domains is empty",
+                      "warning")
+
+
+def cron_problem(expr: str) -> str | None:
+    """Why ``expr`` is not a cron expression we accept, or None."""
+    text = expr.strip()
+    if text in CRON_ALIASES:
+        return None
+    fields = text.split()
+    if len(fields) not in (5, 6):
+        return (f"cron expression '{expr}' has {len(fields)} fields; write five (minute hour day month weekday) "
+                "or six with seconds first")
+    if not croniter.is_valid(text, second_at_beginning=len(fields) == 6):
+        return f"'{expr}' is not a valid cron expression"
+    return None
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())

@@ -1,0 +1,51 @@
+"""Custom tools as the validator sees them: read with ``ast``, never imported.
+
+Validation runs in the push hook and the reconciler, on code nobody has reviewed yet, so it must not
+execute it. We read ``PERMISSIONS = [...]`` as a literal and check that a LangChain tool named like
+the module is defined (``@tool`` on a function, or ``NAME = tool(...)``/``StructuredTool...``).
+The agent layer imports the module for real when a run needs it.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from runner.specs.catalog import PERMISSIONS, ToolInfo, custom_tool
+
+
+def describe_module(name: str, source: bytes) -> ToolInfo:
+    """The ToolInfo of custom tool module ``tools/NAME.py``; ``error`` set when it is unusable."""
+    try:
+        tree = ast.parse(source, filename=f"tools/{name}.py")
+    except SyntaxError as exc:
+        return custom_tool(name, None, f"tools/{name}.py:{exc.lineno}: syntax error: {exc.msg}")
+    except ValueError as exc:  # NUL bytes and the like
+        return custom_tool(name, None, f"tools/{name}.py: {exc}")
+    permissions: list[str] | None = None
+    defines_tool = False
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PERMISSIONS"
+                                                for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return custom_tool(name, None, f"tools/{name}.py:{node.lineno}: PERMISSIONS must be a literal list")
+            if not isinstance(value, list | tuple) or not all(v in PERMISSIONS for v in value):
+                return custom_tool(name, None, f"tools/{name}.py:{node.lineno}: PERMISSIONS must list some of "
+                                   + ", ".join(PERMISSIONS))
+            permissions = list(value)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+            defines_tool = defines_tool or any(_is_tool_decorator(d) for d in node.decorator_list)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            defines_tool = True
+    if permissions is None:
+        return custom_tool(name, None, f"tools/{name}.py defines no PERMISSIONS = [...]")
+    if not defines_tool:
+        return custom_tool(name, permissions, f"tools/{name}.py defines no tool named '{name}' (use @tool)")
+    return custom_tool(name, permissions)
+
+
+def _is_tool_decorator(node: ast.expr) -> bool:
+    target = node.func if isinstance(node, ast.Call) else node
+    return (isinstance(target, ast.Name) and target.id == "tool") or (
+        isinstance(target, ast.Attribute) and target.attr == "tool")

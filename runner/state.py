@@ -1,0 +1,121 @@
+"""The state database: one SQLite file, ``$AGENT_ORCH_HOME/state.sqlite``, in WAL mode.
+
+It holds what this machine has applied (agents and their conditions), the spec validation cache,
+and the ledger journal: audit rows waiting to be ingested into DuckDB. Keeping the journal here
+means an apply and its audit record commit in one transaction, and SQLite, unlike DuckDB, lets many
+processes (daemon, CLI, hooks) write one file safely.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    client_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT,                      -- file in the source folder that defines it
+    blob TEXT,                      -- git blob id of that file when last validated
+    spec TEXT,                      -- applied spec (JSON); NULL while it was never valid
+    generation INTEGER NOT NULL DEFAULT 0,
+    applied_revision TEXT,          -- commit its applied spec came from
+    attempted_revision TEXT,        -- last commit reconciled
+    fingerprint TEXT,               -- validation context when last validated
+    conditions TEXT NOT NULL DEFAULT '[]',
+    suspended INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT,
+    PRIMARY KEY (client_id, name)
+);
+CREATE TABLE IF NOT EXISTS sources (
+    client_id TEXT PRIMARY KEY,
+    location TEXT,
+    revision TEXT,                  -- last revision reconciled
+    reconciled_at TEXT,
+    error TEXT                      -- last failure to read the source, NULL when fine
+);
+CREATE TABLE IF NOT EXISTS spec_cache (key TEXT PRIMARY KEY, entry TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    row TEXT NOT NULL
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the state database, created on first use."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class Transaction:
+    """``with Transaction(conn):`` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def journal(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    """Queue a ledger row; the ledger ingests it into DuckDB (see runner.ledger.ingesting)."""
+    conn.execute("INSERT INTO journal (tbl, row) VALUES (?, ?)", (table, json.dumps(row, default=str)))
+
+
+class SpecCache(MutableMapping[str, dict[str, Any]]):
+    """Validation results by (blob, path, context) key; writes are batched until ``save()``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        if key in self.pending:
+            return self.pending[key]
+        row = self.conn.execute("SELECT entry FROM spec_cache WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return dict(json.loads(row[0]))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[str(key)]
+            return True
+        except KeyError:
+            return False
+
+    def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        self.pending[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self.pending.pop(key, None)
+        self.conn.execute("DELETE FROM spec_cache WHERE key = ?", (key,))
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError("the spec cache is looked up by key only")
+
+    def __len__(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM spec_cache").fetchone()[0]) + len(self.pending)
+
+    def save(self) -> None:
+        if not self.pending:
+            return
+        with Transaction(self.conn) as c:
+            c.executemany("INSERT OR REPLACE INTO spec_cache (key, entry) VALUES (?, ?)",
+                          [(k, json.dumps(v)) for k, v in self.pending.items()])
+        self.pending.clear()

@@ -1,0 +1,1 @@
+"""Supervision: the process table, triggers and the daemon loop."""

@@ -1,0 +1,101 @@
+"""Shared fixtures: real git repositories in tmp_path and the real agentctl in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test Author", "GIT_AUTHOR_EMAIL": "author@example.invalid",
+    "GIT_COMMITTER_NAME": "Test Committer", "GIT_COMMITTER_EMAIL": "committer@example.invalid",
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for key in list(os.environ):
+        if key.startswith("AGENT_ORCH_") or key in ("MAX_AGENTS", "DEFAULT_AGENT_TIMEOUT", "ENABLE_REMOTE_TOOLS",
+                                                    "VECTOR_DB_URL", "LANGCHAIN_API_URL", "OLLAMA_HOST"):
+            monkeypatch.delenv(key)
+
+
+def git(cwd: Path, *args: str, check: bool = True, input: str | None = None) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False, input=input)
+    if check and done.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {done.stderr}")
+    return done.stdout.strip()
+
+
+class SpecRepo:
+    """A real git repository with a specs/ folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        git(path, "init", "-q", "-b", "main")
+        (path / "specs").mkdir(exist_ok=True)
+
+    def write(self, rel: str, text: str | bytes) -> Path:
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            target.write_bytes(text)
+        else:
+            target.write_text(textwrap.dedent(text))
+        return target
+
+    def spec(self, name: str, extra: str = "", **fields: str) -> Path:
+        """Write a minimal valid spec specs/NAME.yaml (fields override, extra is appended YAML)."""
+        body = {"name": name, "model": "llama2", "description": f"agent {name}", **fields}
+        text = "".join(f"{k}: {v}\n" for k, v in body.items()) + textwrap.dedent(extra)
+        return self.write(f"specs/{name}.yaml", text)
+
+    def remove(self, rel: str) -> None:
+        (self.path / rel).unlink()
+
+    def commit(self, message: str = "change") -> str:
+        git(self.path, "add", "-A")
+        git(self.path, "commit", "-q", "--allow-empty", "-m", message)
+        return git(self.path, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> SpecRepo:
+    return SpecRepo(tmp_path / "repo")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def agentctl(*args: str, home: Path | None = None, cwd: Path | None = None, input: str | None = None,
+             env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (python -m runner) and return its result."""
+    cmd = [sys.executable, "-m", "runner"]
+    if home is not None:
+        cmd += ["--home", str(home)]
+    return subprocess.run([*cmd, *args], cwd=cwd or ROOT, capture_output=True, text=True, input=input,
+                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def cli(home: Path, repo: SpecRepo) -> Iterator[object]:
+    """agentctl bound to this test's home, with the test repository as its source."""
+
+    def run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        env = {"AGENT_ORCH_SOURCE": str(repo.path), **kwargs.pop("env", {})}  # type: ignore[dict-item]
+        return agentctl(*args, home=home, env=env, **kwargs)  # type: ignore[arg-type]
+
+    yield run
