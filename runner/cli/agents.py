@@ -154,9 +154,11 @@ def _print_rows(cols: list[str], rows: list[tuple[Any, ...]]) -> None:
 @pass_app
 def tools(app: App) -> None:
     """Builtin and custom tools with their permissions."""
-    rows = [{"name": t.name, "kind": "builtin", "permissions": sorted(t.allowed), "needs": sorted(t.needs),
-             "summary": t.summary} for t in BUILTIN_TOOLS.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": t.name, "kind": "builtin", "permissions": sorted(t.allowed), "needs": sorted(t.needs),
+         "summary": t.summary} for t in BUILTIN_TOOLS.values()]
     rows.extend(custom_tool_rows(app))
+
     def text() -> None:
         table = Table(box=None, pad_edge=False, header_style="bold")
         for c in ("NAME", "KIND", "PERMISSIONS", "SUMMARY"):

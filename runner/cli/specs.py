@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -20,7 +22,10 @@ source_options = [
 ]
 
 
-def with_source_options(f):  # type: ignore[no-untyped-def]
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def with_source_options(f: F) -> F:
     for option in reversed(source_options):
         f = option(f)
     return f
@@ -36,8 +41,7 @@ def validate(app: App, paths: tuple[str, ...]) -> None:
     client = app.client_id or "default"
     home = str(Path(app.home or "var").absolute())
     for root, files in files_on_disk(list(paths)):
-        results, _ = validate_tree(files, client_id=client, home=home,
-                                   file_exists=lambda rel, root=root: (root / rel).is_file())
+        results, _ = validate_tree(files, client_id=client, home=home, file_exists=_exists_under(root))
         checked += len(results)
         for r in results:
             problems.extend(r.problems)
@@ -45,6 +49,10 @@ def validate(app: App, paths: tuple[str, ...]) -> None:
     app.emit({"files": checked, "valid": not errors, "problems": [p.as_json() for p in problems]},
              lambda: _print_problems(problems, checked))
     sys.exit(1 if errors else 0)
+
+
+def _exists_under(root: Path) -> Callable[[str], bool]:
+    return lambda rel: (root / rel).is_file()
 
 
 def _print_problems(problems: list[Problem], checked: int) -> None:
@@ -115,8 +123,11 @@ def hook_install(app: App, bare_repo: str, path_: str | None) -> None:
     from runner.source.hooks import install
 
     installed = install(Path(bare_repo), settings=app.settings, spec_path=path_ or app.settings.source_path)
-    app.emit({"installed": [str(p) for p in installed]},
-             lambda: [click.echo(f"installed {p}") for p in installed] and None)
+    def text() -> None:
+        for p in installed:
+            click.echo(f"installed {p}")
+
+    app.emit({"installed": [str(p) for p in installed]}, text)
 
 
 @hook.command("pre-receive", hidden=True)
