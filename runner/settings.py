@@ -123,6 +123,21 @@ class Settings(BaseSettings):
         "memory",
     )
 
+    embed_model: str = _env(
+        "AGENT_ORCH_EMBED_MODEL",
+        "",
+        "Ollama embedding model for memory (e.g. nomic-embed-text). Empty means the built-in hashing "
+        "embedder, which needs no model. A memory store keeps the embedder it was made with.",
+        "memory",
+    )
+    kill_grace: float = _env(
+        "AGENT_ORCH_KILL_GRACE",
+        5.0,
+        "Seconds between SIGTERM and SIGKILL when a run passes its deadline or is stopped.",
+        "runs",
+        gt=0,
+    )
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:

@@ -38,6 +38,21 @@ CREATE TABLE IF NOT EXISTS sources (
     error TEXT                      -- last failure to read the source, NULL when fine
 );
 CREATE TABLE IF NOT EXISTS spec_cache (key TEXT PRIMARY KEY, entry TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS run_progress (   -- runs in flight (and just ended), shared by launcher and run
+    run_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    pid INTEGER,
+    seq INTEGER NOT NULL DEFAULT 0,      -- last run_events.seq handed out
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    model_calls INTEGER NOT NULL DEFAULT 0,
+    tool_calls INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    started_at TEXT,
+    updated_at TEXT
+);
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,

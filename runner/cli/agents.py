@@ -101,10 +101,15 @@ def stop(app: App, name: str) -> None:
 
 
 def _suspend(app: App, name: str, suspended: bool) -> None:
+    from runner.agent.launching import request_stop
+
     if not set_suspended(app.conn, app.settings.client_id, name, suspended):
         raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
+    stopping = request_stop(app.conn, app.settings.client_id, name) if suspended else 0
     word = "suspended" if suspended else "resumed"
-    app.emit({"name": name, "suspended": suspended}, lambda: click.echo(f"{name} {word}"))
+    extra = f", stopping {stopping} run(s)" if stopping else ""
+    app.emit({"name": name, "suspended": suspended, "stopping_runs": stopping},
+             lambda: click.echo(f"{name} {word}{extra}"))
 
 
 @cli.command()

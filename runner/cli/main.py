@@ -74,7 +74,7 @@ def cli(ctx: click.Context, home: str | None, client_id: str | None, output: str
 
 
 def main() -> None:
-    from runner.cli import agents, specs  # noqa: F401  (registers the commands)
+    from runner.cli import agents, runs, specs  # noqa: F401  (registers the commands)
 
     try:
         cli.main(standalone_mode=False)

@@ -42,10 +42,17 @@ def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False) -
                 return total
             try:
                 _ingest(ledger_path, rows)
-            except duckdb.IOException:
+            except duckdb.IOException as exc:
+                if not is_lock_error(exc):
+                    raise
                 return None if total == 0 else total  # a reader holds the file; try again later
             state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
             total += len(rows)
+
+
+def is_lock_error(exc: Exception) -> bool:
+    """DuckDB says 'Could not set lock on file' when another process holds it."""
+    return "lock" in str(exc).lower()
 
 
 def pending(state: sqlite3.Connection) -> int:

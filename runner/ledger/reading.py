@@ -8,8 +8,12 @@ from typing import Any
 
 import duckdb
 
-from runner.errors import TransientError
-from runner.ledger.ingesting import ensure_schema
+from runner.errors import OrchestratorError, TransientError
+from runner.ledger.ingesting import ensure_schema, is_lock_error
+
+
+class LedgerError(OrchestratorError):
+    code = "ledger"
 
 
 def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeout: float = 10.0
@@ -24,6 +28,8 @@ def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeo
             con = duckdb.connect(str(ledger_path), read_only=True)
             break
         except duckdb.IOException as exc:  # a flush holds the write lock for a few milliseconds
+            if not is_lock_error(exc):
+                raise LedgerError(f"cannot open the ledger {ledger_path}: {str(exc).splitlines()[0]}") from None
             if time.monotonic() > deadline:
                 raise TransientError(f"the ledger {ledger_path} stays locked: {exc}") from None
             time.sleep(delay)

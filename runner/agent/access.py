@@ -1,0 +1,69 @@
+"""Whether a tool may touch a path: resolve first, then compare.
+
+A path is resolved with ``realpath`` before it is checked, so ``..``, symlinks (including ones created
+inside an allowed folder, and ``/proc/self/root/...``) are judged by where they really lead. The
+check is against the calling tool's own paths: a folder allowed to the reader is not writable through
+the writer unless the writer names it too. A regular file with more than one hard link is refused:
+a hard link inside an allowed folder can carry a file from anywhere on the same filesystem.
+
+What remains is the race between check and use (a symlink swapped in between); the run's sandbox
+(Landlock, issue 6) closes it in the kernel. Here we narrow it by opening with O_NOFOLLOW.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from runner.errors import DeniedError
+
+
+@dataclass(frozen=True)
+class PathRule:
+    roots: tuple[str, ...]  # resolved absolute folders or files
+
+    @classmethod
+    def of(cls, paths: list[str]) -> PathRule:
+        return cls(tuple(os.path.realpath(p) for p in paths))
+
+    def check(self, requested: str, *, what: str = "path") -> str:
+        """The resolved path when it lies under one of the roots; DeniedError otherwise."""
+        if not isinstance(requested, str) or not requested or "\0" in requested:
+            raise DeniedError(f"{what} must be a non-empty path")
+        if not os.path.isabs(requested):
+            raise DeniedError(f"{what} '{requested}' must be absolute")
+        resolved = os.path.realpath(requested)
+        if not any(_within(resolved, root) for root in self.roots):
+            allowed = ", ".join(self.roots) or "nothing"
+            raise DeniedError(f"'{requested}' resolves to '{resolved}', outside the allowed paths ({allowed})")
+        try:
+            st = os.stat(resolved)
+        except FileNotFoundError:
+            return resolved
+        if not os.path.isdir(resolved) and st.st_nlink > 1:
+            raise DeniedError(f"'{requested}' has {st.st_nlink} hard links; hard-linked files are refused")
+        return resolved
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+SECRET_KEY = re.compile(r"(^|[_-])(pass(word)?|passwd|secret|token|api[_-]?key|apikey|authorization|cookie|"
+                        r"credentials?|private[_-]?key)$", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"(?i)(bearer\s+[A-Za-z0-9._~+/-]+=*|sk-[A-Za-z0-9_-]{8,}|ghp_[A-Za-z0-9]{20,}|"
+                          r"xox[baprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})")
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with secrets replaced by '[redacted]' (by key name and by shape)."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if isinstance(k, str) and SECRET_KEY.search(k) else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return SECRET_VALUE.sub("[redacted]", value)
+    return value

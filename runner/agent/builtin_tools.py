@@ -1,0 +1,227 @@
+"""The builtin tools. Each is a plain function of (context, arguments) that checks before it acts.
+
+A check that fails raises DeniedError; the toolbox turns it into a tool error for the model and a
+``denied`` event for the ledger. Nothing is read before the check passes, so denied content never
+reaches the model, the logs or the ledger.
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from runner.agent.access import PathRule
+from runner.agent.memory import MemoryStore
+from runner.errors import DeniedError
+
+MAX_READ = 256 * 1024  # bytes of a file given to the model
+MAX_LIST = 500  # entries of a folder listing
+MAX_HTTP = 1024 * 1024  # bytes of an HTTP body
+MAX_OUTPUT = 64 * 1024  # bytes of a shell command's output
+MAX_ROWS = 200  # rows of a data_analyzer result
+MAX_REDIRECTS = 5
+
+
+@dataclass
+class ToolEnv:
+    """What a tool may use: its own paths and limits, the run's domains, memory and scratch folder."""
+
+    paths: PathRule
+    commands: list[str] = field(default_factory=list)
+    timeout: float = 30.0
+    allowed_domains: list[str] = field(default_factory=list)
+    remote_enabled: bool = False
+    memory: MemoryStore | None = None
+    run_id: str = ""
+    scratch: str = "/tmp"
+
+
+ToolFn = Callable[..., str]
+
+
+def file_reader(env: ToolEnv, path: str) -> str:
+    """Read a text file, or list a folder."""
+    real = env.paths.check(path)
+    if os.path.isdir(real):
+        entries = sorted(os.listdir(real))
+        shown = [e + ("/" if os.path.isdir(os.path.join(real, e)) else "") for e in entries[:MAX_LIST]]
+        more = f"\n... and {len(entries) - MAX_LIST} more" if len(entries) > MAX_LIST else ""
+        return "\n".join(shown) + more if shown else "(empty folder)"
+    fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_READ + 1)
+    text = data[:MAX_READ].decode("utf-8", "replace")
+    return text + ("\n... (truncated)" if len(data) > MAX_READ else "")
+
+
+def file_writer(env: ToolEnv, path: str, content: str) -> str:
+    """Write a text file (replacing it); its folder must exist."""
+    real = env.paths.check(path)
+    if os.path.isdir(real):
+        raise DeniedError(f"'{path}' is a folder")
+    fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(content)
+    return f"wrote {len(content.encode())} bytes to {path}"
+
+
+_PATH_LITERAL = re.compile(r"'((?:/|~|\.)[^']*)'")
+
+
+def data_analyzer(env: ToolEnv, query: str) -> str:
+    """Run one read-only DuckDB SQL query; files are named by absolute path in it."""
+    statements = duckdb.extract_statements(query)
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(s.type.name for s in statements) or "nothing"
+        raise DeniedError(f"only one SELECT statement is allowed (got {kinds})")
+    for literal in _PATH_LITERAL.findall(query):
+        matches = glob.glob(literal) if any(c in literal for c in "*?[") else [literal]
+        for one in matches or [literal]:
+            env.paths.check(one, what="file")  # realpath: a symlink inside the paths cannot lead out
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
+    try:
+        roots = [r if r.endswith("/") or os.path.isfile(r) else r + "/" for r in env.paths.roots]
+        con.execute("SET allowed_directories = ?", [[r for r in roots if not os.path.isfile(r)]])
+        con.execute("SET allowed_paths = ?", [[r for r in roots if os.path.isfile(r)]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        timer = threading.Timer(env.timeout, con.interrupt)
+        timer.start()
+        try:
+            cur = con.execute(query)
+            names = [d[0] for d in cur.description or []]
+            rows = cur.fetchmany(MAX_ROWS + 1)
+        except duckdb.InterruptException:
+            raise DeniedError(f"query took longer than {env.timeout:.0f}s") from None
+        except duckdb.PermissionException as exc:
+            raise DeniedError(str(exc).splitlines()[0]) from None
+        finally:
+            timer.cancel()
+    finally:
+        con.close()
+    lines = [",".join(names)] + [",".join("" if v is None else str(v) for v in r) for r in rows[:MAX_ROWS]]
+    return "\n".join(lines) + (f"\n... (more than {MAX_ROWS} rows)" if len(rows) > MAX_ROWS else "")
+
+
+def http_get(env: ToolEnv, url: str) -> str:
+    """Fetch a URL on the allowed domains; each redirect hop is checked like the first request."""
+    for _hop in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise DeniedError(f"only http and https URLs are allowed, not '{url}'")
+        check_host(env, parts.hostname)
+        request = urllib.request.Request(url, headers={"User-Agent": "agent-orchestrator"})
+        try:
+            with _NO_REDIRECTS.open(request, timeout=env.timeout) as resp:
+                body = resp.read(MAX_HTTP + 1)
+                text = body[:MAX_HTTP].decode(resp.headers.get_content_charset() or "utf-8", "replace")
+                return f"HTTP {resp.status}\n{text}" + ("\n... (truncated)" if len(body) > MAX_HTTP else "")
+        except urllib.error.HTTPError as exc:
+            if exc.code in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
+                url = urllib.parse.urljoin(url, exc.headers["Location"])
+                continue
+            return f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            return f"error: {getattr(exc, 'reason', exc)}"
+    raise DeniedError(f"more than {MAX_REDIRECTS} redirects")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # we follow redirects ourselves, checking each hop
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_NoRedirect())
+
+
+def check_host(env: ToolEnv, host: str) -> None:
+    host = host.lower().rstrip(".")
+    local = is_local(host)
+    for allowed in env.allowed_domains:
+        if allowed == "local" and local:
+            return
+        if allowed != "local" and (host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))):
+            if local:
+                raise DeniedError(f"'{host}' points at this machine; only 'local' allows that")
+            if not env.remote_enabled:
+                raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
+            return
+    raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(env.allowed_domains) or 'none'})")
+
+
+def is_local(host: str) -> bool:
+    if host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return any(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+
+
+def shell(env: ToolEnv, command: str) -> str:
+    """Run one allow-listed program (no shell: no pipes, no redirection), with a timeout."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise DeniedError(f"cannot parse command: {exc}") from None
+    if not argv:
+        raise DeniedError("empty command")
+    program = argv[0]
+    allowed = {c for c in env.commands}
+    if program not in allowed and os.path.basename(program) not in allowed:
+        raise DeniedError(f"'{program}' is not in the tool's commands ({', '.join(sorted(allowed))})")
+    resolved = program if os.path.isabs(program) else shutil.which(program, path=os.defpath)
+    if resolved is None:
+        return f"error: {program}: not found"
+    cwd = env.paths.roots[0] if env.paths.roots and os.path.isdir(env.paths.roots[0]) else env.scratch
+    try:
+        done = subprocess.run([resolved, *argv[1:]], cwd=cwd, capture_output=True, timeout=env.timeout,
+                              env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": env.scratch},
+                              stdin=subprocess.DEVNULL, start_new_session=True, check=False)
+    except subprocess.TimeoutExpired:
+        return f"error: timed out after {env.timeout:.0f}s"
+    out = (done.stdout[:MAX_OUTPUT] + done.stderr[:MAX_OUTPUT]).decode("utf-8", "replace")
+    return f"exit {done.returncode}\n{out}"
+
+
+def memory_search(env: ToolEnv, query: str, k: int = 5) -> str:
+    """Search the agent's memory for what is nearest to the query."""
+    if env.memory is None:
+        return "this agent has no memory"
+    found = env.memory.search(query, max(1, min(int(k), 50)))
+    return "\n".join(f"- ({m.created_at}) {m.text}" for m in found) or "nothing remembered yet"
+
+
+def memory_save(env: ToolEnv, text: str) -> str:
+    """Save a text to the agent's memory."""
+    if env.memory is None:
+        return "this agent has no memory"
+    env.memory.add(text[:8000], kind="note", run_id=env.run_id)
+    return "saved"
+
+
+BUILTINS: dict[str, ToolFn] = {
+    "file_reader": file_reader, "file_writer": file_writer, "data_analyzer": data_analyzer,
+    "http_get": http_get, "shell": shell, "memory_search": memory_search, "memory_save": memory_save,
+}

@@ -1,0 +1,269 @@
+"""Start a run as its own process and see it to its end.
+
+The launcher writes the ``runs`` row (queued, running, final), forks the run process into a process
+group of its own, and waits on it with a pidfd. It ends the run early in three cases, always by
+signalling the whole group (SIGTERM, then SIGKILL after ``AGENT_ORCH_KILL_GRACE``):
+- the deadline (``max_runtime``, else ``DEFAULT_AGENT_TIMEOUT``) passes: ``timed_out``;
+- a stop is requested (``agentctl stop``, the API, Ctrl-C): ``stopped``;
+- the launcher itself is told to stop (the daemon shutting down).
+When the run process has exited, whatever is left in its group is killed: no orphan outlives its run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from runner.agent.recording import RunRow, new_run_id, next_seq, progress, utcnow, write_run
+from runner.agent.running import RunPlan, RunResult, execute
+from runner.errors import NotFoundError, SpecError
+from runner.ledger.ingesting import flush
+from runner.reconcile.applied import load_applied
+from runner.settings import Settings
+from runner.source.git import GitSource
+from runner.state import Transaction, connect, journal
+
+CHILD_FAILED = 70
+
+
+@dataclass
+class Launch:
+    plan: RunPlan
+    row: RunRow
+    pid: int
+    pidfd: int | None
+    pipe: int
+    deadline: float
+
+
+def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, name: str, *,
+            input: str | None = None, trigger: str = "manual", requested_by: str | None = None) -> RunPlan:
+    """The plan of a run of agent ``name`` at its applied revision."""
+    agents = load_applied(conn, settings.client_id, name)
+    agent = agents.get(name)
+    if agent is None:
+        raise NotFoundError(f"no agent named '{name}' for client '{settings.client_id}' (run 'agentctl apply')")
+    spec = agent.spec
+    if spec is None:
+        raise SpecError(f"agent '{name}' has never had a valid spec: {agent.message}")
+    if agent.suspended:
+        raise SpecError(f"agent '{name}' is suspended: 'agentctl start {name}' resumes it")
+    folder = source.location.path
+    base = PurePosixPath(folder) / PurePosixPath(agent.path or "").parent
+    script = None
+    if spec.model.startswith("scripted:") and agent.applied_revision:
+        target = os.path.normpath(str(base / spec.model[len("scripted:"):]))
+        script = source.read_file(agent.applied_revision, target).decode("utf-8", "replace")
+    custom = {}
+    from runner.specs.catalog import BUILTIN_TOOLS
+
+    for tool in spec.tools:
+        if tool.name not in BUILTIN_TOOLS and agent.applied_revision:
+            path = str(PurePosixPath(folder) / "tools" / f"{tool.name}.py")
+            custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
+    return RunPlan(run_id=new_run_id(), client_id=settings.client_id, agent=name, revision=agent.applied_revision,
+                   spec=spec, settings=settings, trigger=trigger, input=input, script=script,
+                   custom_sources=custom)
+
+
+def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None) -> Launch:
+    now = utcnow()
+    row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "running",
+                 queued_at=now, started_at=now, input=plan.input, requested_by=requested_by)
+    write_run(conn, row)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the run process
+        _child(plan, read_end, write_end)
+    os.close(write_end)
+    try:
+        os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
+    except (PermissionError, ProcessLookupError):
+        pass
+    row.pid = pid
+    conn.execute("UPDATE run_progress SET pid = ? WHERE run_id = ?", (pid, plan.run_id))
+    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    return Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
+
+
+def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
+    code = CHILD_FAILED
+    try:
+        os.setpgid(0, 0)
+        os.close(read_end)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        result = execute(plan)
+        os.write(write_end, result.to_json().encode())
+        code = 0
+    except BaseException:
+        code = CHILD_FAILED
+    finally:
+        os._exit(code)
+
+
+def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
+    """Wait for the run to end (killing it at its deadline or on a stop request); write its final row."""
+    buf = b""
+    ended_by: str | None = None
+    while True:
+        timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
+        watch = [fd for fd in (launch.pipe, launch.pidfd) if fd is not None and fd >= 0]
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if launch.pipe in ready:
+            chunk = os.read(launch.pipe, 65536)
+            buf += chunk
+            if not chunk:
+                launch.pipe = _closed(launch.pipe)
+        if _exited(launch.pid):
+            break
+        if time.monotonic() >= launch.deadline:
+            ended_by = "timed_out"
+        elif _stop_requested(conn, launch.row.run_id) or (should_stop is not None and should_stop()):
+            ended_by = "stopped"
+        if ended_by:
+            _terminate(launch.pid, kill_grace)
+            break
+    _kill_group(launch.pid)
+    buf += _drain(launch.pipe)
+    if launch.pidfd is not None:
+        os.close(launch.pidfd)
+    return finish(conn, launch, _result(buf, ended_by, launch))
+
+
+def finish(conn: sqlite3.Connection, launch: Launch, result: RunResult) -> RunRow:
+    row = launch.row
+    p = progress(conn, row.run_id)
+    row.status, row.output, row.error, row.ended_at = result.status, result.output, result.error, utcnow()
+    row.input_tokens, row.output_tokens = int(p.get("input_tokens", 0)), int(p.get("output_tokens", 0))
+    row.model_calls, row.tool_calls = int(p.get("model_calls", 0)), int(p.get("tool_calls", 0))
+    with Transaction(conn) as tx:
+        seq = next_seq(tx, row.run_id)
+        journal(tx, "run_events", {"run_id": row.run_id, "seq": seq, "ts": row.ended_at, "kind": "status",
+                                   "name": row.status, "decision": None,
+                                   "detail": {"error": row.error, "tokens": row.input_tokens + row.output_tokens}})
+    write_run(conn, row)
+    flush(conn, launch.plan.settings.ledger_path)
+    return row
+
+
+def run_foreground(settings: Settings, source: GitSource, name: str, *, input: str | None = None,
+                   trigger: str = "manual", requested_by: str | None = None) -> RunRow:
+    """One run now, in this process's care (agentctl run without a daemon)."""
+    conn = connect(settings.state_path)
+    plan = prepare(settings, conn, source, name, input=input, trigger=trigger, requested_by=requested_by)
+    interrupted = {"flag": False}
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        interrupted["flag"] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launch = start(conn, plan, requested_by)
+        return wait(conn, launch, kill_grace=settings.kill_grace, should_stop=lambda: interrupted["flag"])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        conn.close()
+
+
+def request_stop(conn: sqlite3.Connection, client_id: str, agent: str) -> int:
+    """Ask every in-flight run of ``agent`` to stop; their launchers do the stopping."""
+    cur = conn.execute("UPDATE run_progress SET stop_requested = 1 WHERE client_id = ? AND agent = ? "
+                       "AND status IN ('queued', 'running')", (client_id, agent))
+    return cur.rowcount
+
+
+def _result(buf: bytes, ended_by: str | None, launch: Launch) -> RunResult:
+    if ended_by == "timed_out":
+        return RunResult("timed_out", error=f"exceeded max_runtime of {launch.plan.deadline_seconds:g}s")
+    if ended_by == "stopped":
+        return RunResult("stopped", error="stopped on request")
+    try:
+        data = json.loads(buf.decode())
+        return RunResult(data["status"], data.get("output"), data.get("error"))
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return RunResult("failed", error=f"run process died without a result ({_exit_text(launch.pid)})")
+
+
+_EXIT_STATUS: dict[int, int] = {}
+
+
+def _exited(pid: int) -> bool:
+    if pid in _EXIT_STATUS:
+        return True
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        _EXIT_STATUS[pid] = -1
+        return True
+    if done == 0:
+        return False
+    _EXIT_STATUS[pid] = status
+    return True
+
+
+def _exit_text(pid: int) -> str:
+    status = _EXIT_STATUS.pop(pid, -1)
+    if status == -1:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def _terminate(pid: int, grace: float) -> None:
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if _exited(pid):
+            return
+        time.sleep(0.02)
+    _signal_group(pid, signal.SIGKILL)
+    while not _exited(pid):
+        time.sleep(0.01)
+
+
+def _kill_group(pid: int) -> None:
+    _signal_group(pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_requested(conn: sqlite3.Connection, run_id: str) -> bool:
+    row = conn.execute("SELECT stop_requested FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def _drain(fd: int) -> bytes:
+    if fd < 0:
+        return b""
+    out = b""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            out += chunk
+    except BlockingIOError:
+        pass
+    os.close(fd)
+    return out
+
+
+def _closed(fd: int) -> int:
+    os.close(fd)
+    return -1

@@ -1,0 +1,216 @@
+"""The run loop, inside the run process: ask the model, run the tools it calls, until it answers.
+
+Budgets are checked between steps, against the providers' own usage reports:
+- every model call may produce at most the output tokens left in ``max_tokens``;
+- the run ends ``budget_exceeded`` once input plus output tokens pass ``max_tokens`` (or reach it
+  with work still pending), or when the model hit the per-call cap that the budget imposed;
+- ``max_model_calls`` ends a tool loop the same way.
+The deadline (``max_runtime``) is not kept here: the launcher kills the process group at it, which
+also stops a call that hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+
+from runner.agent.access import PathRule
+from runner.agent.builtin_tools import ToolEnv
+from runner.agent.memory import Embedder, HashingEmbedder, MemoryStore, OllamaEmbedder, store_path
+from runner.agent.providers import ModelRef, chat_model, limit_kwargs, preflight
+from runner.agent.recording import AgentLog, Recorder, agent_log_path
+from runner.agent.toolbox import Toolbox
+from runner.errors import OrchestratorError
+from runner.settings import Settings
+from runner.specs.models import AgentSpec
+from runner.state import connect
+
+DEFAULT_MAX_OUTPUT = 2048  # output tokens per model call when no budget says less
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs, prepared by the launcher before the run process starts."""
+
+    run_id: str
+    client_id: str
+    agent: str
+    revision: str | None
+    spec: AgentSpec
+    settings: Settings
+    trigger: str = "manual"
+    input: str | None = None
+    script: str | None = None  # scripted model turns, read from the source at the revision
+    custom_sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, str]:
+        return {"CLIENT_ID": self.client_id, "AGENT_NAME": self.agent, "AGENT_ORCH_HOME": str(self.settings.home)}
+
+    @property
+    def deadline_seconds(self) -> float:
+        return float(self.spec.constraints.max_runtime or self.settings.default_agent_timeout)
+
+    @property
+    def scratch(self) -> Path:
+        return self.settings.home / "scratch" / self.client_id / self.run_id
+
+
+@dataclass
+class RunResult:
+    status: str
+    output: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"status": self.status, "output": (self.output or "")[:16000] or None,
+                           "error": (self.error or "")[:4000] or None})
+
+
+def execute(plan: RunPlan) -> RunResult:
+    """Run the agent once. Never raises: every ending is a RunResult (and recorded)."""
+    settings = plan.settings
+    conn = connect(settings.state_path)
+    log = AgentLog(agent_log_path(settings.logs_dir, plan.client_id, plan.agent), plan.run_id)
+    recorder = Recorder(conn, plan.run_id, log)
+    memory: MemoryStore | None = None
+    try:
+        plan.scratch.mkdir(parents=True, exist_ok=True)
+        memory = open_memory(plan)
+        result = _loop(plan, recorder, log, memory)
+        if memory is not None and result.status == "succeeded":
+            summary = f"Run {plan.run_id} ({plan.trigger}): input: {(plan.input or '-')[:300]} | " \
+                      f"answer: {(result.output or '')[:600]}"
+            memory.add(summary, kind="run_summary", run_id=plan.run_id)
+            recorder.event("memory", "save", None, {"kind": "run_summary", "chars": len(summary)})
+        return result
+    except OrchestratorError as exc:
+        log.write(f"failed: {exc.message}", "ERROR")
+        return RunResult("failed", error=exc.message)
+    except Exception as exc:  # a bug or a provider error: the run fails, with the reason on record
+        message = f"{type(exc).__name__}: {exc}"
+        log.write(f"failed: {message}", "ERROR")
+        return RunResult("failed", error=message[:4000])
+    finally:
+        if memory is not None:
+            memory.close()
+        conn.close()
+
+
+def open_memory(plan: RunPlan) -> MemoryStore | None:
+    mem = plan.spec.memory
+    if mem is None or mem.type == "none":
+        return None
+    s = plan.settings
+    embedder: Embedder = OllamaEmbedder(s.ollama_host, s.embed_model) if s.embed_model else HashingEmbedder()
+    return MemoryStore(store_path(s.memory_dir, plan.client_id, plan.agent, mem.collection), embedder)
+
+
+def _loop(plan: RunPlan, recorder: Recorder, log: AgentLog, memory: MemoryStore | None) -> RunResult:
+    spec, s = plan.spec, plan.settings
+    ref = ModelRef.parse(spec.model)
+    log.write(f"run started ({plan.trigger}) model={spec.model} revision={(plan.revision or '-')[:12]}")
+    preflight(ref, ollama_host=s.ollama_host, openai_base=s.langchain_api_url)
+    model = chat_model(ref, ollama_host=s.ollama_host, openai_base=s.langchain_api_url,
+                       timeout=plan.deadline_seconds, script=plan.script, variables=plan.variables)
+    base_env = ToolEnv(paths=PathRule.of([]), allowed_domains=list(spec.constraints.allowed_domains),
+                       remote_enabled=s.enable_remote_tools, memory=memory, run_id=plan.run_id,
+                       scratch=str(plan.scratch))
+    toolbox = Toolbox(spec, variables=plan.variables, base_env=base_env, custom_sources=plan.custom_sources,
+                      custom_dir=plan.scratch / "tools", recorder=recorder, log=log)
+    bound = model.bind_tools(toolbox.tools) if toolbox.tools else model
+    messages: list[BaseMessage] = [SystemMessage(_system_prompt(plan, recorder, memory)),
+                                   HumanMessage(plan.input or "Begin the task.")]
+    budget = spec.constraints.max_tokens
+    cap = spec.constraints.max_model_calls
+    for call in range(cap + 1):
+        if call == cap:
+            return _stop(log, "budget_exceeded", f"reached max_model_calls ({cap}) without a final answer")
+        used = _used(recorder)
+        remaining = None if budget is None else budget - used
+        if remaining is not None and remaining <= 0:
+            return _stop(log, "budget_exceeded", f"token budget of {budget} used up ({used} tokens)")
+        per_call = DEFAULT_MAX_OUTPUT if remaining is None else min(DEFAULT_MAX_OUTPUT, remaining)
+        started = time.monotonic()
+        ai = bound.invoke(messages, **limit_kwargs(ref, per_call))
+        latency = int((time.monotonic() - started) * 1000)
+        assert isinstance(ai, AIMessage)
+        inp, out, estimated = _usage(ai, messages)
+        total_in, total_out = recorder.usage(inp, out)
+        truncated = _finish(ai) == "length"
+        recorder.event("llm_call", ref.provider + ":" + ref.name, None, {
+            "input_tokens": inp, "output_tokens": out, "estimated": estimated, "latency_ms": latency,
+            "tool_calls": [c["name"] for c in ai.tool_calls], "finish_reason": _finish(ai)})
+        log.write(f"model call {call + 1}: {inp}+{out} tokens, {latency} ms, "
+                  f"{len(ai.tool_calls)} tool call(s)")
+        messages.append(ai)
+        total = total_in + total_out
+        if budget is not None and (total > budget or (total >= budget and ai.tool_calls)
+                                   or (truncated and per_call < DEFAULT_MAX_OUTPUT)):
+            return _stop(log, "budget_exceeded", f"token budget of {budget} reached ({total} tokens)")
+        if not ai.tool_calls:
+            answer = ai.text if isinstance(ai.content, list) else str(ai.content)
+            recorder.event("log", "final_answer", None, {"chars": len(answer)})
+            log.write(f"succeeded: {answer[:200]}")
+            return RunResult("succeeded", output=answer)
+        for tool_call in ai.tool_calls:
+            content = toolbox.call(tool_call["name"], tool_call.get("args") or {})
+            messages.append(ToolMessage(content=content, tool_call_id=tool_call.get("id") or "call"))
+    raise AssertionError("unreachable")
+
+
+def _system_prompt(plan: RunPlan, recorder: Recorder, memory: MemoryStore | None) -> str:
+    spec = plan.spec
+    text = (f"You are '{spec.name}', an agent run by agent-orchestrator.\n\nYour task:\n{spec.task}\n\n"
+            "Use the tools you are given when they help. A tool answer starting with 'error:' means the action "
+            "was refused or failed: do not repeat it, adapt. When you are done, reply with your final answer "
+            "and call no tool.")
+    if memory is not None and spec.memory and spec.memory.recall:
+        found = memory.search(plan.input or spec.task, spec.memory.recall)
+        recorder.event("memory", "recall", None, {"query_chars": len(plan.input or spec.task),
+                                                  "found": len(found), "ids": [m.id for m in found]})
+        if found:
+            text += "\n\nWhat you remember from earlier runs:\n" + "\n".join(f"- {m.text}" for m in found)
+    return text
+
+
+def _used(recorder: Recorder) -> int:
+    row = recorder.conn.execute("SELECT input_tokens + output_tokens FROM run_progress WHERE run_id = ?",
+                                (recorder.run_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _usage(ai: AIMessage, messages: list[BaseMessage]) -> tuple[int, int, bool]:
+    meta = ai.usage_metadata
+    if meta and (meta.get("input_tokens") or meta.get("output_tokens")):
+        return int(meta.get("input_tokens", 0)), int(meta.get("output_tokens", 0)), False
+    # No usage report (some servers): estimate at four characters a token, and say so.
+    prompt = sum(len(str(m.content)) for m in messages)
+    return prompt // 4 + 1, len(str(ai.content)) // 4 + 1, True
+
+
+def _finish(ai: AIMessage) -> str | None:
+    meta: dict[str, Any] = ai.response_metadata or {}
+    value = meta.get("finish_reason") or meta.get("done_reason")
+    return str(value) if value else None
+
+
+def _stop(log: AgentLog, status: str, message: str) -> RunResult:
+    log.write(f"{status}: {message}", "WARNING")
+    return RunResult(status, error=message)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,113 @@
+"""Commands on runs: run, logs, memory search."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from runner.cli.main import App, cli, pass_app
+from runner.errors import NotFoundError, UsageError
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--input", "input_text", help="Input text for the run.")
+@click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="Read the input from a file.")
+@pass_app
+def run(app: App, name: str, input_text: str | None, input_file: str | None) -> None:
+    """One run now; prints the run id and final status. Exit 0 succeeded, 1 not, 2 error."""
+    from runner.agent.launching import run_foreground
+    from runner.reconcile.reconciling import open_source
+
+    if input_text is not None and input_file is not None:
+        raise UsageError("give --input or --input-file, not both")
+    if input_file is not None:
+        input_text = Path(input_file).read_text(encoding="utf-8", errors="replace")
+    row = run_foreground(app.settings, open_source(app.settings), name, input=input_text,
+                         requested_by="cli")
+    data = {"run_id": row.run_id, "status": row.status, "agent": row.agent, "output": row.output,
+            "error": row.error, "input_tokens": row.input_tokens, "output_tokens": row.output_tokens,
+            "started_at": row.started_at, "ended_at": row.ended_at}
+
+    def text() -> None:
+        click.echo(f"run {row.run_id} {row.status}")
+        if row.output:
+            click.echo(row.output)
+        if row.error:
+            click.echo(f"error: {row.error}", err=True)
+
+    app.emit(data, text)
+    sys.exit(0 if row.status == "succeeded" else 1)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--run", "run_id", help="Only the lines of this run.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=200, show_default=True, help="Lines to show before following.")
+@pass_app
+def logs(app: App, name: str, run_id: str | None, follow: bool, lines: int) -> None:
+    """The agent's log."""
+    from runner.agent.recording import agent_log_path
+
+    path = agent_log_path(app.settings.logs_dir, app.settings.client_id, name)
+    if not path.exists() and not follow:
+        from runner.reconcile.applied import load_applied
+
+        if not load_applied(app.conn, app.settings.client_id, name):
+            raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
+        return
+    needle = f" run={run_id} " if run_id else None
+    with open(path, "a+", encoding="utf-8", errors="replace") as handle:
+        handle.seek(0)
+        kept = [line for line in handle if needle is None or needle in line]
+        for line in kept[-lines:]:
+            click.echo(line, nl=False)
+        while follow:
+            line = handle.readline()
+            if not line:
+                time.sleep(0.2)
+                continue
+            if needle is None or needle in line:
+                click.echo(line, nl=False)
+
+
+@cli.group()
+def memory() -> None:
+    """An agent's memory."""
+
+
+@memory.command("search")
+@click.argument("name")
+@click.argument("query")
+@click.option("-k", default=5, show_default=True, type=click.IntRange(1, 100))
+@pass_app
+def memory_search(app: App, name: str, query: str, k: int) -> None:
+    """Search an agent's memory."""
+    from runner.agent.memory import MemoryStore, store_path
+    from runner.agent.running import RunPlan, open_memory
+    from runner.reconcile.applied import load_applied
+
+    agent = load_applied(app.conn, app.settings.client_id, name).get(name)
+    if agent is None or agent.spec is None:
+        raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
+    spec = agent.spec
+    if spec.memory is None or spec.memory.type == "none":
+        raise UsageError(f"agent '{name}' has no memory")
+    path = store_path(app.settings.memory_dir, app.settings.client_id, name, spec.memory.collection)
+    found = []
+    if path.exists():
+        store: MemoryStore | None = open_memory(RunPlan("", app.settings.client_id, name, None, spec, app.settings))
+        assert store is not None
+        found = store.search(query, k)
+        store.close()
+    def text() -> None:
+        for m in found:
+            click.echo(f"{m.distance:.3f}  {m.created_at}  {m.text}")
+        if not found:
+            click.echo("nothing remembered yet", err=True)
+
+    app.emit([m.as_json() for m in found], text)
