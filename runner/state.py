@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS sources (
     location TEXT,
     revision TEXT,                  -- last revision reconciled
     reconciled_at TEXT,
-    error TEXT                      -- last failure to read the source, NULL when fine
+    error TEXT,                     -- last failure to read the source, NULL when fine
+    invalid TEXT                    -- JSON: broken files that name no agent (nothing to mark Invalid)
 );
 CREATE TABLE IF NOT EXISTS spec_cache (key TEXT PRIMARY KEY, entry TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS run_progress (   -- runs in flight (and just ended), shared by launcher and run
@@ -70,7 +71,19 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.executescript(SCHEMA)
+    _migrate(conn)
     return conn
+
+
+# Columns added after a table first shipped: (table, column, type). SQLite adds them in place.
+MIGRATIONS = [("sources", "invalid", "TEXT")]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, kind in MIGRATIONS:
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class Transaction:

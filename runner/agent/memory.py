@@ -5,6 +5,14 @@ of the path, so two agents (or two clients) that pick the same collection name s
 store. Each store records the embedder that made its vectors and refuses another (mixing vector
 spaces silently would make search return nonsense).
 
+Search is exact (a sqlite-vec scan) up to ``IVF_MIN`` memories. Past that the store becomes an IVF
+index, as FAISS's IVF-Flat: k-means centroids split the vectors into about sqrt(N) cells, each cell a
+sqlite-vec partition, and a search scans only the ``nprobe`` cells nearest the query, merging their
+top k. A full scan costs time in proportion to N; this costs about sqrt(N). The cells are retrained
+whenever the store has doubled since the last training, so the cost is amortized over inserts.
+Cells are small, so vec0 chunks are 64 vectors (its default of 1,024 wastes space and time per cell).
+Vectors are unit length, so L2 order is cosine order; distances are reported as cosine distances.
+
 sqlite-vec is a loadable extension. Python's ``sqlite3`` can load it when it was built with extension
 loading (many distributions); pyenv and some others are not, so we fall back to ``sqlean``, a
 ``sqlite3``-compatible module that can.
@@ -24,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import sqlite_vec
 
 from runner.errors import OrchestratorError
@@ -101,6 +110,38 @@ def connect_vec(path: Path | str) -> sqlite3.Connection:
     return alt
 
 
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.where(norms == 0, 1, norms), dtype=np.float32)
+
+
+def _nprobe(nlist: int) -> int:
+    """Cells scanned per search: a tenth of them (at least 8), which keeps recall high on real text."""
+    return min(nlist, max(8, nlist // 10))
+
+
+def _nearest(centroids: np.ndarray, query: np.ndarray, n: int) -> list[int]:
+    scores = centroids @ query
+    n = min(n, len(scores))
+    return [int(i) for i in np.argpartition(-scores, n - 1)[:n]]
+
+
+def _kmeans(matrix: np.ndarray, k: int) -> np.ndarray:
+    """Spherical k-means (Lloyd) on a sample; deterministic for a given store."""
+    rng = np.random.default_rng(0)
+    sample = matrix[rng.choice(len(matrix), min(len(matrix), KMEANS_SAMPLE), replace=False)]
+    centroids = sample[rng.choice(len(sample), k, replace=False)].copy()
+    for _ in range(KMEANS_ITERATIONS):
+        assign = np.argmax(sample @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, sample)
+        empty = np.bincount(assign, minlength=k) == 0
+        sums[empty] = sample[rng.choice(len(sample), int(empty.sum()))]
+        centroids = _unit(sums)
+    return centroids
+
+
 def store_path(memory_dir: Path, client_id: str, agent: str, collection: str | None) -> Path:
     return memory_dir / client_id / agent / f"{collection or agent}.sqlite"
 
@@ -116,6 +157,11 @@ class Memory:
 
     def as_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+IVF_MIN = 20_000  # below this a search scans every vector (a few milliseconds)
+KMEANS_SAMPLE = 50_000
+KMEANS_ITERATIONS = 8
 
 
 class MemoryStore:
@@ -146,7 +192,7 @@ class MemoryStore:
             return
         with self.conn:
             self.conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS vectors USING vec0("
-                              f"embedding float[{dims}] distance_metric=cosine)")
+                              f"cell INTEGER PARTITION KEY, embedding float[{dims}] distance_metric=l2, chunk_size=64)")
             self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                   [("embedder", self.embedder.name), ("dims", str(dims))])
         self._dims = dims
@@ -158,29 +204,91 @@ class MemoryStore:
         vectors = self.embedder.embed(texts)
         if not vectors:
             return []
-        self._ensure_table(len(vectors[0]))
+        return self.add_vectors(texts, np.asarray(vectors, dtype=np.float32), kind=kind, run_id=run_id)
+
+    def add_vectors(self, texts: list[str], vectors: np.ndarray, *, kind: str = "note",
+                    run_id: str | None = None) -> list[int]:
+        """Store texts with their (already computed) vectors; the benchmark uses this directly."""
+        self._ensure_table(int(vectors.shape[1]))
+        vectors = _unit(vectors)
+        cells = self._cells_of(vectors)
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        ids = []
         with self.conn:
-            for text, vec in zip(texts, vectors, strict=True):
-                cur = self.conn.execute("INSERT INTO memories (created_at, kind, run_id, text) VALUES (?, ?, ?, ?)",
-                                        (stamp, kind, run_id, text))
-                rowid = int(cur.lastrowid or 0)
-                self.conn.execute("INSERT INTO vectors (rowid, embedding) VALUES (?, ?)",
-                                  (rowid, sqlite_vec.serialize_float32(vec)))
-                ids.append(rowid)
+            first = int(self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM memories").fetchone()[0])
+            ids = list(range(first, first + len(texts)))
+            self.conn.executemany("INSERT INTO memories (id, created_at, kind, run_id, text) VALUES (?, ?, ?, ?, ?)",
+                                  [(i, stamp, kind, run_id, t) for i, t in zip(ids, texts, strict=True)])
+            self.conn.executemany("INSERT INTO vectors (rowid, cell, embedding) VALUES (?, ?, ?)",
+                                  [(i, int(c), v.tobytes()) for i, c, v in zip(ids, cells, vectors, strict=True)])
+        self._maybe_train()
         return ids
 
     def search(self, query: str, k: int = 5) -> list[Memory]:
         if not self._dims or k <= 0:
             return []
-        vec = self.embedder.embed([query])[0]
-        rows = self.conn.execute(
-            """SELECT m.id, m.text, m.kind, m.run_id, m.created_at, v.distance
-               FROM vectors v JOIN memories m ON m.id = v.rowid
-               WHERE v.embedding MATCH ? AND k = ? ORDER BY v.distance""",
-            (sqlite_vec.serialize_float32(vec), min(int(k), 100))).fetchall()
-        return [Memory(*r) for r in rows]
+        return self.search_vector(np.asarray(self.embedder.embed([query])[0], dtype=np.float32), k)
+
+    def search_vector(self, vector: np.ndarray, k: int = 5, nprobe: int | None = None) -> list[Memory]:
+        if not self._dims or k <= 0:
+            return []
+        k = min(int(k), 100)
+        query = _unit(vector.reshape(1, -1))[0]
+        centroids = self._centroids()
+        cells = [0] if centroids is None else _nearest(centroids, query, nprobe or _nprobe(len(centroids)))
+        hits: list[tuple[float, int]] = []
+        for cell in cells:
+            rows = self.conn.execute("SELECT rowid, distance FROM vectors WHERE embedding MATCH ? AND k = ? "
+                                     "AND cell = ?", (query.tobytes(), k, int(cell))).fetchall()
+            hits.extend((float(d), int(r)) for r, d in rows)
+        hits.sort()
+        best = hits[:k]
+        if not best:
+            return []
+        marks = ",".join("?" for _ in best)
+        texts = {r[0]: r[1:] for r in self.conn.execute(
+            f"SELECT id, text, kind, run_id, created_at FROM memories WHERE id IN ({marks})", [i for _, i in best])}
+        return [Memory(i, str(texts[i][0]), str(texts[i][1]), texts[i][2], str(texts[i][3]), d * d / 2)
+                for d, i in best if i in texts]
+
+    # -- the IVF index ----------------------------------------------------------------------------
+
+    def _centroids(self) -> np.ndarray | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'centroids'").fetchone()
+        if row is None:
+            return None
+        return np.frombuffer(bytes.fromhex(row[0]), dtype=np.float32).reshape(-1, self._dims)
+
+    def _cells_of(self, vectors: np.ndarray) -> list[int]:
+        centroids = self._centroids()
+        if centroids is None:
+            return [0] * len(vectors)
+        return [int(c) for c in np.argmax(vectors @ centroids.T, axis=1)]
+
+    def _maybe_train(self) -> None:
+        count = self.count()
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'trained_at_count'").fetchone()
+        trained = int(row[0]) if row else 0
+        if count >= IVF_MIN and count >= 2 * trained:
+            self.train()
+
+    def train(self) -> None:
+        """(Re)build the cells: k-means on a sample, then every vector moved to its nearest cell."""
+        rows = self.conn.execute("SELECT rowid, embedding FROM vectors").fetchall()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self._dims)
+        nlist = max(1, int(math.sqrt(len(rows))))
+        centroids = _kmeans(matrix, nlist)
+        cells = np.concatenate([np.argmax(chunk @ centroids.T, axis=1)
+                                for chunk in np.array_split(matrix, max(1, len(matrix) // 20_000))])
+        with self.conn:
+            self.conn.execute("DELETE FROM vectors")
+            self.conn.executemany("INSERT INTO vectors (rowid, cell, embedding) VALUES (?, ?, ?)",
+                                  ((int(i), int(c), v.tobytes()) for i, c, v in zip(ids, cells, matrix, strict=True)))
+            self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                  [("centroids", centroids.astype(np.float32).tobytes().hex()),
+                                   ("trained_at_count", str(len(rows)))])
 
     def count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM memories").fetchone()[0])

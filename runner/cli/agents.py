@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -82,6 +83,8 @@ def _print_status(data: dict[str, Any]) -> None:
         console.print("no agents applied yet: run 'agentctl apply'")
     else:
         console.print(table)
+    for bad in json.loads(src["invalid"] or "[]") if src else []:
+        console.print(f"[red]invalid file[/red] {bad['file']}: {'; '.join(bad['problems'][:1])}", highlight=False)
 
 
 @cli.command()

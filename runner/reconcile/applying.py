@@ -35,13 +35,18 @@ class Outcome:
 def apply_plan(conn: sqlite3.Connection, plan: Plan, *, initiator: str, started_at: str) -> Outcome:
     rev = plan.revision
     stamp = now()
+    unnamed = [c for c in plan.changes if c.action == "invalid" and c.result is not None and c.result.name is None
+               and c.name not in plan.applied]
     with Transaction(conn) as tx:
         for change in plan.changes:
-            _apply(tx, plan, change, stamp)
+            if change not in unnamed:
+                _apply(tx, plan, change, stamp)
+        _refresh_unchanged(tx, plan)
         tx.execute("UPDATE agents SET attempted_revision = ? WHERE client_id = ?", (rev, plan.client_id))
+        invalid_files = [{"file": c.name, "problems": [str(p) for p in errors_in(c.problems)[:5]]} for c in unnamed]
         tx.execute(
-            "INSERT OR REPLACE INTO sources (client_id, location, revision, reconciled_at, error) "
-            "VALUES (?, ?, ?, ?, NULL)", (plan.client_id, plan.location, rev, stamp))
+            "INSERT OR REPLACE INTO sources (client_id, location, revision, reconciled_at, error, invalid) "
+            "VALUES (?, ?, ?, ?, NULL, ?)", (plan.client_id, plan.location, rev, stamp, json.dumps(invalid_files)))
         outcome = Outcome(uuid.uuid4().hex, rev, plan.count("create"), plan.count("update"),
                           plan.count("delete"), plan.count("invalid"))
         journal(tx, "reconciles", {
@@ -65,6 +70,20 @@ def record_failure(conn: sqlite3.Connection, client_id: str, location: str, erro
             "started_at": started_at, "ended_at": now(), "created": 0, "updated": 0, "deleted": 0,
             "invalid": 0, "initiator": initiator, "error": error,
         })
+
+
+def _refresh_unchanged(tx: sqlite3.Connection, plan: Plan) -> None:
+    """Record where unchanged agents live now (a renamed file, a new blob with the same spec).
+
+    Not a change (no new generation), but a stale path would let a later broken file at the old path
+    be taken for this agent, and a stale blob keeps the agent from being skipped as known-good.
+    """
+    changed = {c.name for c in plan.changes}
+    for r in plan.results:
+        if r.name and r.name not in changed and r.valid and not r.known_good:
+            tx.execute("UPDATE agents SET path = ?, blob = ?, fingerprint = ? "
+                       "WHERE client_id = ? AND name = ? AND spec IS NOT NULL",
+                       (r.rel_path, r.blob, plan.fingerprint, plan.client_id, r.name))
 
 
 def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from runner.reconcile.applied import AppliedAgent, load_applied
-from runner.source.git import GitSource
+from runner.source.git import FolderMissing, GitSource
 from runner.specs.problems import Problem, errors_in
 from runner.specs.validating import SpecResult, validate_tree
 from runner.state import SpecCache
@@ -74,7 +74,12 @@ def make_plan(conn: sqlite3.Connection, source: GitSource, revision: str, *, cli
     known = {a.path: (a.blob or "", a.fingerprint or "", a.name) for a in applied.values()
              if a.path and a.spec_json and a.synced}
     cache = SpecCache(conn)
-    files = source.files(revision)
+    try:
+        files = source.files(revision)
+    except FolderMissing:
+        if not allow_empty:
+            raise
+        files = []  # removing every spec usually removes the folder too; --allow-empty means exactly that
     results, fingerprint = validate_tree(files, client_id=client_id, home=home, cache=cache, known_good=known)
     cache.save()
     changes = diff(results, applied)
@@ -91,9 +96,10 @@ def diff(results: list[SpecResult], applied: dict[str, AppliedAgent]) -> list[Ch
     changes: list[Change] = []
     claimed: set[str] = set()
     by_path = {a.path: a for a in applied.values() if a.path}
+    named = {r.name for r in results if r.name}
     for r in sorted(results, key=lambda r: (r.name or "", r.rel_path)):
         name = r.name
-        if name is None and r.rel_path in by_path:
+        if name is None and r.rel_path in by_path and by_path[r.rel_path].name not in named:
             name = by_path[r.rel_path].name  # unreadable file at the path of a known agent
         if name:
             claimed.add(name)

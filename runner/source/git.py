@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,10 @@ class Location:
 
     def describe(self) -> str:
         return f"{self.url}@{self.ref}:{self.path or '.'}"
+
+
+class FolderMissing(SourceError):
+    """The source folder does not exist at the revision (every spec under it was removed, or a typo)."""
 
 
 class GitSource:
@@ -56,7 +62,7 @@ class GitSource:
     def files(self, revision: str) -> list[SpecFile]:
         """Every file under the source folder at ``revision``, content read lazily by blob id."""
         repo = self._open(fetch=False)
-        prefix = self.location.path.strip("/")
+        prefix = _folder(self.location.path)
         try:
             listing = repo.git.ls_tree("-r", "-z", "--full-tree", revision, "--", prefix or ".")
         except git.GitCommandError as exc:
@@ -77,7 +83,7 @@ class GitSource:
             else:
                 files.append(SpecFile(rel, sha, self._reader(repo, sha), display))
         if prefix and not files and not self._has_folder(repo, revision, prefix):
-            raise SourceError(f"folder '{prefix}' not found in {self.location.url} at {revision[:12]}")
+            raise FolderMissing(f"folder '{prefix}' not found in {self.location.url} at {revision[:12]}")
         return files
 
     def read_file(self, revision: str, path: str) -> bytes:
@@ -109,6 +115,7 @@ class GitSource:
 
     def _clone(self) -> None:
         tmp = self._repo_path.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a clone that was killed: git refuses a non-empty target
         try:
             git.Repo.clone_from(self.location.url, tmp, mirror=True, kill_after_timeout=FETCH_TIMEOUT)
         except git.GitCommandError as exc:
@@ -164,6 +171,12 @@ def default_source_url(cwd: Path | None = None) -> str:
     top = repo.working_tree_dir or repo.git_dir
     repo.close()
     return str(top)
+
+
+def _folder(path: str) -> str:
+    """The folder as ls-tree needs it: '' for the root, no '.' or './' (which would list nothing or cut names)."""
+    folder = posixpath.normpath(path.strip("/") or ".")
+    return "" if folder == "." else folder
 
 
 def _mirror_path(root: Path, url: str) -> Path:
