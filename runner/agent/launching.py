@@ -150,8 +150,7 @@ def finish(conn: sqlite3.Connection, launch: Launch, result: RunResult) -> RunRo
                                    "name": row.status, "decision": None,
                                    "detail": {"error": row.error, "tokens": row.input_tokens + row.output_tokens}})
     write_run(conn, row)
-    flush(conn, launch.plan.settings.ledger_path)
-    return row
+    return row  # the caller flushes the ledger: per run (CLI) or batched (daemon)
 
 
 def run_foreground(settings: Settings, source: GitSource, name: str, *, input: str | None = None,
@@ -167,7 +166,9 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launch = start(conn, plan, requested_by)
-        return wait(conn, launch, kill_grace=settings.kill_grace, should_stop=lambda: interrupted["flag"])
+        row = wait(conn, launch, kill_grace=settings.kill_grace, should_stop=lambda: interrupted["flag"])
+        flush(conn, settings.ledger_path)
+        return row
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -59,9 +59,17 @@ def pending(state: sqlite3.Connection) -> int:
     return int(state.execute("SELECT count(*) FROM journal").fetchone()[0])
 
 
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+_ENSURED: set[str] = set()  # ledger files whose tables this process has created or seen
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, path: Path | None = None) -> None:
+    key = str(path) if path else ""
+    if key and key in _ENSURED:
+        return
     for ddl in TABLES.values():
         con.execute(ddl)
+    if key:
+        _ENSURED.add(key)
 
 
 def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> None:
@@ -74,7 +82,7 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> None:
         bucket[key] = row
     con = duckdb.connect(str(ledger_path))
     try:
-        ensure_schema(con)
+        ensure_schema(con, ledger_path)
         con.execute("BEGIN")
         for tbl, bucket in by_table.items():
             _insert(con, tbl, list(bucket.values()))

@@ -102,8 +102,9 @@ def _from_pydantic(doc: Document, exc: ValidationError) -> list[Problem]:
             message = f"{value!r} is not one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
-            if kind == "union_tag_not_found":
-                message = f"required field 'type' is missing (one of {', '.join(choices)})"
+            if kind == "union_tag_not_found":  # pydantic names no tags here: take them from the models
+                message = f"required field 'type' is missing (one of {', '.join(_tags_at(loc))})"
+                loc = (*loc, "type")
             else:
                 message = f"{ctx.get('tag')!r} is not one of {', '.join(choices)}"
                 message += did_you_mean(str(ctx.get("tag")), choices)
@@ -111,6 +112,8 @@ def _from_pydantic(doc: Document, exc: ValidationError) -> list[Problem]:
         elif kind == "string_pattern_mismatch":
             hint = FIELD_HINTS.get(str(loc[-1]), f"it must match {ctx.get('pattern')}")
             message = f"{value!r} is not valid: {hint}"
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):  # not "instance of ToolSpec"
+            message = f"input should be a mapping of fields, not {_describe(value)}"
         elif kind.endswith("_type") or kind.endswith("_parsing"):
             message = f"{_lower(err['msg'])}, not {_describe(value)}"
         else:
@@ -144,6 +147,18 @@ def _fields_at(loc: Loc, data: Any) -> set[str]:
                      and part in tp.model_fields else tp, node)
     tp = _unwrap(tp, node)
     return set(tp.model_fields) if _is_model(tp) else set()
+
+
+def _tags_at(loc: Loc) -> list[str]:
+    """The 'type' values the tagged union at ``loc`` accepts (triggers[0] -> schedule, file_change)."""
+    tp: Any = AgentSpec
+    for part in (*loc, None):
+        while typing.get_origin(tp) in (typing.Annotated, list):
+            tp = typing.get_args(tp)[0]
+        if isinstance(part, str):
+            tp = tp.model_fields[part].annotation if _is_model(tp) and part in tp.model_fields else None
+    return [tag for member in typing.get_args(tp) if _is_model(member) and "type" in member.model_fields
+            for tag in typing.get_args(member.model_fields["type"].annotation)]
 
 
 def _unwrap(tp: Any, node: Any) -> Any:
@@ -250,7 +265,7 @@ class _Semantics:
                     may = ", ".join(sorted(info.allowed)) or "none"
                     self._add(("tools", i, "permissions", j),
                               f"{info.name} cannot be granted '{perm}' (it may have: {may})")
-            for need in sorted(info.needs - set(perms)):
+            for need in sorted(info.needs - {p for p in perms if isinstance(p, str)}):
                 self._add(("tools", i, "permissions"), f"{info.name} needs '{need}' to work")
         paths = tool.get("paths")
         if info.file_tool and not paths:
@@ -308,8 +323,8 @@ class _Semantics:
                 self._add(("constraints", "allowed_domains", i),
                           f"'{dom}' is not a host name ('example.com', '*.example.com' or 'local')")
         tools = self.data.get("tools")
-        names = {t.get("name") for t in tools if isinstance(t, dict)} if isinstance(tools, list) else set()
-        if "http_get" in names and not domains:
+        uses_http = isinstance(tools, list) and any(isinstance(t, dict) and t.get("name") == "http_get" for t in tools)
+        if uses_http and not domains:
             self._add(("constraints",), "http_get can reach nothing: constraints.allowed_domains is empty",
                       "warning")
 

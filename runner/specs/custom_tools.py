@@ -21,14 +21,16 @@ def describe_module(name: str, source: bytes) -> ToolInfo:
         return custom_tool(name, None, f"tools/{name}.py:{exc.lineno}: syntax error: {exc.msg}")
     except ValueError as exc:  # NUL bytes and the like
         return custom_tool(name, None, f"tools/{name}.py: {exc}")
+    except (MemoryError, RecursionError):  # CPython's parser on absurdly nested expressions
+        return custom_tool(name, None, f"tools/{name}.py: code is nested too deep to read")
     permissions: list[str] | None = None
     defines_tool = False
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PERMISSIONS"
-                                                for t in node.targets):
+        targets, value_node = _assignment(node)
+        if "PERMISSIONS" in targets and value_node is not None:
             try:
-                value = ast.literal_eval(node.value)
-            except ValueError:
+                value = ast.literal_eval(value_node)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # e.g. {[1]}, [-----1]
                 return custom_tool(name, None, f"tools/{name}.py:{node.lineno}: PERMISSIONS must be a literal list")
             if not isinstance(value, list | tuple) or not all(v in PERMISSIONS for v in value):
                 return custom_tool(name, None, f"tools/{name}.py:{node.lineno}: PERMISSIONS must list some of "
@@ -36,13 +38,22 @@ def describe_module(name: str, source: bytes) -> ToolInfo:
             permissions = list(value)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
             defines_tool = defines_tool or any(_is_tool_decorator(d) for d in node.decorator_list)
-        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+        elif name in targets and value_node is not None:
             defines_tool = True
     if permissions is None:
         return custom_tool(name, None, f"tools/{name}.py defines no PERMISSIONS = [...]")
     if not defines_tool:
         return custom_tool(name, permissions, f"tools/{name}.py defines no tool named '{name}' (use @tool)")
     return custom_tool(name, permissions)
+
+
+def _assignment(node: ast.stmt) -> tuple[set[str], ast.expr | None]:
+    """The names a module-level assignment binds and its value; typed ones (``X: list[str] = ...``) too."""
+    if isinstance(node, ast.Assign):
+        return {t.id for t in node.targets if isinstance(t, ast.Name)}, node.value
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return {node.target.id}, node.value
+    return set(), None
 
 
 def _is_tool_decorator(node: ast.expr) -> bool:

@@ -24,6 +24,12 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 MAX_BYTES = 1024 * 1024
 MAX_NODES = 50_000
 MAX_DEPTH = 40
+# libyaml composes nodes recursively in C: a document nested some 50,000 levels deep (it fits in
+# 1 MiB) overflows the C stack and kills the process. Each level of nesting needs one of these
+# characters, so a text with few of them cannot be deep; others are first walked event by event
+# (the parser does not recurse) and refused when too deep.
+NESTING_MARKS = "[{-:?"
+DEEP_SCAN_MARKS = 1000
 
 Loc = tuple[str | int, ...]
 
@@ -48,7 +54,10 @@ class Document:
 
 
 class _TooComplex(Exception):
-    pass
+    def __init__(self, message: str, node: yaml.Node) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
 def load_document(raw: bytes, file: str) -> tuple[Document | None, list[Problem]]:
@@ -57,6 +66,9 @@ def load_document(raw: bytes, file: str) -> tuple[Document | None, list[Problem]
     def fail(message: str, line: int = 1, col: int = 1) -> tuple[None, list[Problem]]:
         return None, [Problem(file, line, col, "", message)]
 
+    if raw.startswith(b"\0") and len(raw) < 256 and b"\0" not in raw[1:] and raw[1:].isascii():
+        # A source hands over a file it cannot read (a symlink, an I/O error) as NUL and the reason.
+        return fail(f"file cannot be used: {raw[1:].decode()}")
     if len(raw) > MAX_BYTES:
         return fail(f"file is too large ({len(raw) / 1e6:.1f} MB; a spec may be at most 1 MiB)")
     if b"\x00" in raw:
@@ -68,7 +80,15 @@ def load_document(raw: bytes, file: str) -> tuple[Document | None, list[Problem]
         line, col = _line_col(raw, exc.start)
         return fail(f"file is not UTF-8 text (byte 0x{raw[exc.start]:02x} cannot be decoded)", line, col)
     try:
+        if sum(map(text.count, NESTING_MARKS)) > DEEP_SCAN_MARKS and (deep := _too_deep(text)):
+            return fail(f"document is nested too deep (over {MAX_DEPTH} levels)", *deep)
         node = yaml.compose(text, Loader=_Loader)
+    except RecursionError:  # the pure-Python composer, where libyaml is missing
+        return fail(f"document is nested too deep (over {MAX_DEPTH} levels)")
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; its offset is not a line
+        found = yaml.reader.Reader.NON_PRINTABLE.search(text)
+        line, col = _line_col(text.encode(), len(text[:found.start()].encode())) if found else (1, 1)
+        return fail(f"YAML syntax: {exc.reason} (character #x{exc.character:04x})", line, col)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = f"YAML syntax: {exc.problem or exc.context}"
@@ -87,7 +107,7 @@ def load_document(raw: bytes, file: str) -> tuple[Document | None, list[Problem]
     try:
         data = builder.build(node, ())
     except _TooComplex as exc:
-        return fail(str(exc))
+        return fail(exc.message, *exc.where)
     if builder.problems:
         return None, builder.problems
     return Document(file, data, builder.positions, builder.key_positions), []
@@ -101,14 +121,15 @@ class _Builder:
         self.key_positions: dict[Loc, tuple[int, int]] = {}
         self.problems: list[Problem] = []
         self.count = 0
+        self.merged: dict[int, set[int]] = {}  # mapping node -> its key nodes that came from merge keys
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
         self.count += 1
         if self.count > MAX_NODES:
             raise _TooComplex(f"document is too large or expands too far through aliases (over {MAX_NODES} "
-                              "values)")
+                              "values)", node)
         if len(loc) > MAX_DEPTH:
-            raise _TooComplex(f"document is nested too deep (over {MAX_DEPTH} levels)")
+            raise _TooComplex(f"document is nested too deep (over {MAX_DEPTH} levels)", node)
         self.positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, loc)
@@ -118,14 +139,22 @@ class _Builder:
             return self.constructor.construct_object(node)
         except ConstructorError as exc:
             self._problem(node, loc, f"cannot read value: {exc.problem}")
-            return None
+        except Exception:  # the safe constructors leak their parsers' errors:
+            # ValueError for `2024-13-45`, KeyError for `!!bool maybe`, AttributeError for `!!timestamp x`.
+            self._problem(node, loc, f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}")
+        return None
 
     def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
-        try:
-            self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *base)
-        except ConstructorError as exc:
-            self._problem(node, loc, f"cannot merge: {exc.problem}")
+        if id(node) not in self.merged:  # an aliased mapping is built again, but flattened once
+            own = {id(k) for k, _ in node.value}
+            try:
+                self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *base), merged pairs first
+            except ConstructorError as exc:
+                self._problem(node, loc, f"cannot merge: {exc.problem}")
+            self.merged[id(node)] = {id(k) for k, _ in node.value if id(k) not in own}
+        merged = self.merged[id(node)]
         result: dict[str, Any] = {}
+        from_merge: set[str] = set()  # keys a later pair may override, as YAML merges allow
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 self._problem(key_node, loc, "keys must be plain names, not lists or mappings")
@@ -134,11 +163,15 @@ class _Builder:
             key = str(key_node.value)
             key_loc = (*loc, key)
             here = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            if key in result:
+            if key in result and key not in from_merge:
                 first = self.key_positions[key_loc]
                 self.problems.append(Problem(self.file, *here, _dotted(key_loc),
                                              f"duplicate key '{key}' (first at line {first[0]})"))
                 continue
+            if id(key_node) in merged:
+                from_merge.add(key)
+            else:
+                from_merge.discard(key)
             self.key_positions[key_loc] = here
             result[key] = self.build(value_node, key_loc)
         return result
@@ -147,6 +180,20 @@ class _Builder:
         self.problems.append(
             Problem(self.file, node.start_mark.line + 1, node.start_mark.column + 1, _dotted(loc), message)
         )
+
+
+def _too_deep(text: str) -> tuple[int, int] | None:
+    """Where ``text`` first nests collections deeper than MAX_DEPTH, or None."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH + 1:  # the root mapping is depth 1 here; MAX_DEPTH counts levels below it
+                mark = event.start_mark
+                return (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
 
 
 def _dotted(loc: Loc) -> str:

@@ -1,0 +1,88 @@
+"""Runner overhead (issue 3): a scripted run of 5 tool calls, timed end to end (plan read from git, row
+written, process forked, model and tools run, every step recorded, final row written), beside the same
+5 tool calls made as bare function calls in the same run. Goal: under 50 ms of overhead per run.
+
+Moving the rows into DuckDB is timed apart: the daemon does it in batches (one flush for many runs),
+`agentctl run` once per run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from runner.agent.access import PathRule
+from runner.agent.builtin_tools import ToolEnv, file_reader
+from runner.agent.launching import prepare, run_foreground, start, wait
+from runner.ledger.ingesting import flush
+from runner.reconcile.reconciling import open_source, reconcile
+from runner.settings import Settings
+from runner.state import connect
+
+RUNS = int(os.environ.get("BENCH_RUNS", "20"))
+SPEC = """\
+name: bench
+description: reads five files
+model: scripted:_scripts/bench.yaml
+tools:
+  - name: file_reader
+    paths: ["{data}"]
+"""
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    try:
+        data = root / "data"
+        data.mkdir()
+        for i in range(5):
+            (data / f"f{i}.txt").write_text(f"file {i}\n" * 20)
+        repo = root / "repo"
+        (repo / "specs" / "_scripts").mkdir(parents=True)
+        (repo / "specs" / "bench.yaml").write_text(SPEC.format(data=data))
+        calls = ", ".join(f"{{name: file_reader, args: {{path: '{data}/f{i}.txt'}}}}" for i in range(5))
+        (repo / "specs" / "_scripts" / "bench.yaml").write_text(
+            f"turns:\n  - tool_calls: [{calls}]\n  - content: done\n")
+        env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x.invalid",
+               "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x.invalid"}
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
+            subprocess.run(["git", *args], cwd=repo, check=True, env=env, capture_output=True)
+        settings = Settings.load(root / "home", source=str(repo))
+        reconcile(settings, connect(settings.state_path), open_source(settings), initiator="bench")
+        source = open_source(settings)
+        run_foreground(settings, source, "bench")  # warm: imports, schema, ledger file
+
+        conn = connect(settings.state_path)
+        times, flushes = [], []
+        for _ in range(RUNS):
+            t = time.perf_counter()
+            plan = prepare(settings, conn, source, "bench")
+            row = wait(conn, start(conn, plan), kill_grace=1)
+            times.append(time.perf_counter() - t)
+            assert row.status == "succeeded", row.error
+            t = time.perf_counter()
+            flush(conn, settings.ledger_path)
+            flushes.append(time.perf_counter() - t)
+        env_ = ToolEnv(paths=PathRule.of([str(data)]))
+        bare = []
+        for _ in range(RUNS):
+            t = time.perf_counter()
+            for i in range(5):
+                file_reader(env_, str(data / f"f{i}.txt"))
+            bare.append(time.perf_counter() - t)
+        run, tools = sorted(times)[len(times) // 2], sorted(bare)[len(bare) // 2]
+        print(f"overhead: scripted run, 5 tool calls, end to end (median of {RUNS})  {run * 1000:8.2f} ms")
+        print(f"overhead: the same 5 tool calls as bare function calls (baseline) {tools * 1000:8.2f} ms")
+        print(f"overhead: runner overhead per run {(run - tools) * 1000:8.2f} ms (goal < 50 ms)")
+        print(f"overhead: one ledger flush of a run's rows into DuckDB (median) "
+              f"{sorted(flushes)[len(flushes) // 2] * 1000:8.2f} ms (batched by the daemon)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
