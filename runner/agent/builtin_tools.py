@@ -195,10 +195,12 @@ def shell(env: ToolEnv, command: str) -> str:
     if resolved is None:
         return f"error: {program}: not found"
     cwd = env.paths.roots[0] if env.paths.roots and os.path.isdir(env.paths.roots[0]) else env.scratch
+    # The command stays in the run's process group (no new session): the launcher ends a run by
+    # signalling that group, and a command in a group of its own would outlive a timed-out run.
     try:
         done = subprocess.run([resolved, *argv[1:]], cwd=cwd, capture_output=True, timeout=env.timeout,
                               env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": env.scratch},
-                              stdin=subprocess.DEVNULL, start_new_session=True, check=False)
+                              stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         return f"error: timed out after {env.timeout:.0f}s"
     out = (done.stdout[:MAX_OUTPUT] + done.stderr[:MAX_OUTPUT]).decode("utf-8", "replace")

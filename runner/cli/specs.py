@@ -13,7 +13,7 @@ from runner.cli.main import App, cli, pass_app
 from runner.reconcile.planning import Plan
 from runner.reconcile.reconciling import SourceOverride, open_source, plan, reconcile
 from runner.specs.problems import Problem
-from runner.specs.validating import files_on_disk, validate_tree
+from runner.specs.validating import SPEC_SUFFIXES, check_unique_names, files_on_disk, validate_tree
 
 source_options = [
     click.option("--source", help="Git URL or local path of the spec repository (AGENT_ORCH_SOURCE)."),
@@ -37,14 +37,19 @@ def with_source_options(f: F) -> F:
 def validate(app: App, paths: tuple[str, ...]) -> None:
     """Validate spec files or folders (no git needed). Exit 0 all valid, 1 problems."""
     problems: list[Problem] = []
-    checked = 0
     client = app.client_id or "default"
     home = str(Path(app.home or "var").absolute())
+    everything = []
     for root, files in files_on_disk(list(paths)):
         results, _ = validate_tree(files, client_id=client, home=home, file_exists=_exists_under(root))
-        checked += len(results)
-        for r in results:
-            problems.extend(r.problems)
+        everything.extend(results)
+    for raw in paths:  # a file named on purpose that is not a spec is a mistake worth saying
+        if Path(raw).is_file() and not raw.endswith(SPEC_SUFFIXES):
+            problems.append(Problem(raw, 1, 1, "", "not a spec file: specs end in .yaml or .yml"))
+    check_unique_names(everything)  # across all the PATHs, as a repository would
+    checked = len(everything)
+    for r in everything:
+        problems.extend(r.problems)
     errors = [p for p in problems if p.severity == "error"]
     app.emit({"files": checked, "valid": not errors, "problems": [p.as_json() for p in problems]},
              lambda: _print_problems(problems, checked))

@@ -226,7 +226,9 @@ class _Semantics:
 
     def _model(self) -> None:
         model = self.data.get("model")
-        if isinstance(model, str) and model.startswith("scripted:"):
+        if isinstance(model, str) and model.endswith(":") and model.count(":") == 1:
+            self._add(("model",), f"'{model}' names no model: write {model}NAME")
+        elif isinstance(model, str) and model.startswith("scripted:"):
             target = os.path.normpath(os.path.join(os.path.dirname(self.rel_path), model[len("scripted:"):]))
             if target.startswith("..") or os.path.isabs(target):
                 self._add(("model",), "a scripted model file must be inside the spec source folder")
@@ -319,7 +321,7 @@ class _Semantics:
         if not isinstance(domains, list):
             domains = []
         for i, dom in enumerate(domains):
-            if isinstance(dom, str) and dom != "local" and not HOSTNAME.match(dom):
+            if isinstance(dom, str) and dom != "local" and not HOSTNAME.match(dom.lower()):
                 self._add(("constraints", "allowed_domains", i),
                           f"'{dom}' is not a host name ('example.com', '*.example.com' or 'local')")
         tools = self.data.get("tools")

@@ -44,6 +44,7 @@ class SpecResult:
     problems: list[Problem] = field(default_factory=list)
     # Known valid without re-reading: same blob, path and context as an applied, valid agent.
     known_good: bool = False
+    name_at: tuple[int, int] = (1, 1)  # where the name is written, for problems about it
 
     @property
     def valid(self) -> bool:
@@ -131,7 +132,8 @@ def validate_file(
         spec, problems = check_document(doc, ctx, f.rel_path)
         raw_name = doc.data.get("name") if isinstance(doc.data, dict) else None
         name = raw_name if isinstance(raw_name, str) and raw_name else None
-    result = SpecResult(f.rel_path, f.blob, display, spec.name if spec else name, spec, problems)
+    result = SpecResult(f.rel_path, f.blob, display, spec.name if spec else name, spec, problems,
+                        name_at=doc.position(("name",)) if doc is not None else (1, 1))
     if cache is not None:
         cache[key] = _to_cache(result)
     return result
@@ -148,7 +150,9 @@ def check_unique_names(results: list[SpecResult]) -> None:
             continue
         for r in group:
             others = ", ".join(o.rel_path for o in group if o is not r)
-            r.problems = [*r.problems, Problem(r.file, 1, 1, "name", f"agent '{name}' is also defined in {others}")]
+            problem = Problem(r.file, *r.name_at, "name", f"agent '{name}' is also defined in {others}")
+            if problem not in r.problems:  # idempotent: callers may check a tree and then all trees
+                r.problems = [*r.problems, problem]
             r.spec = None
             r.known_good = False
 
@@ -195,13 +199,15 @@ def _to_cache(r: SpecResult) -> dict[str, Any]:
         "name": r.name,
         "spec": r.spec.model_dump(mode="json") if r.spec else None,
         "problems": [p.as_json() for p in r.problems],
+        "name_at": list(r.name_at),
     }
 
 
 def _from_cache(f: SpecFile, entry: dict[str, Any]) -> SpecResult:
     spec = AgentSpec.model_validate(entry["spec"]) if entry["spec"] else None
     problems = [Problem.from_json(p) for p in entry["problems"]]
-    return SpecResult(f.rel_path, f.blob, f.display or f.rel_path, entry["name"], spec, problems)
+    line, col = entry.get("name_at", [1, 1])
+    return SpecResult(f.rel_path, f.blob, f.display or f.rel_path, entry["name"], spec, problems, name_at=(line, col))
 
 
 def normalize_rel(path: str) -> str:
