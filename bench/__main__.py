@@ -1,12 +1,12 @@
-"""Run every benchmark (or those named: python -m bench plan)."""
+"""Run every benchmark, or those named: python -m bench plan memory overhead."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import plan
+from bench import memory, overhead, plan
 
-BENCHES = {"plan": plan.main}
+BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from runner.agent.recording import RunRow, new_run_id, next_seq, progress, utcnow, write_run
 from runner.agent.running import RunPlan, RunResult, execute
+from runner.agent.warming import warm
 from runner.errors import NotFoundError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
@@ -74,6 +75,7 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None) -> Launch:
+    warm()  # once per launcher process; every run forked after it starts warm
     now = utcnow()
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "running",
                  queued_at=now, started_at=now, input=plan.input, requested_by=requested_by)
