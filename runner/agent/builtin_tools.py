@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import urllib.error
@@ -35,6 +36,7 @@ MAX_HTTP = 1024 * 1024  # bytes of an HTTP body
 MAX_OUTPUT = 64 * 1024  # bytes of a shell command's output
 MAX_ROWS = 200  # rows of a data_analyzer result
 MAX_REDIRECTS = 5
+MAX_SCAN = 10_000  # files and folders looked at for hard links under data_analyzer's folders, per query
 
 
 @dataclass
@@ -89,16 +91,18 @@ def data_analyzer(env: ToolEnv, query: str) -> str:
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         kinds = ", ".join(s.type.name for s in statements) or "nothing"
         raise DeniedError(f"only one SELECT statement is allowed (got {kinds})")
+    named: list[str] = []
     for literal in _PATH_LITERAL.findall(query):
         matches = glob.glob(literal) if any(c in literal for c in "*?[") else [literal]
         for one in matches or [literal]:
-            env.paths.check(one, what="file")  # realpath: a symlink inside the paths cannot lead out
+            # realpath: a symlink inside the paths cannot lead out
+            named += [os.path.abspath(one), env.paths.check(one, what="file")]
+    folders, files = _duckdb_grants(env.paths.roots, named)
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     try:
-        roots = [r if r.endswith("/") or os.path.isfile(r) else r + "/" for r in env.paths.roots]
-        con.execute("SET allowed_directories = ?", [[r for r in roots if not os.path.isfile(r)]])
-        con.execute("SET allowed_paths = ?", [[r for r in roots if os.path.isfile(r)]])
+        con.execute("SET allowed_directories = ?", [folders])
+        con.execute("SET allowed_paths = ?", [files])
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         timer = threading.Timer(env.timeout, con.interrupt)
@@ -117,6 +121,38 @@ def data_analyzer(env: ToolEnv, query: str) -> str:
         con.close()
     lines = [",".join(names)] + [",".join("" if v is None else str(v) for v in r) for r in rows[:MAX_ROWS]]
     return "\n".join(lines) + (f"\n... (more than {MAX_ROWS} rows)" if len(rows) > MAX_ROWS else "")
+
+
+def _duckdb_grants(roots: tuple[str, ...], named: list[str]) -> tuple[list[str], list[str]]:
+    """The folders and the files DuckDB may open for one query.
+
+    DuckDB resolves symlinks against its allowed folders, but a hard link in one looks like any other
+    file to it, and a path built in SQL (``'/data/' || 'x.csv'``) is not a literal we can check. So when
+    a folder holds a hard-linked file (or more files than we look at), DuckDB gets no folders, only the
+    files the query names, each of them checked already.
+    """
+    folders = [r for r in roots if not os.path.isfile(r)]
+    files = [r for r in roots if os.path.isfile(r) and os.stat(r).st_nlink == 1]
+    if any(_holds_hard_link(folder) for folder in folders):
+        return [], files + named
+    return [f.rstrip("/") + "/" for f in folders], files
+
+
+def _holds_hard_link(folder: str) -> bool:
+    """Whether a regular file under ``folder`` has more than one link (also True past MAX_SCAN files)."""
+    seen = 0
+    for base, _dirs, names in os.walk(folder):  # a symlinked folder is DuckDB's to refuse or to resolve
+        seen += 1 + len(names)
+        if seen > MAX_SCAN:
+            return True
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(base, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+                return True
+    return False
 
 
 def http_get(env: ToolEnv, url: str) -> str:
@@ -188,10 +224,7 @@ def shell(env: ToolEnv, command: str) -> str:
     if not argv:
         raise DeniedError("empty command")
     program = argv[0]
-    allowed = {c for c in env.commands}
-    if program not in allowed and os.path.basename(program) not in allowed:
-        raise DeniedError(f"'{program}' is not in the tool's commands ({', '.join(sorted(allowed))})")
-    resolved = program if os.path.isabs(program) else shutil.which(program, path=os.defpath)
+    resolved = _listed_program(program, env.commands)
     if resolved is None:
         return f"error: {program}: not found"
     cwd = env.paths.roots[0] if env.paths.roots and os.path.isdir(env.paths.roots[0]) else env.scratch
@@ -205,6 +238,23 @@ def shell(env: ToolEnv, command: str) -> str:
         return f"error: timed out after {env.timeout:.0f}s"
     out = (done.stdout[:MAX_OUTPUT] + done.stderr[:MAX_OUTPUT]).decode("utf-8", "replace")
     return f"exit {done.returncode}\n{out}"
+
+
+def _listed_program(program: str, commands: list[str]) -> str | None:
+    """The executable ``program`` names when the allow-list lets it run (None: listed but not installed).
+
+    A listed name is looked up on the default PATH; a path runs only when it is listed itself, or is
+    where a listed name is found. A path that merely ends in a listed name (``/tmp/x/echo``, ``bin/echo``)
+    is another program, so it is refused.
+    """
+    if program in commands:
+        return program if "/" in program else shutil.which(program, path=os.defpath)
+    name = os.path.basename(program)
+    if "/" in program and name in commands:
+        found = shutil.which(name, path=os.defpath)
+        if found is not None and os.path.realpath(program) == os.path.realpath(found):
+            return program
+    raise DeniedError(f"'{program}' is not in the tool's commands ({', '.join(sorted(commands))})")
 
 
 def memory_search(env: ToolEnv, query: str, k: int = 5) -> str:

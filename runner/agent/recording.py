@@ -116,7 +116,8 @@ class AgentLog:
 
     def write(self, message: str, level: str = "INFO") -> None:
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        line = f"{stamp} run={self.run_id} {level} {message}".replace("\n", "\\n") + "\n"
+        # Redacted like the ledger's details: a denial's reason or a tool's error can quote an argument.
+        line = f"{stamp} run={self.run_id} {level} {redact(message)}".replace("\n", "\\n") + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
             os.write(fd, line.encode("utf-8", "replace"))

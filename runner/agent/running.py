@@ -129,19 +129,24 @@ def _loop(plan: RunPlan, recorder: Recorder, log: AgentLog, memory: MemoryStore 
                                    HumanMessage(plan.input or "Begin the task.")]
     budget = spec.constraints.max_tokens
     cap = spec.constraints.max_model_calls
+    last_input: tuple[int, int] | None = None  # (input tokens of the last call, messages it had)
     for call in range(cap + 1):
         if call == cap:
             return _stop(log, "budget_exceeded", f"reached max_model_calls ({cap}) without a final answer")
         used = _used(recorder)
-        remaining = None if budget is None else budget - used
+        # The call's own prompt counts against the budget too: leave room for it (estimated).
+        prompt = _prompt_estimate(messages, last_input) if ref.provider != "scripted" else 0
+        remaining = None if budget is None else budget - used - prompt
         if remaining is not None and remaining <= 0:
-            return _stop(log, "budget_exceeded", f"token budget of {budget} used up ({used} tokens)")
+            return _stop(log, "budget_exceeded", f"token budget of {budget} used up ({used} tokens, "
+                         "no room left for another model call)")
         per_call = DEFAULT_MAX_OUTPUT if remaining is None else min(DEFAULT_MAX_OUTPUT, remaining)
         started = time.monotonic()
         ai = bound.invoke(messages, **limit_kwargs(ref, per_call))
         latency = int((time.monotonic() - started) * 1000)
         assert isinstance(ai, AIMessage)
         inp, out, estimated = _usage(ai, messages)
+        last_input = (inp, len(messages))
         total_in, total_out = recorder.usage(inp, out)
         truncated = _finish(ai) == "length"
         recorder.event("llm_call", ref.provider + ":" + ref.name, None, {
@@ -193,6 +198,14 @@ def _usage(ai: AIMessage, messages: list[BaseMessage]) -> tuple[int, int, bool]:
     # No usage report (some servers): estimate at four characters a token, and say so.
     prompt = sum(len(str(m.content)) for m in messages)
     return prompt // 4 + 1, len(str(ai.content)) // 4 + 1, True
+
+
+def _prompt_estimate(messages: list[BaseMessage], last: tuple[int, int] | None) -> int:
+    """Input tokens of the next call: the last call's real count plus the messages added since, at
+    three characters a token (the first call is all estimate; chat templates add tokens of their own,
+    so we err toward stopping early). The scripted model declares its usage: it gets no estimate."""
+    known, seen = last if last else (0, 0)
+    return known + sum(len(str(m.content)) for m in messages[seen:]) // 3
 
 
 def _finish(ai: AIMessage) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import StructuredTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from runner.agent.providers import ScriptedChatModel
 from runner.agent.toolbox import ARGS
@@ -31,8 +32,8 @@ def warm() -> None:
     assert isinstance(first, AIMessage)
     messages += [first, ToolMessage(content="ok", tool_call_id=first.tool_calls[0]["id"] or "x")]
     bound.invoke(messages)
-    for tool in tools:
-        tool.tool_call_schema.model_json_schema()
+    for tool in tools:  # what bind_tools does for real providers
+        convert_to_openai_tool(tool)
     _warm = True
 
 

