@@ -53,8 +53,11 @@ def _within(path: str, root: str) -> bool:
 
 SECRET_KEY = re.compile(r"(^|[_-])(pass(word)?|passwd|secret|token|api[_-]?key|apikey|authorization|cookie|"
                         r"credentials?|private[_-]?key)$", re.IGNORECASE)
-SECRET_VALUE = re.compile(r"(?i)(bearer\s+[A-Za-z0-9._~+/-]+=*|sk-[A-Za-z0-9_-]{8,}|ghp_[A-Za-z0-9]{20,}|"
+SECRET_VALUE = re.compile(r"(?i)(bearer\s+[A-Za-z0-9._~+-]+=*|sk-[A-Za-z0-9_-]{8,}|ghp_[A-Za-z0-9]{20,}|"
                           r"xox[baprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})")
+# key=value in URLs and command lines: ?token=..., &api_key=..., --password=...
+SECRET_PARAM = re.compile(
+    r"(?i)\b((?:access_|auth_|api_|refresh_)?(?:token|key|apikey|password|passwd|secret)=)[^&\s]+")
 
 
 def redact(value: Any) -> Any:
@@ -65,5 +68,5 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return SECRET_VALUE.sub("[redacted]", value)
+        return SECRET_PARAM.sub(r"\1[redacted]", SECRET_VALUE.sub("[redacted]", value))
     return value

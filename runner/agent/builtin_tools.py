@@ -188,7 +188,10 @@ _NO_REDIRECTS = urllib.request.build_opener(_NoRedirect())
 
 def check_host(env: ToolEnv, host: str) -> None:
     host = host.lower().rstrip(".")
-    local = is_local(host)
+    kinds = _loopback_kinds(host)
+    if kinds == {True, False}:
+        raise DeniedError(f"'{host}' resolves both to this machine and elsewhere; refused")
+    local = kinds == {True}
     for allowed in env.allowed_domains:
         if allowed == "local" and local:
             return
@@ -202,17 +205,24 @@ def check_host(env: ToolEnv, host: str) -> None:
 
 
 def is_local(host: str) -> bool:
+    """Whether ``host`` is this machine. A name whose addresses mix loopback and others is neither:
+    check_host refuses it either way (it could be a rebinding trick)."""
+    kinds = _loopback_kinds(host)
+    return kinds == {True}
+
+
+def _loopback_kinds(host: str) -> set[bool]:
     if host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost"):
-        return True
+        return {True}
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return {ipaddress.ip_address(host.strip("[]")).is_loopback}
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
-        return False
-    return any(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+        return set()
+    return {ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos}
 
 
 def shell(env: ToolEnv, command: str) -> str:

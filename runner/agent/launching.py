@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from runner.agent.access import redact
 from runner.agent.recording import RunRow, new_run_id, next_seq, progress, utcnow, write_run
 from runner.agent.running import RunPlan, RunResult, execute
 from runner.agent.warming import warm
@@ -150,7 +151,8 @@ def finish(conn: sqlite3.Connection, launch: Launch, result: RunResult) -> RunRo
         seq = next_seq(tx, row.run_id)
         journal(tx, "run_events", {"run_id": row.run_id, "seq": seq, "ts": row.ended_at, "kind": "status",
                                    "name": row.status, "decision": None,
-                                   "detail": {"error": row.error, "tokens": row.input_tokens + row.output_tokens}})
+                                   "detail": redact({"error": row.error,
+                                                     "tokens": row.input_tokens + row.output_tokens})})
     write_run(conn, row)
     return row  # the caller flushes the ledger: per run (CLI) or batched (daemon)
 

@@ -54,6 +54,8 @@ class RunRow:
     def as_ledger(self) -> dict[str, Any]:
         row = asdict(self)
         row.pop("extra")
+        for key in ("input", "error"):  # what users and tools typed may hold secrets; redact as events are
+            row[key] = redact(row[key])
         return row
 
 
