@@ -34,7 +34,7 @@ pytest: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check runner tests bench
+	$(BIN)/ruff check runner tests bench e2e
 	$(BIN)/mypy
 
 bench: $(TEST_STAMP)

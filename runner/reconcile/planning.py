@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from runner.reconcile.applied import AppliedAgent, load_applied
+from runner.reconcile.probing import probe_tools
 from runner.source.git import FolderMissing, GitSource
 from runner.specs.problems import Problem, errors_in
-from runner.specs.validating import SpecResult, validate_tree
+from runner.specs.validating import SpecResult, custom_tools_of, validate_tree
 from runner.state import SpecCache
 
 Action = Literal["create", "update", "delete", "invalid"]
@@ -80,7 +81,9 @@ def make_plan(conn: sqlite3.Connection, source: GitSource, revision: str, *, cli
         if not allow_empty:
             raise
         files = []  # removing every spec usually removes the folder too; --allow-empty means exactly that
-    results, fingerprint = validate_tree(files, client_id=client_id, home=home, cache=cache, known_good=known)
+    tools = probe_tools(custom_tools_of(files), files, cache)
+    results, fingerprint = validate_tree(files, client_id=client_id, home=home, cache=cache, known_good=known,
+                                         custom_tools=tools)
     cache.save()
     changes = diff(results, applied)
     plan = Plan(client_id, source.location.describe(), revision, fingerprint, changes, results, applied)

@@ -1,0 +1,73 @@
+"""Import each custom tool module once, in a separate Python process, before agents may use it.
+
+Validation reads tool modules with ``ast`` only (the push hook must not run unreviewed code). The
+reconciler goes one step further, because a tool that cannot be imported would fail every run of
+every agent that uses it: it imports the module in a child process (never in the daemon) and marks
+the agents that use a failing module Invalid with the error. Results are cached by blob id, so a
+module is probed once per content, not once per reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import MutableMapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from runner.specs.catalog import ToolInfo
+from runner.specs.validating import SpecFile
+
+PROBE_TIMEOUT = 60.0
+_PROBE = """
+import importlib.util, sys
+path, name = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("probe_" + name, path)
+module = importlib.util.module_from_spec(spec)
+try:
+    spec.loader.exec_module(module)
+except BaseException as exc:
+    print(f"import failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+    sys.exit(1)
+from langchain_core.tools import BaseTool
+if not isinstance(getattr(module, name, None), BaseTool):
+    print(f"tools/{name}.py defines no LangChain tool named '{name}' after import", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def probe_tools(tools: dict[str, ToolInfo], files: list[SpecFile], cache: MutableMapping[str, dict[str, Any]]
+                ) -> dict[str, ToolInfo]:
+    """``tools`` with ``error`` set on every module that cannot be imported."""
+    blobs = {f.rel_path: f for f in files}
+    out = dict(tools)
+    for name, info in tools.items():
+        f = blobs.get(f"tools/{name}.py")
+        if info.error or f is None:
+            continue
+        key = f"probe:{f.blob}"
+        if key not in cache:
+            cache[key] = {"error": probe(name, f.read())}
+        error = cache[key].get("error")
+        if error:
+            out[name] = replace(info, error=str(error))
+    return out
+
+
+def probe(name: str, source: bytes) -> str | None:
+    with tempfile.TemporaryDirectory(prefix="agent-tool-probe-") as tmp:
+        path = Path(tmp) / f"{name}.py"
+        path.write_bytes(source)
+        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "LANG": "C.UTF-8"}
+        try:
+            done = subprocess.run([sys.executable, "-c", _PROBE, str(path), name], cwd=tmp, env=env,
+                                  capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            return f"importing tools/{name}.py took longer than {PROBE_TIMEOUT:.0f}s"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"import exited with code {done.returncode}"
