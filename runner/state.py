@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS sources (
     error TEXT,                     -- last failure to read the source, NULL when fine
     invalid TEXT                    -- JSON: broken files that name no agent (nothing to mark Invalid)
 );
+CREATE TABLE IF NOT EXISTS trigger_state (   -- the last schedule slot fired, so a restart never fires it twice
+    client_id TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    trigger_key TEXT NOT NULL,
+    last_slot TEXT NOT NULL,
+    PRIMARY KEY (client_id, agent, trigger_key)
+);
 CREATE TABLE IF NOT EXISTS spec_cache (key TEXT PRIMARY KEY, entry TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS run_progress (   -- runs in flight (and just ended), shared by launcher and run
     run_id TEXT PRIMARY KEY,
@@ -76,7 +83,8 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 # Columns added after a table first shipped: (table, column, type). SQLite adds them in place.
-MIGRATIONS = [("sources", "invalid", "TEXT")]
+MIGRATIONS = [("sources", "invalid", "TEXT"), ("run_progress", "launcher_pid", "INTEGER"),
+              ("run_progress", "row", "TEXT")]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -368,7 +368,9 @@ def test_custom_tool_is_checked_like_a_builtin(repo: SpecRepo, cli: Cli, home: P
     ], tools=[{"name": "peek", "permissions": ["read"], "paths": [str(data)]}])
     scripted_agent(repo, "breaker", [turn(call("broken", path=str(data / "a.txt"))), turn(content="never")],
                    tools=[{"name": "broken", "paths": [str(data)]}])
-    apply(repo, cli)
+    repo.commit()
+    applied = expect(cli("apply"), 1)  # the agent using the tool that cannot be imported is Invalid
+    assert "invalid breaker:" in applied.stdout and "no_such_module_for_agent_tests" in applied.stdout
     listed = expect(cli("tools"), 0).stdout
     assert "peek" in listed
 
@@ -382,8 +384,6 @@ def test_custom_tool_is_checked_like_a_builtin(repo: SpecRepo, cli: Cli, home: P
     log = (home / "logs" / "agents" / "peeker.log").read_text()
     assert_nowhere(home, result["run_id"], [marker], result["_stdout"], log)
 
-    broken = run(cli, "breaker", code=1)
-    assert broken["status"] == "failed"
-    assert "custom tool 'broken' failed to import" in broken["error"]
-    assert "no_such_module_for_agent_tests" in broken["error"]
-    assert tool_events(home, broken["run_id"]) == []
+    refused = cli("run", "breaker")  # it never had a valid spec, so it cannot run at all
+    assert refused.returncode == 2 and "never had a valid spec" in refused.stderr
+    assert "no_such_module_for_agent_tests" in refused.stderr

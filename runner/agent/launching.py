@@ -11,6 +11,7 @@ When the run process has exited, whatever is left in its group is killed: no orp
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -46,7 +47,8 @@ class Launch:
 
 
 def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, name: str, *,
-            input: str | None = None, trigger: str = "manual", requested_by: str | None = None) -> RunPlan:
+            input: str | None = None, trigger: str = "manual", run_id: str | None = None,
+            allow_suspended: bool = False) -> RunPlan:
     """The plan of a run of agent ``name`` at its applied revision."""
     agents = load_applied(conn, settings.client_id, name)
     agent = agents.get(name)
@@ -55,7 +57,7 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
     spec = agent.spec
     if spec is None:
         raise SpecError(f"agent '{name}' has never had a valid spec: {agent.message}")
-    if agent.suspended:
+    if agent.suspended and not allow_suspended:
         raise SpecError(f"agent '{name}' is suspended: 'agentctl start {name}' resumes it")
     folder = source.location.path
     base = PurePosixPath(folder) / PurePosixPath(agent.path or "").parent
@@ -70,16 +72,17 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
         if tool.name not in BUILTIN_TOOLS and agent.applied_revision:
             path = str(PurePosixPath(folder) / "tools" / f"{tool.name}.py")
             custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
-    return RunPlan(run_id=new_run_id(), client_id=settings.client_id, agent=name, revision=agent.applied_revision,
+    return RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name, revision=agent.applied_revision,
                    spec=spec, settings=settings, trigger=trigger, input=input, script=script,
                    custom_sources=custom)
 
 
-def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None) -> Launch:
+def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
+          queued_at: str | None = None) -> Launch:
     warm()  # once per launcher process; every run forked after it starts warm
     now = utcnow()
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "running",
-                 queued_at=now, started_at=now, input=plan.input, requested_by=requested_by)
+                 queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
     write_run(conn, row)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -100,6 +103,7 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
     code = CHILD_FAILED
     try:
         os.setpgid(0, 0)
+        die_with_parent()
         os.close(read_end)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -161,7 +165,7 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
                    trigger: str = "manual", requested_by: str | None = None) -> RunRow:
     """One run now, in this process's care (agentctl run without a daemon)."""
     conn = connect(settings.state_path)
-    plan = prepare(settings, conn, source, name, input=input, trigger=trigger, requested_by=requested_by)
+    plan = prepare(settings, conn, source, name, input=input, trigger=trigger)
     interrupted = {"flag": False}
 
     def on_signal(_signum: int, _frame: Any) -> None:
@@ -177,6 +181,15 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         conn.close()
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def request_stop(conn: sqlite3.Connection, client_id: str, agent: str) -> int:

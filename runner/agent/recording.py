@@ -9,6 +9,7 @@ number its own final event and report tokens of a run it had to kill.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import time
@@ -63,11 +64,13 @@ def write_run(conn: sqlite3.Connection, row: RunRow) -> None:
     with Transaction(conn) as tx:
         journal(tx, "runs", row.as_ledger())
         tx.execute(
-            """INSERT INTO run_progress (run_id, client_id, agent, pid, status, started_at, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO run_progress (run_id, client_id, agent, pid, launcher_pid, status, started_at, updated_at,
+                   row)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, pid = coalesce(excluded.pid, pid),
-                   updated_at = excluded.updated_at""",
-            (row.run_id, row.client_id, row.agent, row.pid, row.status, row.started_at, utcnow()))
+                   launcher_pid = excluded.launcher_pid, updated_at = excluded.updated_at, row = excluded.row""",
+            (row.run_id, row.client_id, row.agent, row.pid, os.getpid(), row.status, row.started_at, utcnow(),
+             json.dumps(row.as_ledger())))
 
 
 def next_seq(conn: sqlite3.Connection, run_id: str) -> int:

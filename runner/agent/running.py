@@ -49,6 +49,19 @@ class RunPlan:
     script: str | None = None  # scripted model turns, read from the source at the revision
     custom_sources: dict[str, str] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "client_id": self.client_id, "agent": self.agent,
+                "revision": self.revision, "spec": self.spec.model_dump(mode="json"),
+                "settings": self.settings.model_dump(mode="json"), "trigger": self.trigger, "input": self.input,
+                "script": self.script, "custom_sources": self.custom_sources}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunPlan:
+        return cls(run_id=data["run_id"], client_id=data["client_id"], agent=data["agent"],
+                   revision=data["revision"], spec=AgentSpec.model_validate(data["spec"]),
+                   settings=Settings.model_validate(data["settings"]), trigger=data["trigger"],
+                   input=data["input"], script=data["script"], custom_sources=data["custom_sources"])
+
     @property
     def variables(self) -> dict[str, str]:
         return {"CLIENT_ID": self.client_id, "AGENT_NAME": self.agent, "AGENT_ORCH_HOME": str(self.settings.home)}
