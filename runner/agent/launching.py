@@ -72,9 +72,9 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
         if tool.name not in BUILTIN_TOOLS and agent.applied_revision:
             path = str(PurePosixPath(folder) / "tools" / f"{tool.name}.py")
             custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
-    return RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name, revision=agent.applied_revision,
-                   spec=spec, settings=settings, trigger=trigger, input=input, script=script,
-                   custom_sources=custom)
+    return RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name,
+                   revision=agent.applied_revision, spec=spec, settings=settings, trigger=trigger, input=input,
+                   script=script, custom_sources=custom)
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
