@@ -138,6 +138,25 @@ class Settings(BaseSettings):
         gt=0,
     )
 
+    shutdown_grace: float = _env(
+        "AGENT_ORCH_SHUTDOWN_GRACE",
+        30.0,
+        "Seconds runs in flight may take to finish after the daemon is told to stop (SIGTERM); then they "
+        "are stopped.",
+        "runs",
+        ge=0,
+    )
+    log_format: Literal["text", "json"] = _env(
+        "AGENT_ORCH_LOG_FORMAT", "text", "Format of the component log: text, or json (one object per line).", "api"
+    )
+    flush_interval: float = _env(
+        "AGENT_ORCH_FLUSH_INTERVAL",
+        1.0,
+        "Seconds between moves of new ledger rows into runs.duckdb while the daemon runs.",
+        "state",
+        gt=0,
+    )
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:

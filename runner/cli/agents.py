@@ -91,19 +91,39 @@ def _print_status(data: dict[str, Any]) -> None:
 @click.argument("name")
 @pass_app
 def start(app: App, name: str) -> None:
-    """Resume an agent (its triggers fire again)."""
-    _suspend(app, name, False)
+    """Resume an agent and run it now (through the daemon when one runs, else here)."""
+    from runner.agent.launching import run_foreground
+    from runner.cli.runs import ask_daemon
+    from runner.reconcile.reconciling import open_source
+
+    answer = ask_daemon(app, {"op": "start", "agent": name, "requested_by": "cli:start", "wait": False})
+    if answer is not None:
+        app.emit({"name": name, "suspended": False, "run_id": answer["run_id"]},
+                 lambda: click.echo(f"{name} resumed; run {answer['run_id']} queued"))
+        return
+    _suspend(app, name, False, quiet=True)
+    row = run_foreground(app.settings, open_source(app.settings), name, requested_by="cli:start")
+    app.emit({"name": name, "suspended": False, "run_id": row.run_id, "status": row.status},
+             lambda: click.echo(f"{name} resumed; run {row.run_id} {row.status}"))
 
 
 @cli.command()
 @click.argument("name")
 @pass_app
 def stop(app: App, name: str) -> None:
-    """Suspend an agent (its triggers stop firing)."""
+    """Suspend an agent (its triggers stop firing) and stop its runs."""
+    from runner.cli.runs import ask_daemon
+
+    answer = ask_daemon(app, {"op": "stop", "agent": name})
+    if answer is not None:
+        stopping = int(answer.get("stopping_runs", 0))
+        app.emit({"name": name, "suspended": True, "stopping_runs": stopping},
+                 lambda: click.echo(f"{name} suspended" + (f", stopping {stopping} run(s)" if stopping else "")))
+        return
     _suspend(app, name, True)
 
 
-def _suspend(app: App, name: str, suspended: bool) -> None:
+def _suspend(app: App, name: str, suspended: bool, quiet: bool = False) -> None:
     from runner.agent.launching import request_stop
 
     if not set_suspended(app.conn, app.settings.client_id, name, suspended):
@@ -111,8 +131,9 @@ def _suspend(app: App, name: str, suspended: bool) -> None:
     stopping = request_stop(app.conn, app.settings.client_id, name) if suspended else 0
     word = "suspended" if suspended else "resumed"
     extra = f", stopping {stopping} run(s)" if stopping else ""
-    app.emit({"name": name, "suspended": suspended, "stopping_runs": stopping},
-             lambda: click.echo(f"{name} {word}{extra}"))
+    if not quiet:
+        app.emit({"name": name, "suspended": suspended, "stopping_runs": stopping},
+                  lambda: click.echo(f"{name} {word}{extra}"))
 
 
 @cli.command()
@@ -197,11 +218,9 @@ def custom_tool_rows(app: App) -> list[dict[str, Any]]:
 @pass_app
 def serve(app: App, host: str | None, port: int | None) -> None:
     """The daemon: follows the spec source and keeps the applied state in step."""
-    import logging
-
     from runner.settings import Settings
-    from runner.supervise.daemon import Daemon
+    from runner.supervise.daemon import Daemon, setup_logging
 
     settings = Settings.load(app.home, app.client_id, host=host, port=port)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     Daemon(settings).run()

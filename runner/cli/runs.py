@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,21 +27,39 @@ def run(app: App, name: str, input_text: str | None, input_file: str | None) -> 
         raise UsageError("give --input or --input-file, not both")
     if input_file is not None:
         input_text = Path(input_file).read_text(encoding="utf-8", errors="replace")
-    row = run_foreground(app.settings, open_source(app.settings), name, input=input_text,
-                         requested_by="cli")
-    data = {"run_id": row.run_id, "status": row.status, "agent": row.agent, "output": row.output,
-            "error": row.error, "input_tokens": row.input_tokens, "output_tokens": row.output_tokens,
-            "started_at": row.started_at, "ended_at": row.ended_at}
+    answer = ask_daemon(app, {"op": "run", "agent": name, "input": input_text, "requested_by": "cli"})
+    if answer is not None:
+        data = {k: answer.get(k) for k in ("run_id", "status", "agent", "output", "error", "input_tokens",
+                                           "output_tokens", "started_at", "ended_at")}
+    else:
+        row = run_foreground(app.settings, open_source(app.settings), name, input=input_text,
+                             requested_by="cli")
+        data = {"run_id": row.run_id, "status": row.status, "agent": row.agent, "output": row.output,
+                "error": row.error, "input_tokens": row.input_tokens, "output_tokens": row.output_tokens,
+                "started_at": row.started_at, "ended_at": row.ended_at}
 
     def text() -> None:
-        click.echo(f"run {row.run_id} {row.status}")
-        if row.output:
-            click.echo(row.output)
-        if row.error:
-            click.echo(f"error: {row.error}", err=True)
+        click.echo(f"run {data['run_id']} {data['status']}")
+        if data["output"]:
+            click.echo(data["output"])
+        if data["error"]:
+            click.echo(f"error: {data['error']}", err=True)
 
     app.emit(data, text)
-    sys.exit(0 if row.status == "succeeded" else 1)
+    sys.exit(0 if data["status"] == "succeeded" else 1)
+
+
+def ask_daemon(app: App, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The daemon's answer, or None when no daemon runs for this home and client."""
+    from runner.supervise.control import call, socket_path
+
+    answer = call(socket_path(app.settings.home, app.settings.client_id), request)
+    if answer is None:
+        return None
+    if not answer.get("ok"):
+        error = NotFoundError if answer.get("code") == "not_found" else UsageError
+        raise error(str(answer.get("error")))
+    return answer
 
 
 @cli.command()

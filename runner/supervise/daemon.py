@@ -1,27 +1,41 @@
-"""The daemon loop: follow the git source and keep the applied state in step with it.
+"""The daemon: follow the git source, fire triggers, run agents as supervised processes.
 
-Order of a pass: wait for the next poll (sync_interval with jitter) or a reconcile request (the
-post-receive hook or the webhook touches a file), reconcile, log what changed. A source that cannot
-be read keeps the last good state and is retried with exponential backoff; a revision that was
-reconciled is not reconciled again until something changes, so a broken commit is no hot loop.
+Start order matters: the fork server first (it is exec'd, so our threads do not leak into it), then
+the sweep of runs a previous daemon left in flight, the first reconcile, the triggers, the control
+socket, and the flusher. Stop order is the reverse: triggers stop firing, the control socket closes,
+the process table gives runs in flight their grace and then stops them, the ledger is flushed.
 
-SIGTERM or SIGINT ends the loop after the pass in progress.
+Between reconciles the loop waits for the next poll (sync_interval with jitter) or a reconcile
+request (the post-receive hook or the webhook touches a file). A source that cannot be read keeps the
+last good state and is retried with exponential backoff, never in a hot loop.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import logging.handlers
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
+from runner.agent.recording import TERMINAL, progress
 from runner.errors import SourceError
+from runner.ledger.ingesting import flush
+from runner.reconcile.applied import load_applied, set_suspended
 from runner.reconcile.reconciling import open_source, reconcile
 from runner.settings import Settings
 from runner.source.hooks import reconcile_request_path
 from runner.state import connect
+from runner.supervise.control import ControlServer, socket_path
+from runner.supervise.recovery import sweep_interrupted
+from runner.supervise.table import ProcessTable
+from runner.supervise.triggers import Scheduler, Watcher
 
 log = logging.getLogger("runner.daemon")
 MAX_BACKOFF = 300.0
@@ -31,21 +45,47 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stopping = threading.Event()
-        self.conn = connect(settings.state_path)
+        self.signals = 0
+        self._local = threading.local()
         self.source = open_source(settings)
         self._request = reconcile_request_path(settings)
         self._request_mtime = self._mtime()
         self._failures = 0
+        self._request_now = threading.Event()
+
+    @property
+    def conn(self) -> Any:
+        if not hasattr(self._local, "conn"):
+            self._local.conn = connect(self.settings.state_path)
+        return self._local.conn
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("serving %s for client %s from home %s", self.source.location.describe(),
-                 self.settings.client_id, self.settings.home)
+        s = self.settings
+        log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
+        self.table = ProcessTable(s, open_source(s))
+        swept = sweep_interrupted(self.conn, s.client_id)
+        if swept:
+            log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s", len(swept),
+                        ", ".join(swept))
+        self.scheduler = Scheduler(lambda: self.conn, s.client_id, self.submit)
+        self.watcher = Watcher(self.submit)
+        self.reconcile_once("daemon:start")
+        self.refresh_triggers(catch_up=True)
+        self.control = ControlServer(socket_path(s.home, s.client_id), self.handle)
+        flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
+        flusher.start()
+        log.info("ready: %d agent(s), MAX_AGENTS=%d", len(self.applied_specs()), s.max_agents)
+        delay = s.sync_interval
         while not self.stopping.is_set():
-            delay = self.reconcile_once("daemon:poll")
-            self._wait(delay)
-        log.info("stopped")
+            if self._wait(delay):
+                delay = self.reconcile_once("daemon:request")
+            elif not self.stopping.is_set():
+                delay = self.reconcile_once("daemon:poll")
+        self._shutdown()
+
+    # -- reconcile ----------------------------------------------------------------------------------
 
     def reconcile_once(self, initiator: str) -> float:
         """Reconcile; returns how long to wait before the next poll."""
@@ -61,21 +101,85 @@ class Daemon:
             log.error("reconcile refused: %s", plan.refused)
         for change in plan.changes:
             log.info("%s", change)
+            if change.action == "delete" and hasattr(self, "table"):
+                self.table.stop_agent(change.name, "agent deleted from the source")
         if outcome and plan.changes:
             log.info("applied %s: %d created, %d updated, %d deleted, %d invalid", plan.revision[:12],
                      outcome.created, outcome.updated, outcome.deleted, outcome.invalid)
+            if hasattr(self, "scheduler"):
+                self.refresh_triggers()
         interval = self.settings.sync_interval
         return interval + random.uniform(0, interval / 10)
 
-    def _wait(self, seconds: float) -> None:
+    def applied_specs(self, *, runnable: bool = False) -> dict[str, Any]:
+        out = {}
+        for name, agent in load_applied(self.conn, self.settings.client_id).items():
+            spec = agent.spec
+            if spec is None or (runnable and (agent.suspended or not spec.enabled)):
+                continue
+            out[name] = spec
+        return out
+
+    def refresh_triggers(self, *, catch_up: bool = False) -> None:
+        agents = self.applied_specs(runnable=True)
+        self.scheduler.update(agents, catch_up=catch_up)
+        s = self.settings
+        self.watcher.update(agents, lambda name: {"CLIENT_ID": s.client_id, "AGENT_NAME": name,
+                                                  "AGENT_ORCH_HOME": str(s.home)})
+
+    # -- runs ---------------------------------------------------------------------------------------
+
+    def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
+               overlap: str | None = None) -> Any:
+        return self.table.submit(agent, trigger=trigger, input=input, requested_by=requested_by, overlap=overlap)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's requests: ping, run, start, stop, reconcile."""
+        op, agent = request.get("op"), request.get("agent")
+        client = self.settings.client_id
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid(), **self.table.in_flight()}
+        if op == "reconcile":
+            self._request_now.set()
+            return {"ok": True}
+        if not isinstance(agent, str) or agent not in load_applied(self.conn, client, agent):
+            return {"ok": False, "code": "not_found", "error": f"no agent named '{agent}' for client '{client}'"}
+        if op == "stop":
+            set_suspended(self.conn, client, agent, True)
+            stopping = self.table.stop_agent(agent, "stopped on request")
+            self.refresh_triggers()
+            return {"ok": True, "stopping_runs": stopping}
+        if op in ("run", "start"):
+            if op == "start":
+                set_suspended(self.conn, client, agent, False)
+                self.refresh_triggers()
+            req = self.submit(agent, trigger="manual", input=request.get("input"),
+                              requested_by=request.get("requested_by", "cli"), overlap="queue")
+            if not request.get("wait", True):
+                return {"ok": True, "run_id": req.run_id, "status": req.status}
+            req.done.wait()
+            return {"ok": True, **self._final(req.run_id, req.status)}
+        return {"ok": False, "code": "usage", "error": f"unknown op {op!r}"}
+
+    def _final(self, run_id: str, status: str) -> dict[str, Any]:
+        p = progress(self.conn, run_id)
+        row = json.loads(p["row"]) if p.get("row") else {}
+        return {**row, "run_id": run_id, "status": row.get("status", status)}
+
+    # -- loop helpers -------------------------------------------------------------------------------
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait for the next poll; True when a reconcile was requested instead."""
         deadline = time.monotonic() + seconds
         while not self.stopping.is_set() and time.monotonic() < deadline:
             mtime = self._mtime()
-            if mtime != self._request_mtime:
+            if mtime != self._request_mtime or self._request_now.is_set():
                 self._request_mtime = mtime
+                self._request_now.clear()
                 log.info("reconcile requested")
-                return
-            self.stopping.wait(0.2)
+                return True
+            self.stopping.wait(0.1)
+        return False
 
     def _mtime(self) -> float:
         try:
@@ -83,6 +187,50 @@ class Daemon:
         except OSError:
             return 0.0
 
+    def _flush_loop(self) -> None:
+        while not self.stopping.wait(self.settings.flush_interval):
+            try:
+                flush(self.conn, self.settings.ledger_path)
+            except Exception as exc:  # the ledger must never take the daemon down; rows wait in the journal
+                log.error("ledger flush failed: %s", exc)
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
         log.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping.set()
+        if self.signals > 1 and hasattr(self, "table"):
+            log.warning("second signal: stopping runs in flight now")
+            for agent in {r.agent for r in list(self.table.running.values())}:
+                self.table.stop_agent(agent, "the daemon was told to stop twice")
+
+    def _shutdown(self) -> None:
+        s = self.settings
+        self.scheduler.stop()
+        self.watcher.stop()
+        self.control.close()
+        self.table.shutdown(grace=0 if self.signals > 1 else s.shutdown_grace, kill_grace=s.kill_grace)
+        flush(self.conn, s.ledger_path, wait=True)
+        log.info("stopped")
+
+
+def setup_logging(settings: Settings) -> None:
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(settings.logs_dir / "agent_orchestrator.log",
+                                                   maxBytes=10 * 1024 * 1024, backupCount=5)
+    stream = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter = (_JsonFormatter() if settings.log_format == "json" else
+                                    logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for h in (handler, stream):
+        h.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler, stream]
+    root.setLevel(settings.log_level.upper())
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                           "message": record.getMessage()})
+
+
+__all__ = ["TERMINAL", "Daemon", "setup_logging"]

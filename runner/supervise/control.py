@@ -1,0 +1,86 @@
+"""The control socket: how agentctl reaches a running daemon ($AGENT_ORCH_HOME/run/CLIENT.sock).
+
+One JSON request per connection, one JSON answer. The socket is created mode 0600: reaching it is as
+good as being the operator, which is what running agentctl on this machine as the daemon's user is.
+The REST API (with tokens) is for everyone else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runner.errors import TransientError
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def socket_path(home: Path, client_id: str) -> Path:
+    return home / "run" / f"{client_id}.sock"
+
+
+class ControlServer:
+    def __init__(self, path: Path, handle: Handler) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        outer = self
+
+        class _Request(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    request = json.loads(self.rfile.readline(1 << 20) or b"{}")
+                    answer = outer.handle(request)
+                except Exception as exc:  # one bad request must not take the daemon down
+                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                self.wfile.write((json.dumps(answer, default=str) + "\n").encode())
+
+        class _Server(socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+
+        old = os.umask(0o177)
+        try:
+            self.server = _Server(str(path), _Request)
+        finally:
+            os.umask(old)
+        self.path, self.handle = path, handle
+        self.thread = threading.Thread(target=self.server.serve_forever, name="control", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def call(path: Path, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any] | None:
+    """Ask the daemon; None when no daemon listens there."""
+    if not path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        sock.sendall((json.dumps(request) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise TransientError("the daemon closed the connection before answering (did it stop?); "
+                             "'agentctl history' shows how the run ended")
+    answer: dict[str, Any] = json.loads(data)
+    return answer

@@ -1,0 +1,225 @@
+"""The process table: runs queued and in flight, at most MAX_AGENTS at once, in arrival order.
+
+``submit`` applies the agent's overlap policy (forbid: a ``skipped`` run on record; queue: wait;
+replace: stop the runs in flight, then wait) and records the run as ``queued``. A dispatcher thread
+takes requests in order while fewer than MAX_AGENTS run, prepares each plan (the spec at its applied
+revision) and hands it to the fork server. The fork server's reader thread reports each end, which
+frees the slot. Nothing here waits on a run: a run's deadline and stop are its launcher's business.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.agent.launching import prepare, request_stop
+from runner.agent.recording import RunRow, new_run_id, utcnow, write_run
+from runner.errors import OrchestratorError
+from runner.reconcile.applied import load_applied
+from runner.settings import Settings
+from runner.source.git import GitSource
+from runner.state import connect
+
+log = logging.getLogger("runner.supervise")
+
+
+@dataclass
+class Request:
+    run_id: str
+    agent: str
+    trigger: str
+    input: str | None
+    requested_by: str | None
+    queued_at: str
+    submitted: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    status: str = "queued"
+
+
+class ForkServer:
+    """The client side of runner.supervise.forkserver."""
+
+    def __init__(self, on_ended: Callable[[str, str], None]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.supervise.forkserver"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert self.proc.stdout is not None
+        hello = json.loads(self.proc.stdout.readline() or "{}")
+        if hello.get("op") != "ready":
+            raise OrchestratorError("the fork server did not start")
+        self.on_ended = on_ended
+        self._lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, name="forkserver-reader", daemon=True)
+        self.reader.start()
+
+    def launch(self, plan: dict[str, Any], requested_by: str | None, queued_at: str) -> None:
+        line = json.dumps({"op": "run", "plan": plan, "requested_by": requested_by, "queued_at": queued_at})
+        with self._lock:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if message.get("op") == "ended":
+                self.on_ended(message["run_id"], message["status"])
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class ProcessTable:
+    def __init__(self, settings: Settings, source: GitSource) -> None:
+        self.settings, self.source = settings, source
+        self.cond = threading.Condition()
+        self.queue: deque[Request] = deque()
+        self.running: dict[str, Request] = {}
+        self.accepting = True
+        self.peak = 0  # most runs in flight at once (tests and metrics read it)
+        self.dispatched = 0
+        self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
+        self._local = threading.local()
+        self.forkserver = ForkServer(self._ended)
+        self.dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
+        self.dispatcher.start()
+
+    @property
+    def conn(self) -> Any:
+        if not hasattr(self._local, "conn"):
+            self._local.conn = connect(self.settings.state_path)
+        return self._local.conn
+
+    # -- submitting ---------------------------------------------------------------------------------
+
+    def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
+               overlap: str | None = None) -> Request:
+        """Queue a run of ``agent`` (or record it skipped, per its overlap policy)."""
+        request = Request(new_run_id(), agent, trigger, input, requested_by, utcnow())
+        with self.cond:
+            if not self.accepting:
+                return self._record(request, "skipped", "the daemon is shutting down")
+            policy = overlap or self._overlap(agent)
+            busy = [r for r in [*self.running.values(), *self.queue] if r.agent == agent]
+            if busy and policy == "forbid":
+                return self._record(request, "skipped", f"overlap policy forbid: run {busy[0].run_id} in flight")
+            if busy and policy == "replace":
+                for old in [r for r in self.queue if r.agent == agent]:
+                    self.queue.remove(old)
+                    self._record(old, "stopped", f"replaced by run {request.run_id}")
+                request_stop(self.conn, self.settings.client_id, agent)
+            write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
+                                        queued_at=request.queued_at, input=input, requested_by=requested_by))
+            self.queue.append(request)
+            self.cond.notify_all()
+        return request
+
+    def _overlap(self, agent: str) -> str:
+        applied = load_applied(self.conn, self.settings.client_id, agent).get(agent)
+        spec = applied.spec_dict if applied else None
+        return str(spec.get("overlap", "forbid")) if spec else "forbid"
+
+    def _record(self, request: Request, status: str, error: str) -> Request:
+        stamp = utcnow()
+        write_run(self.conn, RunRow(request.run_id, self.settings.client_id, request.agent, None, request.trigger,
+                                    status, queued_at=request.queued_at, ended_at=stamp, error=error,
+                                    input=request.input, requested_by=request.requested_by))
+        request.status = status
+        request.done.set()
+        log.info("run %s of %s %s: %s", request.run_id, request.agent, status, error)
+        return request
+
+    # -- dispatching --------------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.queue and len(self.running) < self.settings.max_agents):
+                    self.cond.wait()
+                request = self.queue.popleft()
+                self.running[request.run_id] = request
+                self.peak = max(self.peak, len(self.running))
+            self._hand_off(request)
+
+    def _hand_off(self, request: Request) -> None:
+        try:
+            plan = prepare(self.settings, self.conn, self.source, request.agent, input=request.input,
+                           trigger=request.trigger, run_id=request.run_id, allow_suspended=True)
+        except OrchestratorError as exc:
+            with self.cond:
+                self.running.pop(request.run_id, None)
+                self._record(request, "failed", exc.message)
+                self.cond.notify_all()
+            return
+        self.latencies.append(time.monotonic() - request.submitted)
+        self.forkserver.launch(plan.to_json(), request.requested_by, request.queued_at)
+        request.status = "running"
+        self.dispatched += 1
+
+    def _ended(self, run_id: str, status: str) -> None:
+        with self.cond:
+            request = self.running.pop(run_id, None)
+            self.cond.notify_all()
+        if request is not None:
+            request.status = status
+            request.done.set()
+            log.info("run %s of %s ended: %s", run_id, request.agent, status)
+
+    # -- stopping -----------------------------------------------------------------------------------
+
+    def stop_agent(self, agent: str, reason: str) -> int:
+        """Drop the agent's queued runs and ask its running ones to stop."""
+        with self.cond:
+            for old in [r for r in self.queue if r.agent == agent]:
+                self.queue.remove(old)
+                self._record(old, "stopped", reason)
+        return request_stop(self.conn, self.settings.client_id, agent)
+
+    def shutdown(self, grace: float, kill_grace: float) -> None:
+        """No new runs; queued ones are dropped; running ones get ``grace`` seconds, then are stopped."""
+        with self.cond:
+            self.accepting = False
+            for old in list(self.queue):
+                self.queue.remove(old)
+                self._record(old, "stopped", "the daemon stopped before the run started")
+            deadline = time.monotonic() + grace
+            while self.running and time.monotonic() < deadline:
+                self.cond.wait(timeout=0.2)
+            agents = {r.agent for r in self.running.values()}
+        for agent in agents:
+            request_stop(self.conn, self.settings.client_id, agent)
+        with self.cond:
+            deadline = time.monotonic() + kill_grace + 5
+            while self.running and time.monotonic() < deadline:
+                self.cond.wait(timeout=0.2)
+        self.forkserver.close()
+
+    def in_flight(self) -> dict[str, int]:
+        with self.cond:
+            return {"running": len(self.running), "queued": len(self.queue)}
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
