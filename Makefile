@@ -58,10 +58,12 @@ agent-orchestrator-status:
 	@$(BIN)/agentctl status 2>/dev/null || true
 
 agent-orchestrator-logs:
-	journalctl -u $(SERVICE) -n 200 --no-pager || tail -n 200 -f var/logs/agent_orchestrator.log
+	@if [ -f /var/log/agency_stack/components/agent_orchestrator.log ]; then \
+	  tail -n 200 -f /var/log/agency_stack/components/agent_orchestrator.log; \
+	else tail -n 200 -f var/logs/agent_orchestrator.log; fi
 
 agent-orchestrator-restart:
-	systemctl restart $(SERVICE)
+	systemctl restart $(SERVICE) || (pkill -TERM -f 'agentctl serve' && echo "stopped the 'make run' daemon; start it again with make run")
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         "runs",
         ge=0,
     )
+    log_dir: str = _env(
+        "AGENT_ORCH_LOG_DIR",
+        "",
+        "Folder of the component log (agent_orchestrator.log) and the per-agent logs (agents/NAME.log). "
+        "Empty means `$AGENT_ORCH_HOME/logs`; the systemd unit uses /var/log/agency_stack/components.",
+        "api",
+    )
     log_format: Literal["text", "json"] = _env(
         "AGENT_ORCH_LOG_FORMAT", "text", "Format of the component log: text, or json (one object per line).", "api"
     )
@@ -189,7 +196,7 @@ class Settings(BaseSettings):
 
     @property
     def logs_dir(self) -> Path:
-        return self.home / "logs"
+        return Path(self.log_dir).expanduser().absolute() if self.log_dir else self.home / "logs"
 
     @property
     def memory_dir(self) -> Path:
