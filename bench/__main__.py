@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import memory, overhead, plan
+from bench import daemon, memory, overhead, plan
 
-BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main}
+BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main, "daemon": daemon.main}
 
 
 def main() -> None:

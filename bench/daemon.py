@@ -1,0 +1,183 @@
+"""The daemon (issue 4): dispatch latency, throughput, idle cost. Each beside a baseline of the same run.
+
+- dispatch: from a run being submitted to its first line of agent code (the run's first log line),
+  warm, beside a cold `python -c "import langchain_core..., langchain_openai, langchain_ollama"`.
+  Goal: at least 50x faster than cold.
+- throughput: 1,000 scripted runs of a trivial agent through a real daemon with MAX_AGENTS=10; runs
+  per second and every ledger row present. Goal: at least 50 runs/s on 2 cores.
+- idle: a daemon with 1,000 applied agents for a minute: its RSS and CPU, beside an idle
+  `python -c "import time; time.sleep(60)"`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+
+from runner.supervise.control import call, socket_path
+
+RUNS = int(os.environ.get("BENCH_DAEMON_RUNS", "1000"))
+IDLE_SECONDS = float(os.environ.get("BENCH_IDLE_SECONDS", "60"))
+ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x.invalid", "GIT_COMMITTER_NAME": "b",
+       "GIT_COMMITTER_EMAIL": "b@x.invalid"}
+
+
+def make_repo(root: Path, agents: int, schedule: bool = False) -> Path:
+    repo = root / "repo"
+    (repo / "specs" / "_scripts").mkdir(parents=True)
+    (repo / "specs" / "_scripts" / "done.yaml").write_text("turns:\n  - content: done\n")
+    for i in range(agents):
+        trig = "triggers:\n  - type: schedule\n    cron: \"0 3 * * *\"\n" if schedule else ""
+        (repo / "specs" / f"a{i:04d}.yaml").write_text(
+            f"name: a{i:04d}\ndescription: trivial\nmodel: scripted:_scripts/done.yaml\noverlap: queue\n{trig}")
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "agents"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env={**os.environ, **ENV})
+    return repo
+
+
+def start_daemon(home: Path, repo: Path, **env: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve"],
+                            env={**os.environ, "AGENT_ORCH_SOURCE": str(repo), "AGENT_ORCH_SYNC_INTERVAL": "3600",
+                                 **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = socket_path(home, "default")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if call(sock, {"op": "ping"}, timeout=2):
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("daemon did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(timeout=120)
+
+
+def cold_import() -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import langchain_core.language_models, langchain_core.tools, "
+                    "langchain_openai, langchain_ollama"], check=True)
+    return time.perf_counter() - t
+
+
+def dispatch(root: Path) -> None:
+    repo = make_repo(root / "d", 1)
+    home = root / "d" / "home"
+    proc = start_daemon(home, repo)
+    sock = socket_path(home, "default")
+    try:
+        latencies = []
+        for _ in range(20):
+            before = time.time()
+            answer = call(sock, {"op": "run", "agent": "a0000", "wait": True})
+            assert answer and answer["status"] == "succeeded", answer
+            log = (home / "logs" / "agents" / "a0000.log").read_text().splitlines()
+            first = next(line for line in log if f"run={answer['run_id']}" in line)
+            started = datetime.fromisoformat(first.split()[0].replace("Z", "+00:00")).timestamp()
+            latencies.append(started - before)
+    finally:
+        stop(proc)
+    warm = sorted(latencies)[len(latencies) // 2]
+    cold = min(cold_import() for _ in range(3))
+    print(f"daemon: dispatch, submit to first line of agent code (median of 20)  {warm * 1000:8.1f} ms")
+    print(f"daemon: cold python importing LangChain (best of 3, baseline)         {cold * 1000:8.1f} ms   "
+          f"ratio {cold / max(warm, 1e-4):.0f}x faster (goal >= 50x)")
+
+
+def throughput(root: Path) -> None:
+    repo = make_repo(root / "t", 10)
+    home = root / "t" / "home"
+    proc = start_daemon(home, repo, MAX_AGENTS="10")
+    sock = socket_path(home, "default")
+    try:
+        t = time.perf_counter()
+        for i in range(RUNS):
+            answer = call(sock, {"op": "run", "agent": f"a{i % 10:04d}", "wait": False})
+            assert answer and answer.get("ok"), answer
+        state = __import__("sqlite3").connect(home / "state.sqlite")
+        while True:
+            done = state.execute("SELECT count(*) FROM run_progress WHERE status IN ('succeeded', 'failed')"
+                                 ).fetchone()[0]
+            if done >= RUNS:
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - t
+        failed = state.execute("SELECT count(*) FROM run_progress WHERE status != 'succeeded'").fetchone()[0]
+    finally:
+        stop(proc)
+    con = duckdb.connect(str(home / "runs.duckdb"), read_only=True)
+    rows = con.execute("SELECT count(*) FROM runs WHERE status = 'succeeded'").fetchone()[0]
+    events = con.execute("SELECT count(*) FROM run_events").fetchone()[0]
+    con.close()
+    print(f"daemon: {RUNS} runs through the daemon, MAX_AGENTS=10: {elapsed:6.1f} s = {RUNS / elapsed:6.1f} runs/s "
+          f"(goal >= 50); {rows} succeeded rows in the ledger, {events} events, {failed} not succeeded")
+
+
+def _cpu_rss(pids: list[int]) -> tuple[float, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = rss = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / ticks
+            rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+        except FileNotFoundError:
+            pass
+    return cpu, rss
+
+
+def _children(pid: int) -> list[int]:
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            out.extend(_children(int(child)))
+    return out
+
+
+def idle(root: Path) -> None:
+    repo = make_repo(root / "i", 1000, schedule=True)
+    home = root / "i" / "home"
+    proc = start_daemon(home, repo)
+    baseline = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({IDLE_SECONDS + 5})"])
+    try:
+        time.sleep(2)
+        pids = _children(proc.pid)
+        cpu0, _ = _cpu_rss(pids)
+        base0, _ = _cpu_rss([baseline.pid])
+        time.sleep(IDLE_SECONDS)
+        cpu1, rss = _cpu_rss(pids)
+        base1, base_rss = _cpu_rss([baseline.pid])
+    finally:
+        stop(proc)
+        baseline.kill()
+    print(f"daemon: idle with 1000 agents for {IDLE_SECONDS:.0f} s: CPU {(cpu1 - cpu0) / IDLE_SECONDS * 100:5.2f}% "
+          f"of a core, RSS {rss:6.1f} MB (daemon and fork server); baseline sleeping python: "
+          f"CPU {(base1 - base0) / IDLE_SECONDS * 100:5.2f}%, RSS {base_rss:5.1f} MB")
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
+    try:
+        dispatch(root)
+        throughput(root)
+        idle(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
