@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         "runs",
         ge=0,
     )
+    webhook_secret: str = _env(
+        "AGENT_ORCH_WEBHOOK_SECRET",
+        "",
+        "Secret of the push webhook (POST /agents/v1/hooks/git): GitHub and Gitea sign with it, GitLab sends "
+        "it. Empty means the webhook needs an operator's bearer token instead.",
+        "api",
+    )
     log_dir: str = _env(
         "AGENT_ORCH_LOG_DIR",
         "",
@@ -232,6 +239,8 @@ class Settings(BaseSettings):
             extra = field.json_schema_extra
             env = extra.get("env") if isinstance(extra, dict) else None
             value = getattr(self, name)
+            if name == "webhook_secret":
+                value = "(set)" if value else ""
             out[str(env or name)] = str(value) if isinstance(value, Path) else value
         return out
 

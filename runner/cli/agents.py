@@ -218,9 +218,29 @@ def custom_tool_rows(app: App) -> list[dict[str, Any]]:
 @pass_app
 def serve(app: App, host: str | None, port: int | None) -> None:
     """The daemon: follows the spec source and keeps the applied state in step."""
+    from runner.api.app import create_app
     from runner.settings import Settings
     from runner.supervise.daemon import Daemon, setup_logging
 
     settings = Settings.load(app.home, app.client_id, host=host, port=port)
     setup_logging(settings)
-    Daemon(settings).run()
+    Daemon(settings, app_factory=create_app).run()
+
+
+@cli.group()
+def token() -> None:
+    """API tokens."""
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
+@click.option("--name", help="Who or what uses it (the author of commits it makes); default: the role.")
+@pass_app
+def token_create(app: App, role: str, name: str | None) -> None:
+    """Create an API token for the client; it is shown once."""
+    from runner.agent.recording import utcnow
+    from runner.api import tokens
+
+    made = tokens.create(app.conn, app.settings.client_id, role, name or role, utcnow())  # type: ignore[arg-type]
+    app.emit({"token": made, "name": name or role, "role": role, "client_id": app.settings.client_id},
+             lambda: click.echo(made))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,11 @@ KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("re
 BATCH = 5000
 
 
-def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False) -> int | None:
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False,
+          observe: Observer | None = None) -> int | None:
     """Ingest pending journal rows. Returns how many, or None when the ledger is busy right now."""
     lock_path = ledger_path.with_suffix(".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,13 +46,16 @@ def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False) -
             if not rows:
                 return total
             try:
-                _ingest(ledger_path, rows)
+                ingested = _ingest(ledger_path, rows)
             except duckdb.IOException as exc:
                 if not is_lock_error(exc):
                     raise
                 return None if total == 0 else total  # a reader holds the file; try again later
             state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
             total += len(rows)
+            if observe is not None:
+                for tbl, row in ingested:
+                    observe(tbl, row)
 
 
 def is_lock_error(exc: Exception) -> bool:
@@ -72,10 +80,12 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, path: Path | None = None) -> N
         _ENSURED.add(key)
 
 
-def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> None:
+def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[str, Any]]]:
     by_table: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    seen: list[tuple[str, dict[str, Any]]] = []
     for _id, tbl, raw in rows:
         row = json.loads(raw)
+        seen.append((tbl, row))
         key = tuple(row.get(k) for k in KEYS[tbl])
         bucket = by_table.setdefault(tbl, {})
         bucket.pop(key, None)  # keep journal order for the last write of each key
@@ -89,6 +99,7 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> None:
         con.execute("COMMIT")
     finally:
         con.close()
+    return seen
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:

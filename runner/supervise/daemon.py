@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -30,20 +31,26 @@ from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied, set_suspended
 from runner.reconcile.reconciling import open_source, reconcile
 from runner.settings import Settings
+from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
 from runner.state import connect
 from runner.supervise.control import ControlServer, socket_path
+from runner.supervise.metrics import Metrics
 from runner.supervise.recovery import sweep_interrupted
 from runner.supervise.table import ProcessTable
 from runner.supervise.triggers import Scheduler, Watcher
 
 log = logging.getLogger("runner.daemon")
+# Builds the WSGI app from the runtimes and metrics; the CLI passes runner.api.app.create_app (the API
+# is a layer above supervision, so the daemon is handed it rather than importing it).
+AppFactory = Callable[[dict[str, Any], Metrics], Any]
 MAX_BACKOFF = 300.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app_factory: AppFactory | None = None) -> None:
         self.settings = settings
+        self.app_factory = app_factory
         self.stopping = threading.Event()
         self.signals = 0
         self._local = threading.local()
@@ -74,6 +81,14 @@ class Daemon:
         self.reconcile_once("daemon:start")
         self.refresh_triggers(catch_up=True)
         self.control = ControlServer(socket_path(s.home, s.client_id), self.handle)
+        self.runtime = DaemonRuntime(self)
+        self.metrics = Metrics({s.client_id: self.runtime})
+        self.table.on_dispatch = self.metrics.dispatch.labels(s.client_id).observe
+        self.scheduler.on_lag = self.metrics.trigger_lag.labels(s.client_id).observe
+        self.api: ApiServer | None = None
+        if self.app_factory is not None:
+            self.api = ApiServer(self.app_factory({s.client_id: self.runtime}, self.metrics), s.host, s.port)
+            log.info("API on http://%s:%d/agents/v1 (health: /healthz)", s.host, self.api.port)
         flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
         flusher.start()
         log.info("ready: %d agent(s), MAX_AGENTS=%d", len(self.applied_specs()), s.max_agents)
@@ -89,6 +104,7 @@ class Daemon:
 
     def reconcile_once(self, initiator: str) -> float:
         """Reconcile; returns how long to wait before the next poll."""
+        started = time.perf_counter()
         try:
             plan, outcome = reconcile(self.settings, self.conn, self.source, initiator=initiator)
         except SourceError as exc:
@@ -97,6 +113,8 @@ class Daemon:
             log.warning("source unavailable (%s); keeping the last good state, retry in %.0fs", exc.message, backoff)
             return backoff
         self._failures = 0
+        if hasattr(self, "metrics"):
+            self.metrics.reconcile_seconds.labels(self.settings.client_id).observe(time.perf_counter() - started)
         if plan.refused:
             log.error("reconcile refused: %s", plan.refused)
         for change in plan.changes:
@@ -190,9 +208,12 @@ class Daemon:
     def _flush_loop(self) -> None:
         while not self.stopping.wait(self.settings.flush_interval):
             try:
-                flush(self.conn, self.settings.ledger_path)
+                flush(self.conn, self.settings.ledger_path, observe=self._observe)
             except Exception as exc:  # the ledger must never take the daemon down; rows wait in the journal
                 log.error("ledger flush failed: %s", exc)
+
+    def _observe(self, table: str, row: dict[str, Any]) -> None:
+        self.metrics.observe_ledger(self.settings.client_id, table, row)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.signals += 1
@@ -208,9 +229,84 @@ class Daemon:
         self.scheduler.stop()
         self.watcher.stop()
         self.control.close()
+        if self.api is not None:
+            self.api.close()
         self.table.shutdown(grace=0 if self.signals > 1 else s.shutdown_grace, kill_grace=s.kill_grace)
-        flush(self.conn, s.ledger_path, wait=True)
+        flush(self.conn, s.ledger_path, wait=True, observe=self._observe)
         log.info("stopped")
+
+
+class DaemonRuntime:
+    """The daemon as the API sees one client (runner.api.app.Runtime)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._local = threading.local()
+        self.started = time.time()
+
+    @property
+    def settings(self) -> Settings:
+        return self.daemon.settings
+
+    @property
+    def source(self) -> GitSource:
+        if not hasattr(self._local, "source"):  # GitPython's object reader is not shared across threads
+            self._local.source = open_source(self.settings)
+        source: GitSource = self._local.source
+        return source
+
+    def conn(self) -> Any:
+        return self.daemon.conn
+
+    def submit_run(self, agent: str, input: str | None, requested_by: str) -> str:
+        run_id: str = self.daemon.submit(agent, trigger="manual", input=input, requested_by=requested_by,
+                                         overlap="queue").run_id
+        return run_id
+
+    def start_agent(self, agent: str, requested_by: str) -> str:
+        set_suspended(self.conn(), self.settings.client_id, agent, False)
+        self.daemon.refresh_triggers()
+        return self.submit_run(agent, None, requested_by)
+
+    def stop_agent(self, agent: str, requested_by: str) -> int:
+        set_suspended(self.conn(), self.settings.client_id, agent, True)
+        stopping = self.daemon.table.stop_agent(agent, f"stopped by {requested_by}")
+        self.daemon.refresh_triggers()
+        return stopping
+
+    def request_reconcile(self, initiator: str) -> None:
+        self.daemon._request_now.set()
+
+    def next_runs(self) -> dict[str, Any]:
+        return self.daemon.scheduler.next_runs()
+
+    def in_flight(self) -> dict[str, int]:
+        return self.daemon.table.in_flight()
+
+    def health(self) -> dict[str, Any]:
+        row = self.conn().execute("SELECT * FROM sources WHERE client_id = ?", (self.settings.client_id,)).fetchone()
+        source = dict(row) if row else {}
+        agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL",
+                                     (self.settings.client_id,)).fetchone()[0]
+        return {"source": source.get("location"), "revision": source.get("revision"),
+                "reconciled_at": source.get("reconciled_at"), "error": source.get("error"), "agents": agents,
+                "uptime_seconds": round(time.time() - self.started, 1), **self.in_flight()}
+
+
+class ApiServer:
+    """waitress serving the Falcon app in a thread of the daemon."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        from waitress.server import create_server
+
+        self.server = create_server(app, host=host, port=port, threads=8, ident="agent-orchestrator",
+                                    clear_untrusted_proxy_headers=True)
+        self.port = int(self.server.effective_port)
+        self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def setup_logging(settings: Settings) -> None:

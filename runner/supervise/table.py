@@ -94,6 +94,7 @@ class ProcessTable:
         self.dispatched = 0
         self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
         self._local = threading.local()
+        self.on_dispatch: Callable[[float], None] | None = None
         self.forkserver = ForkServer(self._ended)
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.dispatcher.start()
@@ -165,7 +166,10 @@ class ProcessTable:
                 self._record(request, "failed", exc.message)
                 self.cond.notify_all()
             return
-        self.latencies.append(time.monotonic() - request.submitted)
+        latency = time.monotonic() - request.submitted
+        self.latencies.append(latency)
+        if self.on_dispatch is not None:
+            self.on_dispatch(latency)
         self.forkserver.launch(plan.to_json(), request.requested_by, request.queued_at)
         request.status = "running"
         self.dispatched += 1

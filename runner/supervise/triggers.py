@@ -6,7 +6,10 @@ At start, a ``persistent`` trigger whose latest slot passed while the daemon was
 
 File changes: one watchdog observer. Events are filtered by the trigger's patterns and gathered
 until ``debounce`` seconds pass without a new one; then one run gets the list of files as input.
-A watched folder that disappears is watched for again every second until it is back.
+A watched folder that disappears is watched for again (every tick) until it is back. Its watch is known
+to be dead when the folder's inode changed or when watchdog's emitter for it stopped (it stops itself
+when the folder is deleted; a folder made again at once can get the same inode back). Files already in
+a folder that comes back were made before its new watch was, so they count as changes.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.heap: list[_Slot] = []
         self.stopping = False
-        self.lags: list[float] = []  # seconds between a slot and its submission (metrics)
+        self.on_lag: Callable[[float], None] | None = None  # seconds between a slot and its submission
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
 
@@ -121,8 +124,8 @@ class Scheduler:
             tx.execute("INSERT OR REPLACE INTO trigger_state (client_id, agent, trigger_key, last_slot) "
                        "VALUES (?, ?, ?, ?)", (self.client_id, slot.agent, slot.key, slot.at.isoformat()))
         lag = (datetime.now(UTC) - slot.at).total_seconds()
-        if not catch_up:
-            self.lags.append(lag)
+        if not catch_up and self.on_lag is not None:
+            self.on_lag(lag)
         what = "missed slot" if catch_up else "slot"
         self.submit(slot.agent, trigger="schedule",
                     input=f"Scheduled run ({what} {slot.at.isoformat(timespec='seconds')}, cron '{slot.trigger.cron}' "
@@ -136,7 +139,8 @@ class _Watch:
     trigger: FileChangeTrigger
     pending: dict[str, float] = field(default_factory=dict)  # file -> time of its last event
     handle: ObservedWatch | None = None
-    inode: tuple[int, int] | None = None
+    inode: tuple[int, int] | None = None  # of the folder being watched; None while not watched
+    absent: bool = False  # the folder was not there (never yet, or it went away) when last looked at
 
 
 class Watcher(FileSystemEventHandler):
@@ -217,15 +221,48 @@ class Watcher(FileSystemEventHandler):
             inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except OSError:
             inode = None
-        if inode != w.inode:
-            self._unschedule(w)
-            self._schedule(w)
+        if inode is None:
+            if w.inode is not None:  # it went away: watch for it to come back
+                self._unschedule(w)
+                w.absent = True
+            return
+        emitter = self._emitter(w)
+        if inode == w.inode and emitter == "alive":
+            return
+        # The folder came back, or another took its place: not when the emitter is merely missing (a watch on
+        # the same folder was removed, or everything moved to a polling observer).
+        came_back = w.absent or (w.inode is not None and (inode != w.inode or emitter == "stopped"))
+        self._unschedule(w)
+        self._schedule(w)
+        if came_back and w.inode is not None:
+            self._seed(w.path)
+
+    def _emitter(self, w: _Watch) -> str:
+        """watchdog's emitter for this watch: alive, stopped (it stops when the folder is deleted) or missing."""
+        try:
+            emitters = [e for e in list(self.observer.emitters) if w.handle is not None and e.watch == w.handle]
+        except RuntimeError:  # the observer changed its emitters meanwhile: look again next tick
+            return "alive"
+        if not emitters:
+            return "missing"
+        return "alive" if any(e.is_alive() for e in emitters) else "stopped"
+
+    def _seed(self, path: str) -> None:
+        now = time.monotonic()
+        for w in [w for w in self.watches.values() if w.path == path]:  # they share one emitter
+            for folder, _dirs, files in os.walk(path):
+                for name in files:
+                    if any(fnmatch.fnmatch(name, p) for p in w.trigger.patterns):
+                        w.pending[os.path.join(folder, name)] = now
+                if not w.trigger.recursive:
+                    break
 
     def _schedule(self, w: _Watch) -> None:
         try:
             st = os.stat(w.path)
         except OSError:
             w.inode = None
+            w.absent = True
             return  # not there (yet): _rearm tries again
         try:
             w.handle = self.observer.schedule(self, w.path, recursive=w.trigger.recursive)
@@ -239,7 +276,7 @@ class Watcher(FileSystemEventHandler):
                 for other in self.watches.values():
                     other.inode = None  # re-schedule everything on the new observer
             w.handle = self.observer.schedule(self, w.path, recursive=w.trigger.recursive)
-        w.inode = (st.st_dev, st.st_ino)
+        w.inode, w.absent = (st.st_dev, st.st_ino), False
 
     def _unschedule(self, w: _Watch) -> None:
         if w.handle is not None:

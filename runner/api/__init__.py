@@ -1,0 +1,1 @@
+"""The REST API (Falcon under waitress), served by the daemon."""

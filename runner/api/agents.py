@@ -1,0 +1,188 @@
+"""Agents: read from the applied state; written as commits to the spec repository.
+
+A write is validated exactly as the reconciler will validate it (the same tree, the new file in
+place) before anything is committed: an invalid spec is 422 with every problem and no commit.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+import falcon
+import yaml
+
+from runner.api.app import Api, int_param, read_json
+from runner.api.errors import BadRequest, NotFound, PreconditionRequired, Unprocessable
+from runner.reconcile.applied import AppliedAgent, load_applied
+from runner.source.writing import commit_file
+from runner.specs.models import NAME_PATTERN
+from runner.specs.validating import SpecFile, blob_id, validate_tree
+
+MAX_PAGE = 1000
+
+
+def agent_json(a: AppliedAgent, next_run: Any, last_run: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "name": a.name, "state": a.state, "spec": a.spec_dict, "path": a.path, "etag": a.blob,
+        "generation": a.generation, "applied_revision": a.applied_revision,
+        "attempted_revision": a.attempted_revision, "conditions": a.conditions, "suspended": a.suspended,
+        "message": a.message, "next_run": next_run.isoformat(timespec="seconds") if next_run else None,
+        "last_run": last_run,
+    }
+
+
+def last_runs(conn: sqlite3.Connection, client_id: str) -> dict[str, dict[str, Any]]:
+    rows = conn.execute(
+        """SELECT agent, run_id, status, started_at, updated_at FROM run_progress p
+           WHERE client_id = ? AND run_id = (SELECT max(run_id) FROM run_progress q
+                                             WHERE q.client_id = p.client_id AND q.agent = p.agent)""",
+        (client_id,)).fetchall()
+    return {r[0]: {"run_id": r[1], "status": r[2], "started_at": r[3], "updated_at": r[4]} for r in rows}
+
+
+class Collection:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        limit = int_param(req, "limit", 100, 1, MAX_PAGE)
+        after = req.get_param("cursor") or ""
+        conn = rt.conn()
+        agents = [a for a in load_applied(conn, rt.settings.client_id).values() if a.name > after]
+        page = agents[:limit]
+        nexts, lasts = rt.next_runs(), last_runs(conn, rt.settings.client_id)
+        resp.media = {"agents": [agent_json(a, nexts.get(a.name), lasts.get(a.name)) for a in page],
+                      "next_cursor": page[-1].name if len(agents) > limit else None}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        principal = self.api.require(req, "admin")
+        rt = self.api.runtime(req)
+        spec = _spec_body(read_json(req))
+        name = _name(spec)
+        if name in load_applied(rt.conn(), rt.settings.client_id, name):
+            raise falcon_conflict(f"agent '{name}' exists; PUT /agents/{name} changes it")
+        result = _write(self.api, req, spec, f"{name}.yaml", expect_absent=True,
+                        message=f"API: create agent {name}\n\nby {principal.name} ({principal.role})")
+        resp.status = 201
+        resp.media = result
+
+
+class Item:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        agent = _agent(rt.conn(), rt.settings.client_id, name)
+        resp.media = agent_json(agent, rt.next_runs().get(name), last_runs(rt.conn(), rt.settings.client_id).get(name))
+        if agent.blob:
+            resp.etag = agent.blob
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        principal = self.api.require(req, "admin")
+        rt = self.api.runtime(req)
+        agent = _agent(rt.conn(), rt.settings.client_id, name)
+        spec = _spec_body(read_json(req))
+        if _name(spec) != name:
+            raise BadRequest(f"the spec's name '{spec.get('name')}' is not '{name}' (renaming is delete + create)",
+                             details=["name"], code="bad_name")
+        resp.media = _write(self.api, req, spec, agent.path or f"{name}.yaml", expect_blob=_if_match(req),
+                            message=f"API: update agent {name}\n\nby {principal.name} ({principal.role})")
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        principal = self.api.require(req, "admin")
+        rt = self.api.runtime(req)
+        agent = _agent(rt.conn(), rt.settings.client_id, name)
+        commit, _ = commit_file(rt.source, agent.path or f"{name}.yaml", None, author=principal.name,
+                                message=f"API: delete agent {name}\n\nby {principal.name} ({principal.role})",
+                                expect_blob=_if_match(req))
+        rt.request_reconcile(f"api:{principal.name}")
+        resp.media = {"name": name, "commit": commit, "deleted": True}
+
+
+class Operation:
+    def __init__(self, api: Api, op: str) -> None:
+        self.api, self.op = api, op
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        principal = self.api.require(req, "operator")
+        rt = self.api.runtime(req)
+        _agent(rt.conn(), rt.settings.client_id, name)
+        who = f"api:{principal.name}"
+        if self.op == "stop":
+            resp.media = {"name": name, "suspended": True, "stopping_runs": rt.stop_agent(name, who)}
+            return
+        body = read_json(req) if req.content_length else {}
+        run_input = body.get("input")
+        if run_input is not None and not isinstance(run_input, str):
+            raise BadRequest("'input' must be a string", details=["input"], code="bad_input")
+        run_id = rt.start_agent(name, who) if self.op == "start" else rt.submit_run(name, run_input, who)
+        resp.status = 202
+        resp.media = {"name": name, "run_id": run_id, "status": "queued",
+                      "links": {"run": f"/agents/v1/runs/{run_id}"}}
+
+
+def _agent(conn: sqlite3.Connection, client_id: str, name: str) -> AppliedAgent:
+    agent = load_applied(conn, client_id, name).get(name)
+    if agent is None:
+        raise NotFound(f"no agent named '{name}'")
+    return agent
+
+
+def _spec_body(body: dict[str, Any]) -> dict[str, Any]:
+    spec = body.get("spec", body)
+    if not isinstance(spec, dict):
+        raise BadRequest("send the spec as a JSON object (or {\"spec\": {...}})", code="bad_spec")
+    return spec
+
+
+def _name(spec: dict[str, Any]) -> str:
+    import re
+
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+        raise Unprocessable("the spec needs a valid 'name'", details=[{"field": "name", "message":
+                            "lowercase letters, digits, '-' and '_' (at most 63, starting with a letter or digit)"}])
+    return name
+
+
+def _if_match(req: falcon.Request) -> str:
+    etag = (req.get_header("If-Match") or "").strip().strip('"').removeprefix("W/").strip('"')
+    if not etag:
+        raise PreconditionRequired("send If-Match with the agent's ETag (from GET), so no update is lost")
+    return etag
+
+
+def _write(api: Api, req: falcon.Request, spec: dict[str, Any], rel_path: str, *, message: str,
+           expect_blob: str | None = None, expect_absent: bool = False) -> dict[str, Any]:
+    rt = api.runtime(req)
+    principal = req.context.principal
+    text = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode()
+    source = rt.source
+    revision = source.revision(fetch=False)
+    files = [f for f in source.files(revision) if f.rel_path != rel_path]
+    files.append(SpecFile(rel_path, blob_id(text), lambda: text, f"{source.location.path}/{rel_path}".lstrip("/")))
+    results, _ = validate_tree(files, client_id=rt.settings.client_id, home=str(rt.settings.home))
+    mine = next(r for r in results if r.rel_path == rel_path)
+    problems = [p.as_json() for p in mine.problems]
+    if not mine.valid:
+        raise Unprocessable(f"the spec has {sum(1 for p in problems if p['severity'] == 'error')} problem(s); "
+                            "nothing was committed", details=problems)
+    commit, blob = commit_file(source, rel_path, text, message=message, author=principal.name,
+                               expect_blob=expect_blob, expect_absent=expect_absent)
+    rt.request_reconcile(f"api:{principal.name}")
+    return {"name": mine.name, "commit": commit, "path": rel_path, "etag": blob, "warnings": problems}
+
+
+def falcon_conflict(message: str) -> Exception:
+    from runner.api.errors import Conflict
+
+    return Conflict(message)
+
+
+__all__ = ["Collection", "Item", "Operation", "json"]

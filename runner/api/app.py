@@ -1,0 +1,180 @@
+"""The Falcon application: middleware (limits, auth, audit, metrics), routes, one error handler.
+
+The API serves one or more clients; each has a ``Runtime`` (the daemon's view of that client: its
+settings, state, source, process table). A request's token picks the client; nothing of another
+client is ever visible (404, never 403, for another client's names).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import datetime
+from typing import Any, Protocol
+
+import falcon
+
+from runner.agent.recording import utcnow
+from runner.api import tokens
+from runner.api.errors import BadRequest, Forbidden, TooLarge, Unauthorized, handle_any
+from runner.settings import Settings
+from runner.source.git import GitSource
+from runner.state import journal
+from runner.supervise.metrics import Metrics
+
+MAX_BODY = 1024 * 1024
+MAX_DEPTH = 32
+MAX_STRING = 64 * 1024
+OPEN_PATHS = {"/healthz", "/openapi.json", "/metrics", "/agents/v1/hooks/git"}
+
+
+class Runtime(Protocol):
+    """What the API needs of the daemon, per client."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def source(self) -> GitSource: ...
+
+    def conn(self) -> sqlite3.Connection: ...
+    def submit_run(self, agent: str, input: str | None, requested_by: str) -> str: ...
+    def start_agent(self, agent: str, requested_by: str) -> str: ...
+    def stop_agent(self, agent: str, requested_by: str) -> int: ...
+    def request_reconcile(self, initiator: str) -> None: ...
+    def next_runs(self) -> dict[str, datetime]: ...
+    def in_flight(self) -> dict[str, int]: ...
+    def health(self) -> dict[str, Any]: ...
+
+
+class Api:
+    def __init__(self, runtimes: dict[str, Runtime], metrics: Metrics) -> None:
+        self.runtimes, self.metrics = runtimes, metrics
+        self.started = time.time()
+        self._local = threading.local()
+
+    def runtime(self, req: falcon.Request) -> Runtime:
+        principal: tokens.Principal = req.context.principal
+        return self.runtimes[principal.client_id]
+
+    def require(self, req: falcon.Request, role: tokens.Role) -> tokens.Principal:
+        principal: tokens.Principal | None = req.context.get("principal")
+        if principal is None:
+            raise Unauthorized("send Authorization: Bearer TOKEN (agentctl token create)")
+        if not principal.may(role):
+            raise Forbidden(f"this needs the {role} role; the token '{principal.name}' is {principal.role}")
+        return principal
+
+    def any_conn(self) -> sqlite3.Connection:
+        return next(iter(self.runtimes.values())).conn()
+
+
+class Middleware:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+        req.context.principal = None
+        if req.content_length and req.content_length > MAX_BODY:
+            raise TooLarge(f"the body is over {MAX_BODY} bytes")
+        header = req.get_header("Authorization") or ""
+        if header:
+            scheme, _, token = header.partition(" ")
+            principal = tokens.lookup(self.api.any_conn(), token.strip()) if scheme.lower() == "bearer" else None
+            if principal is None or principal.client_id not in self.api.runtimes:
+                raise Unauthorized("unknown or malformed bearer token")
+            req.context.principal = principal
+        elif req.path not in OPEN_PATHS:
+            raise Unauthorized("send Authorization: Bearer TOKEN (agentctl token create)")
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        route = str(req.uri_template) if getattr(req, "uri_template", None) else "unmatched"
+        status = int(str(resp.status).split()[0]) if not isinstance(resp.status, int) else resp.status
+        started = req.context.get("started")
+        elapsed = time.perf_counter() - started if isinstance(started, float) else 0.0
+        self.api.metrics.request(req.method, route, status, elapsed)
+        principal: tokens.Principal | None = req.context.get("principal")
+        client = principal.client_id if principal else next(iter(self.api.runtimes))
+        runtime = self.api.runtimes.get(client)
+        if runtime is None or (req.method == "GET" and status < 400 and route == "/metrics"):
+            return
+        journal(runtime.conn(), "audit", {
+            "audit_id": uuid.uuid4().hex, "client_id": client, "ts": utcnow(),
+            "actor": principal.name if principal else None, "action": f"{req.method} {route}",
+            "target": req.path[:300], "outcome": str(status),
+            "detail": {"role": principal.role if principal else None, "ms": round(elapsed * 1000, 2)}})
+
+
+def read_json(req: falcon.Request) -> dict[str, Any]:
+    """The request body as a JSON object, bounded in size, depth and string length."""
+    raw = req.bounded_stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise TooLarge(f"the body is over {MAX_BODY} bytes")
+    if not raw.strip():
+        raise BadRequest("the body must be a JSON object", code="bad_json")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="bad_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object", code="bad_json")
+    _bounded(data, 0)
+    return data
+
+
+def _bounded(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise BadRequest(f"the JSON is nested deeper than {MAX_DEPTH}", code="too_deep")
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise BadRequest(f"a string is longer than {MAX_STRING} characters", code="too_long")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _bounded(k, depth + 1)
+            _bounded(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _bounded(v, depth + 1)
+
+
+def int_param(req: falcon.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be a whole number", details=[name], code="bad_param") from None
+    if not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}", details=[name], code="bad_param")
+    return value
+
+
+def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> falcon.App[Any, Any]:
+    from runner.api import agents, runs, system
+
+    api = Api(runtimes, metrics or Metrics(runtimes))
+    app = falcon.App(middleware=[Middleware(api)])
+    app.req_options.strip_url_path_trailing_slash = True
+    app.add_error_handler(Exception, handle_any)
+    base = "/agents/v1"
+    app.add_route(f"{base}/agents", agents.Collection(api))
+    app.add_route(f"{base}/agents/{{name}}", agents.Item(api))
+    app.add_route(f"{base}/agents/{{name}}/start", agents.Operation(api, "start"))
+    app.add_route(f"{base}/agents/{{name}}/stop", agents.Operation(api, "stop"))
+    app.add_route(f"{base}/agents/{{name}}/runs", agents.Operation(api, "run"))
+    app.add_route(f"{base}/agents/{{name}}/logs", runs.Logs(api))
+    app.add_route(f"{base}/runs", runs.Collection(api))
+    app.add_route(f"{base}/runs/{{run_id}}", runs.Item(api))
+    app.add_route(f"{base}/runs/{{run_id}}/events", runs.Events(api))
+    app.add_route(f"{base}/tools", system.Tools(api))
+    app.add_route(f"{base}/metrics", system.MetricsResource(api))
+    app.add_route(f"{base}/hooks/git", system.GitHook(api))
+    app.add_route("/metrics", system.MetricsResource(api))
+    app.add_route("/healthz", system.Health(api))
+    app.add_route("/openapi.json", system.OpenApi(api))
+    app.add_sink(system.not_found, r"/")
+    return app

@@ -1,0 +1,136 @@
+"""Runs, their events, and agent logs.
+
+Runs are listed from ``run_progress`` in the state database (indexed, cheap: the daemon's own record
+of each run's row); events come from the DuckDB ledger, read under a shared lock that the ledger
+flusher respects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import falcon
+
+from runner.agent.recording import TERMINAL, agent_log_path
+from runner.api.app import Api, int_param
+from runner.api.errors import BadRequest, NotFound
+from runner.ledger.ingesting import flush
+from runner.ledger.reading import query
+from runner.reconcile.applied import load_applied
+
+STATUSES = ("queued", "running", *TERMINAL)
+MAX_LOG_PAGE = 1024 * 1024
+
+
+def run_json(row: Any) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(row["row"]) if row["row"] else {}
+    data.setdefault("run_id", row["run_id"])
+    data.setdefault("agent", row["agent"])
+    data["status"] = row["status"]
+    data["input_tokens"] = max(int(data.get("input_tokens") or 0), int(row["input_tokens"]))
+    data["output_tokens"] = max(int(data.get("output_tokens") or 0), int(row["output_tokens"]))
+    return data
+
+
+class Collection:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        limit = int_param(req, "limit", 50, 1, 1000)
+        where, params = ["client_id = ?"], [rt.settings.client_id]
+        agent, status, since, cursor = (req.get_param(k) for k in ("agent", "status", "since", "cursor"))
+        if agent:
+            where.append("agent = ?")
+            params.append(agent)
+        if status:
+            if status not in STATUSES:
+                raise BadRequest(f"'status' must be one of {', '.join(STATUSES)}", details=["status"],
+                                 code="bad_param")
+            where.append("status = ?")
+            params.append(status)
+        if since:
+            where.append("coalesce(started_at, updated_at) >= ?")
+            params.append(since)
+        if cursor:
+            where.append("run_id < ?")
+            params.append(cursor)
+        rows = rt.conn().execute(f"SELECT * FROM run_progress WHERE {' AND '.join(where)} "
+                                 "ORDER BY run_id DESC LIMIT ?", [*params, limit + 1]).fetchall()
+        page = rows[:limit]
+        resp.media = {"runs": [run_json(r) for r in page],
+                      "next_cursor": page[-1]["run_id"] if len(rows) > limit else None}
+
+
+class Item:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        row = rt.conn().execute("SELECT * FROM run_progress WHERE client_id = ? AND run_id = ?",
+                                (rt.settings.client_id, run_id)).fetchone()
+        if row is None:
+            raise NotFound(f"no run '{run_id}'")
+        resp.media = run_json(row)
+
+
+class Events:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        known = rt.conn().execute("SELECT 1 FROM run_progress WHERE client_id = ? AND run_id = ?",
+                                  (rt.settings.client_id, run_id)).fetchone()
+        if known is None:
+            raise NotFound(f"no run '{run_id}'")
+        limit = int_param(req, "limit", 500, 1, 5000)
+        after = int_param(req, "after", 0, 0, 10**9)
+        flush(rt.conn(), rt.settings.ledger_path)
+        cols, rows = query(rt.settings.ledger_path,
+                           "SELECT seq, ts, kind, name, decision, detail FROM run_events WHERE run_id = ? AND seq > ? "
+                           "ORDER BY seq LIMIT ?", [run_id, after, limit])
+        events = []
+        for r in rows:
+            event = dict(zip(cols, r, strict=True))
+            event["ts"] = str(event["ts"])
+            event["detail"] = json.loads(event["detail"]) if event["detail"] else {}
+            events.append(event)
+        resp.media = {"run_id": run_id, "events": events}
+
+
+class Logs:
+    """A page of the agent's log: ``offset`` and ``limit`` in bytes, optionally one run's lines."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        if name not in load_applied(rt.conn(), rt.settings.client_id, name):
+            raise NotFound(f"no agent named '{name}'")
+        offset = int_param(req, "offset", 0, 0, 2**62)
+        limit = int_param(req, "limit", 64 * 1024, 1, MAX_LOG_PAGE)
+        run = req.get_param("run")
+        path = agent_log_path(rt.settings.logs_dir, rt.settings.client_id, name)
+        size = os.path.getsize(path) if path.exists() else 0
+        data = b""
+        if path.exists() and offset < size:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(limit)
+            if offset + len(data) < size and b"\n" in data:
+                data = data[: data.rindex(b"\n") + 1]  # whole lines only
+        lines = data.decode("utf-8", "replace").splitlines()
+        if run:
+            lines = [line for line in lines if f" run={run} " in line]
+        resp.media = {"name": name, "offset": offset, "next_offset": offset + len(data), "size": size,
+                      "eof": offset + len(data) >= size, "lines": lines}

@@ -1,0 +1,113 @@
+"""Tools, metrics, the push webhook, health, the OpenAPI document, and the 404 for everything else."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Any
+
+import falcon
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from runner.api.app import MAX_BODY, Api
+from runner.api.errors import NotFound, TooLarge, Unauthorized
+from runner.api.openapi import document
+from runner.errors import OrchestratorError
+from runner.specs.catalog import BUILTIN_TOOLS
+from runner.specs.validating import custom_tools_of
+
+
+class Tools:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.api.require(req, "viewer")
+        rt = self.api.runtime(req)
+        tools: list[dict[str, Any]] = [{"name": t.name, "kind": "builtin", "permissions": sorted(t.allowed),
+                                        "needs": sorted(t.needs), "summary": t.summary, "error": None}
+                                       for t in BUILTIN_TOOLS.values()]
+        try:
+            files = rt.source.files(rt.source.revision(fetch=False))
+            custom = list(custom_tools_of(files).values())
+        except OrchestratorError:
+            custom = []
+        tools += [{"name": t.name, "kind": "custom", "permissions": sorted(t.allowed), "needs": sorted(t.needs),
+                   "summary": f"tools/{t.name}.py", "error": t.error} for t in custom]
+        resp.media = {"tools": tools}
+
+
+class MetricsResource:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.path != "/metrics":  # the root one is for scrapers; the API's own needs a token
+            self.api.require(req, "viewer")
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(self.api.metrics.registry)
+
+
+class GitHook:
+    """POST /agents/v1/hooks/git: a push webhook (GitHub, Gitea, GitLab) asking for a reconcile.
+
+    With AGENT_ORCH_WEBHOOK_SECRET set, the request must carry the provider's signature of the body
+    (X-Hub-Signature-256 or X-Gitea-Signature: HMAC-SHA256; X-Gitlab-Token: the secret itself).
+    Without a secret, an operator's bearer token is required instead. ``?client_id=`` picks the client.
+    """
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = req.bounded_stream.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise TooLarge(f"the body is over {MAX_BODY} bytes")
+        principal = req.context.get("principal")
+        client = principal.client_id if principal else (req.get_param("client_id") or "default")
+        rt = self.api.runtimes.get(client)
+        if rt is None:
+            raise NotFound(f"no client '{client}' here")
+        secret = os.environ.get("AGENT_ORCH_WEBHOOK_SECRET", "") or rt.settings.webhook_secret
+        if secret:
+            if not _signed(req, body, secret):
+                raise Unauthorized("the webhook signature is missing or does not match AGENT_ORCH_WEBHOOK_SECRET")
+            who = "webhook"
+        else:
+            who = self.api.require(req, "operator").name
+        rt.request_reconcile(f"webhook:{who}")
+        resp.status = 202
+        resp.media = {"reconcile": "requested", "client_id": client}
+
+
+def _signed(req: falcon.Request, body: bytes, secret: str) -> bool:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    github = req.get_header("X-Hub-Signature-256") or ""
+    gitea = req.get_header("X-Gitea-Signature") or ""
+    gitlab = req.get_header("X-Gitlab-Token") or ""
+    return (hmac.compare_digest(github, f"sha256={digest}") if github else False) or \
+        (hmac.compare_digest(gitea, digest) if gitea else False) or \
+        (hmac.compare_digest(gitlab, secret) if gitlab else False)
+
+
+class Health:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        clients = {client: rt.health() for client, rt in self.api.runtimes.items()}
+        ok = all(not c.get("error") for c in clients.values())
+        resp.media = {"status": "ok" if ok else "degraded", "clients": clients}
+
+
+class OpenApi:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = document()
+
+
+def not_found(req: falcon.Request, resp: falcon.Response, **_kwargs: Any) -> None:
+    raise NotFound(f"no such path: {req.path}")

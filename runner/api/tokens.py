@@ -1,0 +1,56 @@
+"""API tokens: created by `agentctl token create`, shown once, stored as SHA-256 hashes.
+
+A token is ``ao_`` and 32 random bytes in URL-safe base64: long enough that a hash without a salt
+is safe (nobody can guess a preimage), and a hash lookup is one indexed query per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from typing import Literal
+
+from runner.state import Transaction
+
+Role = Literal["viewer", "operator", "admin"]
+RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)"""
+
+
+@dataclass(frozen=True)
+class Principal:
+    client_id: str
+    name: str
+    role: Role
+
+    def may(self, role: Role) -> bool:
+        return RANK[self.role] >= RANK[role]
+
+
+def create(conn: sqlite3.Connection, client_id: str, role: Role, name: str, now: str) -> str:
+    conn.execute(SCHEMA)
+    token = "ao_" + secrets.token_urlsafe(32)
+    with Transaction(conn) as tx:
+        tx.execute("INSERT INTO tokens (hash, client_id, name, role, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (_hash(token), client_id, name, role, now))
+    return token
+
+
+def lookup(conn: sqlite3.Connection, token: str) -> Principal | None:
+    conn.execute(SCHEMA)
+    row = conn.execute("SELECT client_id, name, role FROM tokens WHERE hash = ?", (_hash(token),)).fetchone()
+    return Principal(row[0], row[1], row[2]) if row else None
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

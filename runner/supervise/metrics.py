@@ -1,0 +1,85 @@
+"""Prometheus metrics. Values that are state (runs in flight, revisions, invalid specs) are read at
+scrape time by a collector, so no stale series outlive what they describe; events (runs ended, tool
+calls, requests) are counters fed as they happen. Labels take bounded values only: client, agent
+(bounded by the applied specs), status, tool, decision, route template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from runner.reconcile.applied import load_applied
+
+
+class Metrics:
+    def __init__(self, runtimes: dict[str, Any]) -> None:
+        self.runtimes = runtimes
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.runs = Counter("agent_orch_runs", "Runs ended, by final status.", ["client", "agent", "status"],
+                            registry=r)
+        self.run_seconds = Histogram("agent_orch_run_duration_seconds", "Run duration.", ["client"], registry=r,
+                                     buckets=(0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600))
+        self.dispatch = Histogram("agent_orch_dispatch_latency_seconds", "Trigger to hand-off to a run process.",
+                                  ["client"], registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5))
+        self.trigger_lag = Histogram("agent_orch_trigger_lag_seconds", "Schedule slot to run submission.",
+                                     ["client"], registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
+        self.tokens = Counter("agent_orch_tokens", "Model tokens used.", ["client", "agent", "kind"], registry=r)
+        self.tool_calls = Counter("agent_orch_tool_calls", "Tool calls by tool and decision.",
+                                  ["client", "tool", "decision"], registry=r)
+        self.reconcile_seconds = Histogram("agent_orch_reconcile_duration_seconds", "Reconcile duration.",
+                                           ["client"], registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.requests = Counter("agent_orch_api_requests", "API requests by route and status.",
+                                ["method", "route", "status"], registry=r)
+        self.request_seconds = Histogram("agent_orch_api_request_duration_seconds", "API request duration.",
+                                         ["route"], registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+        r.register(_StateCollector(self))
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def observe_ledger(self, client: str, table: str, row: dict[str, Any]) -> None:
+        """Fed by the ledger flush with every row it moves: counters from what runs did."""
+        if table == "runs" and row.get("status") not in ("queued", "running") and row.get("ended_at"):
+            self.runs.labels(client, row["agent"], row["status"]).inc()
+            self.tokens.labels(client, row["agent"], "input").inc(int(row.get("input_tokens") or 0))
+            self.tokens.labels(client, row["agent"], "output").inc(int(row.get("output_tokens") or 0))
+            if row.get("started_at") and row.get("ended_at"):
+                from datetime import datetime
+
+                took = datetime.fromisoformat(row["ended_at"]) - datetime.fromisoformat(row["started_at"])
+                self.run_seconds.labels(client).observe(max(0.0, took.total_seconds()))
+        elif table == "run_events" and row.get("kind") == "tool_call":
+            self.tool_calls.labels(client, str(row.get("name")), str(row.get("decision"))).inc()
+
+
+class _StateCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily("agent_orch_runs_in_flight", "Runs running now.", labels=["client"])
+        queued = GaugeMetricFamily("agent_orch_runs_queued", "Runs waiting for a slot.", labels=["client"])
+        agents = GaugeMetricFamily("agent_orch_agents", "Applied agents by state.", labels=["client", "state"])
+        invalid = GaugeMetricFamily("agent_orch_invalid_specs", "Agents whose spec in git is invalid.",
+                                    labels=["client"])
+        revision = InfoMetricFamily("agent_orch_source", "The source revision last reconciled.", labels=["client"])
+        for client, rt in self.metrics.runtimes.items():
+            flight = rt.in_flight()
+            running.add_metric([client], flight.get("running", 0))
+            queued.add_metric([client], flight.get("queued", 0))
+            states: dict[str, int] = {}
+            for a in load_applied(rt.conn(), client).values():
+                states[a.state] = states.get(a.state, 0) + 1
+            for state, n in sorted(states.items()):
+                agents.add_metric([client, state], n)
+            invalid.add_metric([client], states.get("Invalid", 0))
+            health = rt.health()
+            revision.add_metric([client], {"revision": str(health.get("revision") or "")})
+        yield from (running, queued, agents, invalid, revision)
