@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from bench import daemon, memory, overhead, plan
+from bench import api, daemon, memory, overhead, plan
 
-BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main, "daemon": daemon.main}
+BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main, "daemon": daemon.main,
+           "api": api.main}
 
 
 def main() -> None:

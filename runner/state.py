@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS run_progress (   -- runs in flight (and just ended), 
     started_at TEXT,
     updated_at TEXT
 );
+CREATE INDEX IF NOT EXISTS run_progress_by_client ON run_progress (client_id, run_id);
+CREATE INDEX IF NOT EXISTS run_progress_by_agent ON run_progress (client_id, agent, run_id);
+CREATE TABLE IF NOT EXISTS tokens (         -- API tokens, by SHA-256 of the token (runner.api.tokens)
+    hash TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,

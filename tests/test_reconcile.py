@@ -360,7 +360,7 @@ def test_start_and_stop_toggle_suspended(repo: SpecRepo, cli: Cli) -> None:
     assert (agents["a"]["state"], agents["a"]["suspended"], agents["a"]["generation"]) == ("Suspended", True, 2)
     assert agents["b"]["state"] == "Ready"
 
-    assert expect(cli("start", "a"), 0).stdout.strip() == "a resumed"
+    assert expect(cli("start", "a"), 0).stdout.strip().startswith("a resumed; run ")  # resume and run now
     assert re.search(r"^a\s+Ready\s", expect(cli("status", "a"), 0).stdout, re.M)
     for command in ("start", "stop"):
         done = expect(cli(command, "nope"), 2)

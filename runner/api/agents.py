@@ -35,10 +35,9 @@ def agent_json(a: AppliedAgent, next_run: Any, last_run: dict[str, Any] | None) 
 
 def last_runs(conn: sqlite3.Connection, client_id: str) -> dict[str, dict[str, Any]]:
     rows = conn.execute(
-        """SELECT agent, run_id, status, started_at, updated_at FROM run_progress p
-           WHERE client_id = ? AND run_id = (SELECT max(run_id) FROM run_progress q
-                                             WHERE q.client_id = p.client_id AND q.agent = p.agent)""",
-        (client_id,)).fetchall()
+        """SELECT p.agent, p.run_id, p.status, p.started_at, p.updated_at
+           FROM (SELECT agent, max(run_id) AS last FROM run_progress WHERE client_id = ? GROUP BY agent) m
+           JOIN run_progress p ON p.run_id = m.last""", (client_id,)).fetchall()
     return {r[0]: {"run_id": r[1], "status": r[2], "started_at": r[3], "updated_at": r[4]} for r in rows}
 
 
@@ -51,12 +50,18 @@ class Collection:
         rt = self.api.runtime(req)
         limit = int_param(req, "limit", 100, 1, MAX_PAGE)
         after = req.get_param("cursor") or ""
-        conn = rt.conn()
-        agents = [a for a in load_applied(conn, rt.settings.client_id).values() if a.name > after]
-        page = agents[:limit]
-        nexts, lasts = rt.next_runs(), last_runs(conn, rt.settings.client_id)
-        resp.media = {"agents": [agent_json(a, nexts.get(a.name), lasts.get(a.name)) for a in page],
-                      "next_cursor": page[-1].name if len(agents) > limit else None}
+
+        def build() -> bytes:
+            conn = rt.conn()
+            agents = [a for a in load_applied(conn, rt.settings.client_id).values() if a.name > after]
+            page = agents[:limit]
+            nexts, lasts = rt.next_runs(), last_runs(conn, rt.settings.client_id)
+            body = {"agents": [agent_json(a, nexts.get(a.name), lasts.get(a.name)) for a in page],
+                    "next_cursor": page[-1].name if len(agents) > limit else None}
+            return json.dumps(body).encode()
+
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.api.cache.get(("agents", rt.settings.client_id, after, limit), build)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = self.api.require(req, "admin")
@@ -145,7 +150,7 @@ def _name(spec: dict[str, Any]) -> str:
     import re
 
     name = spec.get("name")
-    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):  # match() lets 'abc\n' through
         raise Unprocessable("the spec needs a valid 'name'", details=[{"field": "name", "message":
                             "lowercase letters, digits, '-' and '_' (at most 63, starting with a letter or digit)"}])
     return name

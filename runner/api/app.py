@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from runner.api import tokens
 from runner.api.errors import BadRequest, Forbidden, TooLarge, Unauthorized, handle_any
 from runner.settings import Settings
 from runner.source.git import GitSource
-from runner.state import journal
+from runner.state import Transaction, journal
 from runner.supervise.metrics import Metrics
 
 MAX_BODY = 1024 * 1024
@@ -53,7 +54,8 @@ class Api:
     def __init__(self, runtimes: dict[str, Runtime], metrics: Metrics) -> None:
         self.runtimes, self.metrics = runtimes, metrics
         self.started = time.time()
-        self._local = threading.local()
+        self.audit = AuditWriter(runtimes)
+        self.cache = PageCache()
 
     def runtime(self, req: falcon.Request) -> Runtime:
         principal: tokens.Principal = req.context.principal
@@ -99,14 +101,81 @@ class Middleware:
         self.api.metrics.request(req.method, route, status, elapsed)
         principal: tokens.Principal | None = req.context.get("principal")
         client = principal.client_id if principal else next(iter(self.api.runtimes))
-        runtime = self.api.runtimes.get(client)
-        if runtime is None or (req.method == "GET" and status < 400 and route == "/metrics"):
-            return
-        journal(runtime.conn(), "audit", {
+        if req.method != "GET" or status >= 400:
+            self.api.cache.clear()  # a write (or a failed one) may have changed what pages show
+        self.api.audit.add(client, {
             "audit_id": uuid.uuid4().hex, "client_id": client, "ts": utcnow(),
             "actor": principal.name if principal else None, "action": f"{req.method} {route}",
             "target": req.path[:300], "outcome": str(status),
             "detail": {"role": principal.role if principal else None, "ms": round(elapsed * 1000, 2)}})
+
+
+class AuditWriter:
+    """Audit rows are queued and written to the journal in batches, every 0.2 s, by one thread.
+
+    One SQLite write per request would serialize the API's threads on the database lock. The cost of
+    batching: a kill -9 can lose the audit rows of the last 0.2 s of requests (never a run's record).
+    """
+
+    def __init__(self, runtimes: dict[str, Runtime]) -> None:
+        self.runtimes = runtimes
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="audit", daemon=True)
+        self.thread.start()
+
+    def add(self, client: str, row: dict[str, Any]) -> None:
+        with self.lock:
+            self.pending.append((client, row))
+
+    def flush(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        by_client: dict[str, list[dict[str, Any]]] = {}
+        for client, row in batch:
+            by_client.setdefault(client, []).append(row)
+        for client, rows in by_client.items():
+            runtime = self.runtimes.get(client)
+            if runtime is None:
+                continue
+            with Transaction(runtime.conn()) as tx:
+                for row in rows:
+                    journal(tx, "audit", row)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(0.2)
+            try:
+                self.flush()
+            except sqlite3.Error:
+                pass  # kept for the next round: add() never fails a request
+
+
+class PageCache:
+    """Rendered GET pages that are costly to build (the agent list), kept for a second."""
+
+    TTL = 1.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pages: dict[tuple[Any, ...], tuple[float, Any]] = {}
+
+    def get(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        with self.lock:
+            hit = self.pages.get(key)
+            if hit and now - hit[0] < self.TTL:
+                return hit[1]
+        value = build()
+        with self.lock:
+            if len(self.pages) > 1000:
+                self.pages.clear()
+            self.pages[key] = (now, value)
+        return value
+
+    def clear(self) -> None:
+        with self.lock:
+            self.pages.clear()
 
 
 def read_json(req: falcon.Request) -> dict[str, Any]:
@@ -120,6 +189,8 @@ def read_json(req: falcon.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="bad_json") from None
+    except RecursionError:  # nested thousands deep: the parser gives up before _bounded can say so
+        raise BadRequest(f"the JSON is nested deeper than {MAX_DEPTH}", code="too_deep") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object", code="bad_json")
     _bounded(data, 0)
@@ -129,8 +200,16 @@ def read_json(req: falcon.Request) -> dict[str, Any]:
 def _bounded(value: Any, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise BadRequest(f"the JSON is nested deeper than {MAX_DEPTH}", code="too_deep")
-    if isinstance(value, str) and len(value) > MAX_STRING:
-        raise BadRequest(f"a string is longer than {MAX_STRING} characters", code="too_long")
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise BadRequest(f"a string is longer than {MAX_STRING} characters", code="too_long")
+        # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 writer downstream (the ledger,
+        # the log, our own responses) can encode: refuse them here rather than fail later.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("a string holds a lone surrogate (\\ud800-\\udfff): not valid Unicode",
+                             code="bad_json") from None
     if isinstance(value, dict):
         for k, v in value.items():
             _bounded(k, depth + 1)
@@ -159,7 +238,10 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     api = Api(runtimes, metrics or Metrics(runtimes))
     app = falcon.App(middleware=[Middleware(api)])
     app.req_options.strip_url_path_trailing_slash = True
+    # Falcon registers its own handler for its HTTPError, more specific than Exception: replace it too,
+    # so a 405 from routing has the same JSON shape as every other error.
     app.add_error_handler(Exception, handle_any)
+    app.add_error_handler(falcon.HTTPError, handle_any)
     base = "/agents/v1"
     app.add_route(f"{base}/agents", agents.Collection(api))
     app.add_route(f"{base}/agents/{{name}}", agents.Item(api))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import falcon
@@ -85,10 +86,12 @@ def handle_any(req: falcon.Request, resp: falcon.Response, exc: Exception, param
         api = next(api for ours, api in STATUS_OF if isinstance(exc, ours))
         render(resp, api.status, exc.code, exc.message, exc.details)
         return
-    if isinstance(exc, falcon.HTTPError):
-        code = str(exc.title or "error").lower().replace(" ", "_")
-        render(resp, int(str(exc.status).split()[0]) if not isinstance(exc.status, int) else exc.status,
-               code, str(exc.description or exc.title))
+    if isinstance(exc, falcon.HTTPError):  # Falcon's own (405 from routing, for one): same shape, same headers
+        status = exc.status_code
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+        render(resp, status, phrase.lower().replace(" ", "_").replace("-", "_"), str(exc.description or phrase))
+        if exc.headers:
+            resp.set_headers(exc.headers)
         return
     log.exception("internal error on %s %s", req.method, req.path)
     render(resp, 500, "internal", "internal error (logged)")

@@ -1,4 +1,8 @@
-"""The OpenAPI 3.0 document of the REST API. The agent spec schema comes from the pydantic models."""
+"""The OpenAPI 3.1 document of the REST API. The agent spec schema comes from the pydantic models.
+
+3.1, not 3.0: its schemas are JSON Schema 2020-12, which is what pydantic writes (``type: null``,
+``const``, numeric ``exclusiveMinimum``); in a 3.0 document those are invalid.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "array"}}}}}
 OBJ: dict[str, Any] = {"type": "object"}
 AGENT = {"type": "object", "required": ["name", "state"], "properties": {
-    "name": {"type": "string"}, "state": {"type": "string"}, "spec": {"type": "object", "nullable": True},
-    "etag": {"type": "string", "nullable": True}, "generation": {"type": "integer"},
-    "conditions": {"type": "array"}, "next_run": {"type": "string", "nullable": True},
-    "last_run": {"type": "object", "nullable": True}}}
+    "name": {"type": "string"}, "state": {"type": "string"}, "spec": {"type": ["object", "null"]},
+    "etag": {"type": ["string", "null"]}, "generation": {"type": "integer"},
+    "conditions": {"type": "array"}, "next_run": {"type": ["string", "null"]},
+    "last_run": {"type": ["object", "null"]}}}
 RUN = {"type": "object", "required": ["run_id", "status"], "properties": {
     "run_id": {"type": "string"}, "status": {"type": "string"}, "agent": {"type": "string"}}}
 
@@ -93,7 +97,7 @@ def document() -> dict[str, Any]:
         "/openapi.json": {"get": {"security": [], "responses": _ok(OBJ)}},
     }
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "agent-orchestrator", "version": "1", "description": "See docs/api.md."},
         "paths": paths,
         "security": SECURED,

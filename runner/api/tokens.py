@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,14 +18,6 @@ from runner.state import Transaction
 Role = Literal["viewer", "operator", "admin"]
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY,
-    client_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    created_at TEXT NOT NULL
-)"""
 
 
 @dataclass(frozen=True)
@@ -37,8 +30,11 @@ class Principal:
         return RANK[self.role] >= RANK[role]
 
 
+CACHE_SECONDS = 5.0  # a deleted token stops working within this
+_cache: dict[str, tuple[float, Principal | None]] = {}
+
+
 def create(conn: sqlite3.Connection, client_id: str, role: Role, name: str, now: str) -> str:
-    conn.execute(SCHEMA)
     token = "ao_" + secrets.token_urlsafe(32)
     with Transaction(conn) as tx:
         tx.execute("INSERT INTO tokens (hash, client_id, name, role, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -47,9 +43,16 @@ def create(conn: sqlite3.Connection, client_id: str, role: Role, name: str, now:
 
 
 def lookup(conn: sqlite3.Connection, token: str) -> Principal | None:
-    conn.execute(SCHEMA)
-    row = conn.execute("SELECT client_id, name, role FROM tokens WHERE hash = ?", (_hash(token),)).fetchone()
-    return Principal(row[0], row[1], row[2]) if row else None
+    key = _hash(token)
+    hit = _cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < CACHE_SECONDS:
+        return hit[1]
+    row = conn.execute("SELECT client_id, name, role FROM tokens WHERE hash = ?", (key,)).fetchone()
+    principal = Principal(row[0], row[1], row[2]) if row else None
+    if len(_cache) > 10_000:
+        _cache.clear()  # bounded: unknown tokens sent in bulk must not grow it forever
+    _cache[key] = (time.monotonic(), principal)
+    return principal
 
 
 def _hash(token: str) -> str:

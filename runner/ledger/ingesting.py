@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import sqlite3
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from runner.ledger.schema import TABLES, columns
+from runner.ledger.schema import TABLES, column_types, columns
 
 KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("reconcile_id",),
         "audit": ("audit_id",)}
@@ -95,24 +97,28 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[
         ensure_schema(con, ledger_path)
         con.execute("BEGIN")
         for tbl, bucket in by_table.items():
-            _insert(con, tbl, list(bucket.values()))
+            _insert(con, tbl, list(bucket.values()), ledger_path.parent)
         con.execute("COMMIT")
     finally:
         con.close()
     return seen
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]], folder: Path) -> None:
+    """Bulk upsert through a newline-delimited JSON file: DuckDB's reader is its fast path (binding
+    thousands of parameters in one INSERT is its slow one: 1.7 s for 2,600 rows against 20 ms)."""
     cols = columns(table)
-    placeholders = "(" + ", ".join("?" for _ in cols) + ")"
-    for start in range(0, len(rows), 500):
-        chunk = rows[start:start + 500]
-        values: list[Any] = []
-        for row in chunk:
-            values.extend(_cell(row.get(c)) for c in cols)
-        sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES "
-               + ", ".join(placeholders for _ in chunk))
-        con.execute(sql, values)
+    types = column_types(table)
+    fd, name = tempfile.mkstemp(prefix=f".ingest-{table}-", suffix=".ndjson", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps({c: _cell(row.get(c)) for c in cols}) + "\n")
+        spec = "{" + ", ".join(f"'{c}': '{types[c]}'" for c in cols) + "}"
+        con.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM "
+                    f"read_json('{name}', format = 'newline_delimited', columns = {spec})")
+    finally:
+        os.unlink(name)
 
 
 def _cell(value: Any) -> Any:

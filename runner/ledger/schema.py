@@ -74,3 +74,14 @@ def columns(table: str) -> list[str]:
         if word and word.islower() and not line.strip().startswith("PRIMARY"):
             names.append(word)
     return names
+
+
+def column_types(table: str) -> dict[str, str]:
+    """Column name to DuckDB type, read from the DDL (JSON columns are read as text, then cast)."""
+    body = TABLES[table].split("(", 1)[1]
+    out = {}
+    for line in body.splitlines():
+        parts = line.strip().rstrip(",").split()
+        if len(parts) >= 2 and parts[0].islower() and parts[0] != "primary":
+            out[parts[0]] = "VARCHAR" if parts[1] == "JSON" else parts[1]
+    return out

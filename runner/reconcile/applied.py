@@ -31,6 +31,7 @@ class AppliedAgent:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     suspended: bool = False
     updated_at: str | None = None
+    _parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def spec(self) -> AgentSpec | None:
@@ -38,7 +39,11 @@ class AppliedAgent:
 
     @property
     def spec_dict(self) -> dict[str, Any] | None:
-        return dict(json.loads(self.spec_json)) if self.spec_json else None
+        if self.spec_json is None:
+            return None
+        if self._parsed is None:
+            self._parsed = dict(json.loads(self.spec_json))
+        return self._parsed
 
     def condition(self, kind: str) -> dict[str, Any]:
         return next((c for c in self.conditions if c.get("type") == kind), {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 from runner.errors import ConflictError, SourceError
@@ -27,7 +28,8 @@ def commit_file(source: GitSource, rel_path: str, content: bytes | None, *, mess
         raise ConflictError(f"{path} already exists at {old[:12]}")
     if expect_blob is not None and current != expect_blob:
         raise ConflictError(f"{path} changed since you read it (now {current or 'deleted'}, you had {expect_blob})")
-    env = {**os.environ, "GIT_INDEX_FILE": str(Path(repo) / f".agentctl-index-{os.getpid()}")}
+    # An index of this call's own: the API writes from several threads of one process at once.
+    env = {**os.environ, "GIT_INDEX_FILE": str(Path(repo) / f".agentctl-index-{os.getpid()}-{uuid.uuid4().hex}")}
     try:
         _git(repo, "read-tree", old, env=env)
         blob = None

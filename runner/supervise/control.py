@@ -12,6 +12,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class ControlServer:
 
         class _Server(socketserver.ThreadingUnixStreamServer):
             daemon_threads = True
+            request_queue_size = 128  # parallel agentctl calls wait in the backlog (the default, 5, refuses them)
 
         old = os.umask(0o177)
         try:
@@ -66,12 +68,19 @@ def call(path: Path, request: dict[str, Any], timeout: float | None = None) -> d
     """Ask the daemon; None when no daemon listens there."""
     if not path.exists():
         return None
+    deadline = None if timeout is None else time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return None
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                return None
+            except BlockingIOError:  # with a timeout, a full backlog says "busy" at once; wait as a blocking call would
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TransientError(f"the daemon did not accept the connection within {timeout:g}s") from None
+                time.sleep(0.01)
         sock.sendall((json.dumps(request) + "\n").encode())
         data = b""
         while not data.endswith(b"\n"):

@@ -160,13 +160,18 @@ class Daemon:
         if op == "reconcile":
             self._request_now.set()
             return {"ok": True}
-        if not isinstance(agent, str) or agent not in load_applied(self.conn, client, agent):
-            return {"ok": False, "code": "not_found", "error": f"no agent named '{agent}' for client '{client}'"}
+        applied = load_applied(self.conn, client, agent) if isinstance(agent, str) else {}
+        if not isinstance(agent, str) or agent not in applied:
+            hint = " (run 'agentctl apply')" if op == "run" else ""  # as agentctl says it without a daemon
+            return {"ok": False, "code": "not_found", "error": f"no agent named '{agent}' for client '{client}'{hint}"}
         if op == "stop":
             set_suspended(self.conn, client, agent, True)
             stopping = self.table.stop_agent(agent, "stopped on request")
             self.refresh_triggers()
             return {"ok": True, "stopping_runs": stopping}
+        if op == "run" and applied[agent].suspended:  # as agentctl refuses it without a daemon
+            return {"ok": False, "code": "suspended",
+                    "error": f"agent '{agent}' is suspended: 'agentctl start {agent}' resumes it"}
         if op in ("run", "start"):
             if op == "start":
                 set_suspended(self.conn, client, agent, False)
@@ -321,6 +326,7 @@ def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler, stream]
     root.setLevel(settings.log_level.upper())
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" under any load
 
 
 class _JsonFormatter(logging.Formatter):
