@@ -30,8 +30,17 @@ run: $(STAMP)
 
 test: $(TEST_STAMP) lint pytest
 
-pytest: $(TEST_STAMP)
+pytest: $(TEST_STAMP) $(BIN)/promtool
 	$(BIN)/python -m pytest -q
+
+# promtool checks the /metrics output. Only the binary is taken from Debian's prometheus package
+# (no service, no dependencies). Where apt is not available the tests use prometheus-client's parser.
+$(BIN)/promtool: | $(BIN)/python
+	@command -v apt-get >/dev/null && { \
+	  tmp=$$(mktemp -d); cd $$tmp && (apt-get download prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1; apt-get download prometheus >/dev/null 2>&1; }) && \
+	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(CURDIR)/$(BIN)/promtool; rm -rf $$tmp; } || \
+	  echo "promtool not available: the metrics test falls back to prometheus-client's parser"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check runner tests bench e2e
