@@ -273,3 +273,16 @@ def setting_fields() -> list[tuple[str, str, str, str]]:
         rows.append((str(extra["env"]), "" if default is None else str(default), str(extra["group"]),
                      field.description or ""))
     return rows
+
+
+def client_ids(home: Path) -> list[str]:
+    """Clients named in the settings file's ``clients`` section (the daemon serves them all)."""
+    path = Path(home) / "config" / "settings.json"
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    clients = data.get("clients") if isinstance(data, dict) else None
+    return sorted(c for c in clients if re.match(CLIENT_ID_PATTERN, c)) if isinstance(clients, dict) else []

@@ -96,9 +96,14 @@ class Health:
         self.api = api
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Open: only whether the daemon is well. With a token: the details of that token's client."""
         clients = {client: rt.health() for client, rt in self.api.runtimes.items()}
         ok = all(not c.get("error") for c in clients.values())
-        resp.media = {"status": "ok" if ok else "degraded", "clients": clients}
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
+        principal = req.context.get("principal")
+        if principal is not None:
+            body["client"] = {"client_id": principal.client_id, **clients[principal.client_id]}
+        resp.media = body
 
 
 class OpenApi:

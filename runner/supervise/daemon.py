@@ -30,7 +30,7 @@ from runner.errors import SourceError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied, set_suspended
 from runner.reconcile.reconciling import open_source, reconcile
-from runner.settings import Settings
+from runner.settings import Settings, client_ids
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
 from runner.state import connect
@@ -48,11 +48,78 @@ MAX_BACKOFF = 300.0
 
 
 class Daemon:
+    """One process serving one or more clients: a ClientDaemon each, one API, one ledger flusher.
+
+    The clients are the one chosen with --client-id (default 'default') and every client named in the
+    settings file's ``clients`` section. Each has its own source, process table (MAX_AGENTS is per
+    client), triggers and control socket; they share the home's state database and ledger.
+    """
+
     def __init__(self, settings: Settings, app_factory: AppFactory | None = None) -> None:
         self.settings = settings
         self.app_factory = app_factory
         self.stopping = threading.Event()
         self.signals = 0
+        ids = [settings.client_id, *(c for c in client_ids(settings.home) if c != settings.client_id)]
+        self.clients = [ClientDaemon(settings if cid == settings.client_id else
+                                     Settings.load(settings.home, cid, host=settings.host, port=settings.port),
+                                     self.stopping) for cid in ids]
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        for client in self.clients:
+            client.start()
+        runtimes: dict[str, Any] = {c.settings.client_id: c.runtime for c in self.clients}
+        self.metrics = Metrics(runtimes)
+        for client in self.clients:
+            client.attach(self.metrics)
+        s = self.settings
+        self.api: ApiServer | None = None
+        if self.app_factory is not None:
+            self.api = ApiServer(self.app_factory(runtimes, self.metrics), s.host, s.port)
+            log.info("API on http://%s:%d/agents/v1 (health: /healthz)", s.host, self.api.port)
+        flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
+        flusher.start()
+        loops = [threading.Thread(target=c.loop, name=f"reconcile-{c.settings.client_id}", daemon=True)
+                 for c in self.clients]
+        for t in loops:
+            t.start()
+        log.info("ready: client(s) %s", ", ".join(runtimes))
+        while not self.stopping.wait(0.5):
+            pass
+        for client in self.clients:
+            client.stop_triggers()
+        if self.api is not None:
+            self.api.close()
+        for client in self.clients:
+            client.shutdown(now=self.signals > 1)
+        flush(self.clients[0].conn, s.ledger_path, wait=True, observe=self.metrics.observe_row)
+        log.info("stopped")
+
+    def _flush_loop(self) -> None:
+        conn = connect(self.settings.state_path)
+        while not self.stopping.wait(self.settings.flush_interval):
+            try:
+                flush(conn, self.settings.ledger_path, observe=self.metrics.observe_row)
+            except Exception as exc:  # the ledger must never take the daemon down; rows wait in the journal
+                log.error("ledger flush failed: %s", exc)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stopping.set()
+        if self.signals > 1:
+            log.warning("second signal: stopping runs in flight now")
+            for client in self.clients:
+                client.stop_all("the daemon was told to stop twice")
+
+
+class ClientDaemon:
+    def __init__(self, settings: Settings, stopping: threading.Event) -> None:
+        self.settings = settings
+        self.stopping = stopping
+        self.metrics: Metrics | None = None
         self._local = threading.local()
         self.source = open_source(settings)
         self._request = reconcile_request_path(settings)
@@ -66,9 +133,7 @@ class Daemon:
             self._local.conn = connect(self.settings.state_path)
         return self._local.conn
 
-    def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+    def start(self) -> None:
         s = self.settings
         log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
         self.table = ProcessTable(s, open_source(s))
@@ -82,23 +147,21 @@ class Daemon:
         self.refresh_triggers(catch_up=True)
         self.control = ControlServer(socket_path(s.home, s.client_id), self.handle)
         self.runtime = DaemonRuntime(self)
-        self.metrics = Metrics({s.client_id: self.runtime})
-        self.table.on_dispatch = self.metrics.dispatch.labels(s.client_id).observe
-        self.scheduler.on_lag = self.metrics.trigger_lag.labels(s.client_id).observe
-        self.api: ApiServer | None = None
-        if self.app_factory is not None:
-            self.api = ApiServer(self.app_factory({s.client_id: self.runtime}, self.metrics), s.host, s.port)
-            log.info("API on http://%s:%d/agents/v1 (health: /healthz)", s.host, self.api.port)
-        flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
-        flusher.start()
-        log.info("ready: %d agent(s), MAX_AGENTS=%d", len(self.applied_specs()), s.max_agents)
-        delay = s.sync_interval
+        log.info("client %s ready: %d agent(s), MAX_AGENTS=%d", s.client_id, len(self.applied_specs()),
+                 s.max_agents)
+
+    def attach(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.table.on_dispatch = metrics.dispatch.labels(self.settings.client_id).observe
+        self.scheduler.on_lag = metrics.trigger_lag.labels(self.settings.client_id).observe
+
+    def loop(self) -> None:
+        delay = self.settings.sync_interval
         while not self.stopping.is_set():
             if self._wait(delay):
                 delay = self.reconcile_once("daemon:request")
             elif not self.stopping.is_set():
                 delay = self.reconcile_once("daemon:poll")
-        self._shutdown()
 
     # -- reconcile ----------------------------------------------------------------------------------
 
@@ -113,7 +176,7 @@ class Daemon:
             log.warning("source unavailable (%s); keeping the last good state, retry in %.0fs", exc.message, backoff)
             return backoff
         self._failures = 0
-        if hasattr(self, "metrics"):
+        if self.metrics is not None:
             self.metrics.reconcile_seconds.labels(self.settings.client_id).observe(time.perf_counter() - started)
         if plan.refused:
             log.error("reconcile refused: %s", plan.refused)
@@ -210,41 +273,24 @@ class Daemon:
         except OSError:
             return 0.0
 
-    def _flush_loop(self) -> None:
-        while not self.stopping.wait(self.settings.flush_interval):
-            try:
-                flush(self.conn, self.settings.ledger_path, observe=self._observe)
-            except Exception as exc:  # the ledger must never take the daemon down; rows wait in the journal
-                log.error("ledger flush failed: %s", exc)
+    def stop_all(self, reason: str) -> None:
+        for agent in {r.agent for r in list(self.table.running.values())}:
+            self.table.stop_agent(agent, reason)
 
-    def _observe(self, table: str, row: dict[str, Any]) -> None:
-        self.metrics.observe_ledger(self.settings.client_id, table, row)
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.signals += 1
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        self.stopping.set()
-        if self.signals > 1 and hasattr(self, "table"):
-            log.warning("second signal: stopping runs in flight now")
-            for agent in {r.agent for r in list(self.table.running.values())}:
-                self.table.stop_agent(agent, "the daemon was told to stop twice")
-
-    def _shutdown(self) -> None:
-        s = self.settings
+    def stop_triggers(self) -> None:
         self.scheduler.stop()
         self.watcher.stop()
         self.control.close()
-        if self.api is not None:
-            self.api.close()
-        self.table.shutdown(grace=0 if self.signals > 1 else s.shutdown_grace, kill_grace=s.kill_grace)
-        flush(self.conn, s.ledger_path, wait=True, observe=self._observe)
-        log.info("stopped")
+
+    def shutdown(self, *, now: bool) -> None:
+        s = self.settings
+        self.table.shutdown(grace=0 if now else s.shutdown_grace, kill_grace=s.kill_grace)
 
 
 class DaemonRuntime:
     """The daemon as the API sees one client (runner.api.app.Runtime)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: ClientDaemon) -> None:
         self.daemon = daemon
         self._local = threading.local()
         self.started = time.time()

@@ -44,6 +44,9 @@ class Metrics:
         self.requests.labels(method, route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
+    def observe_row(self, table: str, row: dict[str, Any]) -> None:
+        self.observe_ledger(str(row.get("client_id") or "default"), table, row)
+
     def observe_ledger(self, client: str, table: str, row: dict[str, Any]) -> None:
         """Fed by the ledger flush with every row it moves: counters from what runs did."""
         if table == "runs" and row.get("status") not in ("queued", "running") and row.get("ended_at"):
