@@ -138,6 +138,19 @@ class Settings(BaseSettings):
         gt=0,
     )
 
+    sandbox: Literal["strict", "permissive"] = _env(
+        "AGENT_ORCH_SANDBOX",
+        "strict",
+        "strict: a run whose limits this kernel cannot enforce is refused; permissive: it runs unconfined, "
+        "and the run's record says so.",
+        "sandbox",
+    )
+    max_memory_mb: int = _env("AGENT_ORCH_MAX_MEMORY_MB", 4096, "Default address-space limit of a run, MiB.",
+                              "sandbox", gt=16)
+    max_processes: int = _env("AGENT_ORCH_MAX_PROCESSES", 512, "Default process limit of a run (non-root users).",
+                              "sandbox", gt=0)
+    max_file_mb: int = _env("AGENT_ORCH_MAX_FILE_MB", 1024, "Default largest file a run may write, MiB.",
+                            "sandbox", gt=0)
     shutdown_grace: float = _env(
         "AGENT_ORCH_SHUTDOWN_GRACE",
         30.0,

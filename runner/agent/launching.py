@@ -26,7 +26,7 @@ from runner.agent.access import redact
 from runner.agent.recording import RunRow, new_run_id, next_seq, progress, utcnow, write_run
 from runner.agent.running import RunPlan, RunResult, execute
 from runner.agent.warming import warm
-from runner.errors import NotFoundError, SpecError
+from runner.errors import NotFoundError, OrchestratorError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
@@ -107,7 +107,14 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
         os.close(read_end)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        result = execute(plan)
+        from runner.sandbox.confining import confine
+
+        try:
+            sandbox = confine(plan)
+        except OrchestratorError as exc:
+            result = RunResult("failed", error=f"sandbox: {exc.message}")
+        else:
+            result = execute(plan, sandbox=sandbox)
         os.write(write_end, result.to_json().encode())
         code = 0
     except BaseException:

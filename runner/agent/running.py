@@ -86,7 +86,7 @@ class RunResult:
                            "error": (self.error or "")[:4000] or None})
 
 
-def execute(plan: RunPlan) -> RunResult:
+def execute(plan: RunPlan, sandbox: dict[str, Any] | None = None) -> RunResult:
     """Run the agent once. Never raises: every ending is a RunResult (and recorded)."""
     settings = plan.settings
     conn = connect(settings.state_path)
@@ -95,6 +95,7 @@ def execute(plan: RunPlan) -> RunResult:
     memory: MemoryStore | None = None
     try:
         plan.scratch.mkdir(parents=True, exist_ok=True)
+        recorder.event("log", "sandbox", None, sandbox or {"mode": "none"})
         memory = open_memory(plan)
         result = _loop(plan, recorder, log, memory)
         if memory is not None and result.status == "succeeded":

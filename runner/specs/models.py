@@ -97,6 +97,12 @@ class Constraints(Strict):
         None, gt=0, description="Input plus output tokens a run may use (budget_exceeded past it)."
     )
     max_model_calls: int = Field(25, gt=0, le=1000, description="Model calls a run may make (stops tool loops).")
+    max_memory_mb: int | None = Field(None, gt=16, description="Address space of the run process in MiB "
+                                      "(default AGENT_ORCH_MAX_MEMORY_MB).")
+    max_processes: int | None = Field(None, gt=0, description="Processes the run may have at once (default "
+                                      "AGENT_ORCH_MAX_PROCESSES; enforced for non-root users).")
+    max_file_mb: int | None = Field(None, gt=0, description="Largest file the run may write, in MiB (default "
+                                    "AGENT_ORCH_MAX_FILE_MB).")
     allowed_domains: list[str] = Field(
         default_factory=list,
         description="Hosts network tools may reach: names, '*.example.com', or 'local' (this machine only). "

@@ -1,0 +1,156 @@
+"""Confine the run process before any agent code runs: environment, limits, Landlock.
+
+Order matters: the environment is cleaned and the limits set first (they need no privilege), then
+Landlock is enforced last, after which the process can open only what its rules allow:
+
+- read and execute: the Python installation (the run's own code and libraries), the system's
+  libraries and programs (/usr, /lib, /bin), and a handful of /etc files programs need (TLS roots,
+  time zone, resolver) - not /etc as a whole, so not /etc/shadow;
+- read: the paths of the spec's tools that may read;
+- read and write: the paths of tools that may write, the run's scratch folder, its memory store, its
+  own log file, and the state database the run records its steps in;
+- TCP: connect only to the model endpoint's port, unless the spec has network tools (their hosts are
+  checked by the tool; see docs/security.md for what this does not yet cover);
+- signals and abstract unix sockets: only within the run (Landlock scoping, ABI 6).
+Everything else - the home's other files, other agents' memory, the settings, /proc/1 - is denied.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import sysconfig
+import urllib.parse
+from typing import Any
+
+from runner.agent.memory import store_path
+from runner.agent.recording import agent_log_path
+from runner.agent.running import RunPlan
+from runner.errors import DeniedError
+from runner.sandbox import landlock
+from runner.specs.catalog import BUILTIN_TOOLS
+from runner.specs.checking import expand
+
+ETC_FILES = ("ssl", "ca-certificates", "pki", "localtime", "timezone", "hosts", "resolv.conf", "nsswitch.conf",
+             "host.conf", "gai.conf", "mime.types", "protocols", "services", "ld.so.cache", "ld.so.conf",
+             "ld.so.conf.d", "os-release", "debian_version")
+SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full")
+MiB = 1024 * 1024
+
+
+def confine(plan: RunPlan) -> dict[str, Any]:
+    """Apply the sandbox; returns what is enforced (recorded with the run). Raises DeniedError when the
+    spec needs a guarantee this kernel cannot give and the settings do not allow running without it."""
+    s, spec = plan.settings, plan.spec
+    plan.scratch.mkdir(parents=True, exist_ok=True)
+    enforced: dict[str, Any] = {"mode": s.sandbox}
+    _clean_environment(plan)
+    enforced["environment"] = "clean"
+    enforced["limits"] = _limits(plan)
+    abi = landlock.abi_version()
+    if abi == 0:
+        if s.sandbox == "strict":
+            raise DeniedError("this kernel cannot enforce file access limits (no Landlock); the run is refused. "
+                              "AGENT_ORCH_SANDBOX=permissive runs it unconfined (recorded as such)")
+        enforced["landlock"] = "unavailable: unconfined (AGENT_ORCH_SANDBOX=permissive)"
+        return enforced
+    network_tools = any(BUILTIN_TOOLS.get(t.name) is None or "network" in (t.permissions or
+                        BUILTIN_TOOLS[t.name].needs) for t in spec.tools)
+    rules = landlock.Ruleset(network=not network_tools)
+    readable, writable = _paths(plan)
+    for path in _runtime_paths():
+        rules.allow_path(path, landlock.READ_EXEC)
+    for path in readable:
+        rules.allow_path(path, landlock.READ)
+    for path in writable:
+        rules.allow_path(path, landlock.READ | landlock.WRITE)
+    for dev in DEVICES:
+        rules.allow_path(dev, landlock.READ | landlock.WRITE_FILE)
+    rules.allow_path(f"/proc/{os.getpid()}", landlock.READ)
+    ports = _model_ports(plan)
+    rules.allow_ports(ports)
+    rules.enforce()
+    enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable),
+                            "tcp_connect": sorted(ports) if rules.net else "not restricted (network tools)"}
+    return enforced
+
+
+def _clean_environment(plan: RunPlan) -> None:
+    keep = {k: os.environ[k] for k in ("OPENAI_API_KEY",) if k in os.environ and
+            plan.spec.model.startswith("openai:")}
+    os.environ.clear()
+    scratch = str(plan.scratch)
+    os.environ.update({"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", **keep})
+
+
+def _limits(plan: RunPlan) -> dict[str, int]:
+    c = plan.spec.constraints
+    wanted = {
+        "RLIMIT_CORE": 0,
+        "RLIMIT_NOFILE": 1024,
+        "RLIMIT_FSIZE": int((c.max_file_mb or plan.settings.max_file_mb) * MiB),
+        "RLIMIT_AS": int((c.max_memory_mb or plan.settings.max_memory_mb) * MiB),
+        "RLIMIT_CPU": int(plan.deadline_seconds * 2 + 10),
+        "RLIMIT_NPROC": int(c.max_processes or plan.settings.max_processes),
+    }
+    applied = {}
+    for name, value in wanted.items():
+        kind = getattr(resource, name)
+        _soft, hard = resource.getrlimit(kind)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        try:
+            resource.setrlimit(kind, (value, value))
+            applied[name] = value
+        except (ValueError, OSError):
+            pass
+    return applied
+
+
+def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
+    variables = plan.variables
+    readable: set[str] = set()
+    writable: set[str] = {str(plan.scratch)}
+    for tool in plan.spec.tools:
+        info = BUILTIN_TOOLS.get(tool.name)
+        perms = set(tool.permissions or (info.needs if info else []))
+        for raw in tool.paths:
+            path = os.path.realpath(expand(raw, variables))
+            if "write" in perms:
+                writable.add(path)
+            elif perms & {"read", "execute"} or info is None:
+                readable.add(path)
+    s = plan.settings
+    if plan.spec.memory and plan.spec.memory.type != "none":
+        store = store_path(s.memory_dir, plan.client_id, plan.agent, plan.spec.memory.collection)
+        store.parent.mkdir(parents=True, exist_ok=True)
+        writable.add(str(store.parent))
+    log = agent_log_path(s.logs_dir, plan.client_id, plan.agent)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.touch(exist_ok=True)
+    writable.add(str(log.parent))  # the agents' log folder (rotation renames within it)
+    for suffix in ("", "-wal", "-shm"):  # the run records its steps here (docs/security.md: a known gap)
+        db = f"{s.state_path}{suffix}"
+        if os.path.exists(db):
+            writable.add(db)
+    return readable, writable
+
+
+def _runtime_paths() -> set[str]:
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        paths.add(sysconfig.get_paths()[key])
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    paths.update(SYSTEM)
+    paths.update(f"/etc/{name}" for name in ETC_FILES)
+    return {p for p in paths if os.path.exists(p)}
+
+
+def _model_ports(plan: RunPlan) -> set[int]:
+    s = plan.settings
+    url = s.langchain_api_url if plan.spec.model.startswith("openai:") else s.ollama_host
+    if plan.spec.model.startswith("scripted:"):
+        return set()
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    return {parsed.port or (443 if parsed.scheme == "https" else 80)}
