@@ -192,6 +192,7 @@ def test_scripted_run_end_to_end(repo: SpecRepo, cli: Cli, home: Path, tmp_path:
     listed = json.loads(done.stdout)
     assert [e["seq"] for e in listed] == list(range(1, len(listed) + 1))
     assert [(e["kind"], e["name"], e["decision"]) for e in listed] == [
+        ("log", "sandbox", None),
         ("memory", "recall", None),
         ("llm_call", "scripted:_scripts/e2e.yaml", None),
         ("tool_call", "file_reader", "allowed"),
@@ -205,9 +206,9 @@ def test_scripted_run_end_to_end(repo: SpecRepo, cli: Cli, home: Path, tmp_path:
     ]
     detail = events(home, run_id)
     assert [e["detail"]["input_tokens"] for e in detail if e["kind"] == "llm_call"] == [120, 50, 60]
-    denied = detail[3]["detail"]
+    denied = detail[4]["detail"]
     assert denied["args"] == {"path": "/etc/passwd"} and "outside the allowed paths" in denied["reason"]
-    assert detail[2]["detail"]["result_bytes"] == len("a note for the agent\n")
+    assert detail[3]["detail"]["result_bytes"] == len("a note for the agent\n")
     assert detail[-1]["detail"]["tokens"] == 275
 
     # The agent log has the run's lines; `agentctl logs --run` shows those and no other run's.

@@ -23,12 +23,25 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from runner.agent.access import redact
-from runner.agent.recording import RunRow, new_run_id, next_seq, progress, utcnow, write_run
+from runner.agent.recording import (
+    TERMINAL,
+    AgentLog,
+    RunRow,
+    agent_log_path,
+    apply,
+    new_run_id,
+    next_seq,
+    progress,
+    utcnow,
+    write_run,
+)
 from runner.agent.running import RunPlan, RunResult, execute
 from runner.agent.warming import warm
 from runner.errors import NotFoundError, OrchestratorError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
+from runner.sandbox.confining import confine
+from runner.sandbox.confining import warm as warm_sandbox
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.state import Transaction, connect, journal
@@ -80,6 +93,7 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
           queued_at: str | None = None) -> Launch:
     warm()  # once per launcher process; every run forked after it starts warm
+    warm_sandbox()
     now = utcnow()
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "running",
                  queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
@@ -107,15 +121,18 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
         os.close(read_end)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        from runner.sandbox.confining import confine
+        def sink(message: dict[str, Any]) -> None:
+            data = (json.dumps(message, default=str) + "\n").encode()
+            while data:
+                data = data[os.write(write_end, data):]
 
         try:
             sandbox = confine(plan)
         except OrchestratorError as exc:
             result = RunResult("failed", error=f"sandbox: {exc.message}")
         else:
-            result = execute(plan, sandbox=sandbox)
-        os.write(write_end, result.to_json().encode())
+            result = execute(plan, sink, sandbox=sandbox)
+        sink({"t": "result", **json.loads(result.to_json())})
         code = 0
     except BaseException:
         code = CHILD_FAILED
@@ -124,8 +141,10 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
 
 
 def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
-    """Wait for the run to end (killing it at its deadline or on a stop request); write its final row."""
-    buf = b""
+    """Wait for the run to end (killing it at its deadline or on a stop request); write its final row.
+
+    Meanwhile, apply what the run process reports on its pipe (events, usage, log lines), in order."""
+    reader = _Lines(conn, launch)
     ended_by: str | None = None
     while True:
         timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
@@ -133,7 +152,7 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
         ready, _, _ = select.select(watch, [], [], timeout)
         if launch.pipe in ready:
             chunk = os.read(launch.pipe, 65536)
-            buf += chunk
+            reader.feed(chunk)
             if not chunk:
                 launch.pipe = _closed(launch.pipe)
         if _exited(launch.pid):
@@ -146,10 +165,36 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
             _terminate(launch.pid, kill_grace)
             break
     _kill_group(launch.pid)
-    buf += _drain(launch.pipe)
+    reader.feed(_drain(launch.pipe))
     if launch.pidfd is not None:
         os.close(launch.pidfd)
-    return finish(conn, launch, _result(buf, ended_by, launch))
+    return finish(conn, launch, _result(reader.result, ended_by, launch))
+
+
+class _Lines:
+    """The run process's JSON lines, applied as they arrive; the last one is its result."""
+
+    def __init__(self, conn: sqlite3.Connection, launch: Launch) -> None:
+        self.conn, self.launch = conn, launch
+        self.buf = b""
+        self.result: dict[str, Any] | None = None
+        s = launch.plan.settings
+        self.log = AgentLog(agent_log_path(s.logs_dir, launch.plan.client_id, launch.plan.agent), launch.plan.run_id)
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not ours: a run process cannot forge more than its own record
+            if not isinstance(message, dict):
+                continue
+            if message.get("t") == "result":
+                self.result = message
+            else:
+                apply(self.conn, self.launch.plan.run_id, self.log, message)
 
 
 def finish(conn: sqlite3.Connection, launch: Launch, result: RunResult) -> RunRow:
@@ -206,16 +251,14 @@ def request_stop(conn: sqlite3.Connection, client_id: str, agent: str) -> int:
     return cur.rowcount
 
 
-def _result(buf: bytes, ended_by: str | None, launch: Launch) -> RunResult:
+def _result(data: dict[str, Any] | None, ended_by: str | None, launch: Launch) -> RunResult:
     if ended_by == "timed_out":
         return RunResult("timed_out", error=f"exceeded max_runtime of {launch.plan.deadline_seconds:g}s")
     if ended_by == "stopped":
         return RunResult("stopped", error="stopped on request")
-    try:
-        data = json.loads(buf.decode())
-        return RunResult(data["status"], data.get("output"), data.get("error"))
-    except (ValueError, KeyError, UnicodeDecodeError):
+    if data is None or data.get("status") not in TERMINAL:
         return RunResult("failed", error=f"run process died without a result ({_exit_text(launch.pid)})")
+    return RunResult(str(data["status"]), data.get("output"), data.get("error"))
 
 
 _EXIT_STATUS: dict[int, int] = {}

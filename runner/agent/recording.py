@@ -13,10 +13,11 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner.agent.access import redact
 from runner.state import Transaction, journal
@@ -83,29 +84,68 @@ def progress(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
     return dict(row) if row else {}
 
 
-class Recorder:
-    """What the run process uses to record its steps and usage."""
+class LogWriter(Protocol):
+    def write(self, message: str, level: str = "INFO") -> None: ...
 
-    def __init__(self, conn: sqlite3.Connection, run_id: str, log: AgentLog) -> None:
-        self.conn, self.run_id, self.log = conn, run_id, log
+
+class Recorder:
+    """What the run process records with: every step goes to its launcher as one JSON line.
+
+    The run process has no access to the state database or the log folder (its sandbox forbids both):
+    it writes ``{"t": "event" | "usage" | "tool" | "log" | "result", ...}`` lines on the pipe to its
+    launcher, which applies them (``apply``) in order. Token totals are kept here too, so the budget
+    needs no round trip.
+    """
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None], run_id: str) -> None:
+        self.sink, self.run_id = sink, run_id
+        self.input_tokens = self.output_tokens = 0
+        self.log = _PipeLog(sink)
+
+    @property
+    def used(self) -> int:
+        return self.input_tokens + self.output_tokens
 
     def event(self, kind: str, name: str | None = None, decision: str | None = None,
               detail: dict[str, Any] | None = None) -> None:
-        with Transaction(self.conn) as tx:
-            seq = next_seq(tx, self.run_id)
-            journal(tx, "run_events", {"run_id": self.run_id, "seq": seq, "ts": utcnow(), "kind": kind,
-                                       "name": name, "decision": decision, "detail": redact(detail or {})})
+        self.sink({"t": "event", "ts": utcnow(), "kind": kind, "name": name, "decision": decision,
+                   "detail": redact(detail or {})})
 
     def usage(self, input_tokens: int, output_tokens: int) -> tuple[int, int]:
-        row = self.conn.execute(
-            """UPDATE run_progress SET input_tokens = input_tokens + ?, output_tokens = output_tokens + ?,
-               model_calls = model_calls + 1, updated_at = ? WHERE run_id = ?
-               RETURNING input_tokens, output_tokens""", (input_tokens, output_tokens, utcnow(), self.run_id)
-        ).fetchone()
-        return (int(row[0]), int(row[1])) if row else (input_tokens, output_tokens)
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.sink({"t": "usage", "input": input_tokens, "output": output_tokens})
+        return self.input_tokens, self.output_tokens
 
     def tool_called(self) -> None:
-        self.conn.execute("UPDATE run_progress SET tool_calls = tool_calls + 1 WHERE run_id = ?", (self.run_id,))
+        self.sink({"t": "tool"})
+
+
+class _PipeLog:
+    def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        self.sink = sink
+
+    def write(self, message: str, level: str = "INFO") -> None:
+        self.sink({"t": "log", "level": level, "message": message})
+
+
+def apply(conn: sqlite3.Connection, run_id: str, log: AgentLog, message: dict[str, Any]) -> None:
+    """The launcher's side: one line from the run process into the journal, progress and log."""
+    kind = message.get("t")
+    if kind == "event":
+        with Transaction(conn) as tx:
+            seq = next_seq(tx, run_id)
+            journal(tx, "run_events", {"run_id": run_id, "seq": seq, "ts": message.get("ts") or utcnow(),
+                                       "kind": str(message.get("kind")), "name": message.get("name"),
+                                       "decision": message.get("decision"), "detail": redact(message.get("detail"))})
+    elif kind == "usage":
+        conn.execute("""UPDATE run_progress SET input_tokens = input_tokens + ?, output_tokens = output_tokens + ?,
+                        model_calls = model_calls + 1, updated_at = ? WHERE run_id = ?""",
+                     (int(message.get("input", 0)), int(message.get("output", 0)), utcnow(), run_id))
+    elif kind == "tool":
+        conn.execute("UPDATE run_progress SET tool_calls = tool_calls + 1 WHERE run_id = ?", (run_id,))
+    elif kind == "log":
+        log.write(str(message.get("message", ""))[:4000], str(message.get("level", "INFO")))
 
 
 class AgentLog:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,11 @@ from runner.agent.access import PathRule
 from runner.agent.builtin_tools import ToolEnv
 from runner.agent.memory import Embedder, HashingEmbedder, MemoryStore, OllamaEmbedder, store_path
 from runner.agent.providers import ModelRef, chat_model, limit_kwargs, preflight
-from runner.agent.recording import AgentLog, Recorder, agent_log_path
+from runner.agent.recording import LogWriter, Recorder
 from runner.agent.toolbox import Toolbox
 from runner.errors import OrchestratorError
 from runner.settings import Settings
 from runner.specs.models import AgentSpec
-from runner.state import connect
 
 DEFAULT_MAX_OUTPUT = 2048  # output tokens per model call when no budget says less
 
@@ -86,12 +86,11 @@ class RunResult:
                            "error": (self.error or "")[:4000] or None})
 
 
-def execute(plan: RunPlan, sandbox: dict[str, Any] | None = None) -> RunResult:
-    """Run the agent once. Never raises: every ending is a RunResult (and recorded)."""
-    settings = plan.settings
-    conn = connect(settings.state_path)
-    log = AgentLog(agent_log_path(settings.logs_dir, plan.client_id, plan.agent), plan.run_id)
-    recorder = Recorder(conn, plan.run_id, log)
+def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict[str, Any] | None = None
+            ) -> RunResult:
+    """Run the agent once, recording through ``sink``. Never raises: every ending is a RunResult."""
+    recorder = Recorder(sink, plan.run_id)
+    log = recorder.log
     memory: MemoryStore | None = None
     try:
         plan.scratch.mkdir(parents=True, exist_ok=True)
@@ -114,7 +113,6 @@ def execute(plan: RunPlan, sandbox: dict[str, Any] | None = None) -> RunResult:
     finally:
         if memory is not None:
             memory.close()
-        conn.close()
 
 
 def open_memory(plan: RunPlan) -> MemoryStore | None:
@@ -126,7 +124,7 @@ def open_memory(plan: RunPlan) -> MemoryStore | None:
     return MemoryStore(store_path(s.memory_dir, plan.client_id, plan.agent, mem.collection), embedder)
 
 
-def _loop(plan: RunPlan, recorder: Recorder, log: AgentLog, memory: MemoryStore | None) -> RunResult:
+def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: MemoryStore | None) -> RunResult:
     spec, s = plan.spec, plan.settings
     ref = ModelRef.parse(spec.model)
     log.write(f"run started ({plan.trigger}) model={spec.model} revision={(plan.revision or '-')[:12]}")
@@ -147,7 +145,7 @@ def _loop(plan: RunPlan, recorder: Recorder, log: AgentLog, memory: MemoryStore 
     for call in range(cap + 1):
         if call == cap:
             return _stop(log, "budget_exceeded", f"reached max_model_calls ({cap}) without a final answer")
-        used = _used(recorder)
+        used = recorder.used
         # The call's own prompt counts against the budget too: leave room for it (estimated).
         prompt = _prompt_estimate(messages, last_input) if ref.provider != "scripted" else 0
         remaining = None if budget is None else budget - used - prompt
@@ -199,12 +197,6 @@ def _system_prompt(plan: RunPlan, recorder: Recorder, memory: MemoryStore | None
     return text
 
 
-def _used(recorder: Recorder) -> int:
-    row = recorder.conn.execute("SELECT input_tokens + output_tokens FROM run_progress WHERE run_id = ?",
-                                (recorder.run_id,)).fetchone()
-    return int(row[0]) if row else 0
-
-
 def _usage(ai: AIMessage, messages: list[BaseMessage]) -> tuple[int, int, bool]:
     meta = ai.usage_metadata
     if meta and (meta.get("input_tokens") or meta.get("output_tokens")):
@@ -228,7 +220,7 @@ def _finish(ai: AIMessage) -> str | None:
     return str(value) if value else None
 
 
-def _stop(log: AgentLog, status: str, message: str) -> RunResult:
+def _stop(log: LogWriter, status: str, message: str) -> RunResult:
     log.write(f"{status}: {message}", "WARNING")
     return RunResult(status, error=message)
 

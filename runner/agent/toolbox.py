@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from runner.agent.access import PathRule
 from runner.agent.builtin_tools import BUILTINS, ToolEnv
-from runner.agent.recording import AgentLog, Recorder
+from runner.agent.recording import LogWriter, Recorder
 from runner.errors import DeniedError, SpecError
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand
@@ -76,7 +76,7 @@ class _Entry:
 
 class Toolbox:
     def __init__(self, spec: AgentSpec, *, variables: dict[str, str], base_env: ToolEnv,
-                 custom_sources: dict[str, str], custom_dir: Path, recorder: Recorder, log: AgentLog) -> None:
+                 custom_sources: dict[str, str], custom_dir: Path, recorder: Recorder, log: LogWriter) -> None:
         self.recorder, self.log = recorder, log
         self.entries: dict[str, _Entry] = {}
         for tool_spec in spec.tools:

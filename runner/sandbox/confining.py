@@ -7,8 +7,8 @@ Landlock is enforced last, after which the process can open only what its rules 
   libraries and programs (/usr, /lib, /bin), and a handful of /etc files programs need (TLS roots,
   time zone, resolver) - not /etc as a whole, so not /etc/shadow;
 - read: the paths of the spec's tools that may read;
-- read and write: the paths of tools that may write, the run's scratch folder, its memory store, its
-  own log file, and the state database the run records its steps in;
+- read and write: the paths of tools that may write, the run's scratch folder and its memory store
+  (not the state database, not the logs: the run reports its steps to its launcher over a pipe);
 - TCP: connect only to the model endpoint's port, unless the spec has network tools (their hosts are
   checked by the tool; see docs/security.md for what this does not yet cover);
 - signals and abstract unix sockets: only within the run (Landlock scoping, ABI 6).
@@ -17,6 +17,7 @@ Everything else - the home's other files, other agents' memory, the settings, /p
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -25,7 +26,6 @@ import urllib.parse
 from typing import Any
 
 from runner.agent.memory import store_path
-from runner.agent.recording import agent_log_path
 from runner.agent.running import RunPlan
 from runner.errors import DeniedError
 from runner.sandbox import landlock
@@ -37,7 +37,15 @@ ETC_FILES = ("ssl", "ca-certificates", "pki", "localtime", "timezone", "hosts", 
              "ld.so.conf.d", "os-release", "debian_version")
 SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full")
+# What runtimes read about the machine (memory and CPU limits): harmless, and DuckDB aborts without it.
+SYSTEM_INFO = ("/sys/fs/cgroup", "/sys/devices/system/cpu", "/proc/meminfo", "/proc/cpuinfo", "/proc/stat")
 MiB = 1024 * 1024
+
+
+def warm() -> None:
+    """Work out the runtime's paths once in the launcher; forked runs inherit the answer."""
+    _runtime_paths()
+    landlock.abi_version()
 
 
 def confine(plan: RunPlan) -> dict[str, Any]:
@@ -69,6 +77,8 @@ def confine(plan: RunPlan) -> dict[str, Any]:
     for dev in DEVICES:
         rules.allow_path(dev, landlock.READ | landlock.WRITE_FILE)
     rules.allow_path(f"/proc/{os.getpid()}", landlock.READ)
+    for info in SYSTEM_INFO:
+        rules.allow_path(info, landlock.READ)
     ports = _model_ports(plan)
     rules.allow_ports(ports)
     rules.enforce()
@@ -126,25 +136,19 @@ def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
         store = store_path(s.memory_dir, plan.client_id, plan.agent, plan.spec.memory.collection)
         store.parent.mkdir(parents=True, exist_ok=True)
         writable.add(str(store.parent))
-    log = agent_log_path(s.logs_dir, plan.client_id, plan.agent)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.touch(exist_ok=True)
-    writable.add(str(log.parent))  # the agents' log folder (rotation renames within it)
-    for suffix in ("", "-wal", "-shm"):  # the run records its steps here (docs/security.md: a known gap)
-        db = f"{s.state_path}{suffix}"
-        if os.path.exists(db):
-            writable.add(db)
+    # No state database and no log folder: the run reports its steps to its launcher over a pipe.
     return readable, writable
 
 
-def _runtime_paths() -> set[str]:
+@functools.cache
+def _runtime_paths() -> frozenset[str]:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         paths.add(sysconfig.get_paths()[key])
     paths.update(p for p in sys.path if p and os.path.isdir(p))
     paths.update(SYSTEM)
     paths.update(f"/etc/{name}" for name in ETC_FILES)
-    return {p for p in paths if os.path.exists(p)}
+    return frozenset(p for p in paths if os.path.exists(p))
 
 
 def _model_ports(plan: RunPlan) -> set[int]:

@@ -62,27 +62,36 @@ class Scheduler:
         self.thread.start()
 
     def update(self, agents: dict[str, AgentSpec], *, catch_up: bool = False) -> None:
-        """Replace the schedule with these agents' schedule triggers (enabled, not suspended)."""
-        now = datetime.now(UTC)
+        """Replace the schedule with these agents' schedule triggers (enabled, not suspended).
+
+        A trigger already scheduled keeps its pending slot, and the new heap is made under the lock: computing
+        a trigger's next slot afresh while the loop fires could drop a slot that is due (now has passed it) or
+        bring back one the loop has just fired.
+        """
         conn = self.conn_factory()
         last = {(r[0], r[1]): datetime.fromisoformat(r[2]) for r in conn.execute(
             "SELECT agent, trigger_key, last_slot FROM trigger_state WHERE client_id = ?", (self.client_id,))}
         heap: list[_Slot] = []
         due: list[_Slot] = []
-        for name, spec in agents.items():
-            for i, trig in enumerate(spec.triggers):
-                if not isinstance(trig, ScheduleTrigger):
-                    continue
-                key = schedule_key(i, trig)
-                previous = last.get((name, key))
-                if catch_up and trig.persistent and previous is not None:
-                    missed = last_fire(trig.cron, trig.timezone, now)
-                    if missed is not None and missed > previous:
-                        due.append(_Slot(missed, name, key, trig))
-                after = max(now, previous) if previous else now
-                heap.append(_Slot(next_fire(trig.cron, trig.timezone, after), name, key, trig))
-        heapq.heapify(heap)
         with self.cond:
+            now = datetime.now(UTC)
+            pending = {(slot.agent, slot.key): slot.at for slot in self.heap}
+            for name, spec in agents.items():
+                for i, trig in enumerate(spec.triggers):
+                    if not isinstance(trig, ScheduleTrigger):
+                        continue
+                    key = schedule_key(i, trig)
+                    if (name, key) in pending:
+                        heap.append(_Slot(pending[(name, key)], name, key, trig))
+                        continue
+                    previous = last.get((name, key))
+                    if catch_up and trig.persistent and previous is not None:
+                        missed = last_fire(trig.cron, trig.timezone, now)
+                        if missed is not None and missed > previous:
+                            due.append(_Slot(missed, name, key, trig))
+                    after = max(now, previous) if previous else now
+                    heap.append(_Slot(next_fire(trig.cron, trig.timezone, after), name, key, trig))
+            heapq.heapify(heap)
             self.heap = heap
             self.cond.notify_all()
         for slot in due:
