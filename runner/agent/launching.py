@@ -40,7 +40,8 @@ from runner.agent.warming import warm
 from runner.errors import NotFoundError, OrchestratorError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
-from runner.sandbox.confining import confine
+from runner.sandbox import isolating
+from runner.sandbox.confining import confine, needs_network
 from runner.sandbox.confining import warm as warm_sandbox
 from runner.settings import Settings
 from runner.source.git import GitSource
@@ -121,13 +122,22 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
         os.close(read_end)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        namespaces = isolating.enter(network=needs_network(plan))
+        if namespaces:  # PID 1 of the new namespace runs the agent; this process only waits for it
+            inner = os.fork()
+            if inner:
+                os.close(write_end)
+                _pid, status = os.waitpid(inner, 0)
+                os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+            die_with_parent()
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores signals it does not handle
         def sink(message: dict[str, Any]) -> None:
             data = (json.dumps(message, default=str) + "\n").encode()
             while data:
                 data = data[os.write(write_end, data):]
 
         try:
-            sandbox = confine(plan)
+            sandbox = {**confine(plan), "namespaces": namespaces}
         except OrchestratorError as exc:
             result = RunResult("failed", error=f"sandbox: {exc.message}")
         else:

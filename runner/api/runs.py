@@ -74,7 +74,9 @@ class Collection:
             return f'{{"runs": [{items}], "next_cursor": {cursor_out}}}'.encode()
 
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = self.api.cache.get(("runs", tuple(params), limit), build)
+        # Keyed by each filter's name too: ?agent=failed and ?status=failed are different pages.
+        key = ("runs", rt.settings.client_id, agent, status, since, cursor, limit)
+        resp.data = self.api.cache.get(key, build)
 
 
 class Item:

@@ -31,6 +31,7 @@ from runner.errors import DeniedError
 from runner.sandbox import landlock
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand
+from runner.specs.custom_tools import describe_module
 
 ETC_FILES = ("ssl", "ca-certificates", "pki", "localtime", "timezone", "hosts", "resolv.conf", "nsswitch.conf",
              "host.conf", "gai.conf", "mime.types", "protocols", "services", "ld.so.cache", "ld.so.conf",
@@ -51,8 +52,9 @@ def warm() -> None:
 def confine(plan: RunPlan) -> dict[str, Any]:
     """Apply the sandbox; returns what is enforced (recorded with the run). Raises DeniedError when the
     spec needs a guarantee this kernel cannot give and the settings do not allow running without it."""
-    s, spec = plan.settings, plan.spec
+    s = plan.settings
     plan.scratch.mkdir(parents=True, exist_ok=True)
+    _capture_output(plan)
     enforced: dict[str, Any] = {"mode": s.sandbox}
     _clean_environment(plan)
     enforced["environment"] = "clean"
@@ -64,9 +66,7 @@ def confine(plan: RunPlan) -> dict[str, Any]:
                               "AGENT_ORCH_SANDBOX=permissive runs it unconfined (recorded as such)")
         enforced["landlock"] = "unavailable: unconfined (AGENT_ORCH_SANDBOX=permissive)"
         return enforced
-    network_tools = any(BUILTIN_TOOLS.get(t.name) is None or "network" in (t.permissions or
-                        BUILTIN_TOOLS[t.name].needs) for t in spec.tools)
-    rules = landlock.Ruleset(network=not network_tools)
+    rules = landlock.Ruleset(network=not network_tools(plan))
     readable, writable = _paths(plan)
     for path in _runtime_paths():
         rules.allow_path(path, landlock.READ_EXEC)
@@ -76,7 +76,8 @@ def confine(plan: RunPlan) -> dict[str, Any]:
         rules.allow_path(path, landlock.READ | landlock.WRITE)
     for dev in DEVICES:
         rules.allow_path(dev, landlock.READ | landlock.WRITE_FILE)
-    rules.allow_path(f"/proc/{os.getpid()}", landlock.READ)
+    # /proc/self, resolved: inside a PID namespace getpid() is 1, and /proc/1 is the machine's init.
+    rules.allow_path(os.path.realpath("/proc/self"), landlock.READ)
     for info in SYSTEM_INFO:
         rules.allow_path(info, landlock.READ)
     ports = _model_ports(plan)
@@ -85,6 +86,29 @@ def confine(plan: RunPlan) -> dict[str, Any]:
     enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable),
                             "tcp_connect": sorted(ports) if rules.net else "not restricted (network tools)"}
     return enforced
+
+
+def network_tools(plan: RunPlan) -> bool:
+    """Any tool granted 'network' (a custom tool: by its spec, else by the PERMISSIONS it declares)."""
+    for t in plan.spec.tools:
+        info = BUILTIN_TOOLS.get(t.name) or describe_module(t.name, plan.custom_sources.get(t.name, "").encode())
+        if "network" in (t.permissions or info.allowed):
+            return True
+    return False
+
+
+def _capture_output(plan: RunPlan) -> None:
+    """The run's stdout and stderr go to a file in its scratch folder (bounded by RLIMIT_FSIZE), never
+    to the terminal of `agentctl run` or to the daemon's log: a tool printing gigabytes fills only that."""
+    fd = os.open(plan.scratch / "output.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def needs_network(plan: RunPlan) -> bool:
+    """False when the run can live without any network: a scripted model and no network tools."""
+    return network_tools(plan) or not plan.spec.model.startswith("scripted:")
 
 
 def _clean_environment(plan: RunPlan) -> None:
