@@ -125,8 +125,9 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
         namespaces = isolating.enter(network=needs_network(plan))
         if namespaces:  # PID 1 of the new namespace runs the agent; this process only waits for it
             inner = os.fork()
-            if inner:
+            if inner:  # on SIGTERM, end the namespace (its PID 1) and reap it: no orphan, no zombie
                 os.close(write_end)
+                signal.signal(signal.SIGTERM, lambda *_: os.kill(inner, signal.SIGKILL))
                 _pid, status = os.waitpid(inner, 0)
                 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
             die_with_parent()

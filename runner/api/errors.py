@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -75,7 +76,17 @@ STATUS_OF: list[tuple[type[OrchestratorError], type[ApiError]]] = [
 def render(resp: falcon.Response, status: int, code: str, message: str, details: list[Any] | None = None) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = json.dumps({"error": {"code": code, "message": message, "details": details or []}})
+    resp.text = json.dumps({"error": {"code": code, "message": without_credentials(message),
+                                      "details": details or []}})
+
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it masked: a source URL may carry a token
+    (https://user:TOKEN@host/repo.git), and git's messages quote the URL."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def handle_any(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:

@@ -54,15 +54,15 @@ def document() -> dict[str, Any]:
                                                                                      "items": AGENT}}}),
                                   **_errors(400, 401)}},
             "post": {"requestBody": SPEC_BODY,
-                     "responses": {**_ok(OBJ, 201), **_errors(400, 401, 403, 409, 413, 422)}},
+                     "responses": {**_ok(OBJ, 201), **_errors(400, 401, 403, 409, 413, 422, 503)}},
         },
         f"{base}/agents/{{name}}": {
             "parameters": _params(NAME),
             "get": {"responses": {**_ok(AGENT), **_errors(401, 404)}},
             "put": {"parameters": _params(("If-Match", "header", "string")), "requestBody": SPEC_BODY,
-                    "responses": {**_ok(OBJ), **_errors(400, 401, 403, 404, 409, 413, 422, 428)}},
+                    "responses": {**_ok(OBJ), **_errors(400, 401, 403, 404, 409, 413, 422, 428, 503)}},
             "delete": {"parameters": _params(("If-Match", "header", "string")),
-                       "responses": {**_ok(OBJ), **_errors(401, 403, 404, 409, 428)}},
+                       "responses": {**_ok(OBJ), **_errors(401, 403, 404, 409, 428, 503)}},
         },
         f"{base}/agents/{{name}}/start": {"parameters": _params(NAME), "post": {
             "responses": {**_ok(OBJ, 202), **_errors(400, 401, 403, 404)}}},
@@ -90,7 +90,7 @@ def document() -> dict[str, Any]:
         f"{base}/tools": {"get": {"responses": {**_ok(OBJ), **_errors(401)}}},
         f"{base}/metrics": {"get": {"responses": {"200": {"description": "Prometheus text", "content": {
             "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
-        f"{base}/hooks/git": {"post": {"security": [], "responses": {**_ok(OBJ, 202), **_errors(401, 404, 413)}}},
+        f"{base}/hooks/git": {"post": {"security": [], "responses": {**_ok(OBJ, 202), **_errors(401, 403, 413)}}},
         "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus text", "content": {
             "text/plain": {"schema": {"type": "string"}}}}}}},
         "/healthz": {"get": {"security": [], "responses": _ok(OBJ)}},

@@ -11,7 +11,7 @@ import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from runner.api.app import MAX_BODY, Api
-from runner.api.errors import NotFound, TooLarge, Unauthorized
+from runner.api.errors import NotFound, TooLarge, Unauthorized, without_credentials
 from runner.api.openapi import document
 from runner.errors import OrchestratorError
 from runner.specs.catalog import BUILTIN_TOOLS
@@ -49,6 +49,9 @@ class MetricsResource:
         resp.data = generate_latest(self.api.metrics.registry)
 
 
+UNSIGNED = "the webhook signature is missing or does not match AGENT_ORCH_WEBHOOK_SECRET"
+
+
 class GitHook:
     """POST /agents/v1/hooks/git: a push webhook (GitHub, Gitea, GitLab) asking for a reconcile.
 
@@ -67,12 +70,15 @@ class GitHook:
         principal = req.context.get("principal")
         client = principal.client_id if principal else (req.get_param("client_id") or "default")
         rt = self.api.runtimes.get(client)
-        if rt is None:
-            raise NotFound(f"no client '{client}' here")
+        if rt is None:  # (no token here) answer as a served client would, so client ids cannot be probed
+            if os.environ.get("AGENT_ORCH_WEBHOOK_SECRET"):
+                raise Unauthorized(UNSIGNED)
+            self.api.require(req, "operator")
+            raise Unauthorized(UNSIGNED)  # not reached: without a token, require() refuses
         secret = os.environ.get("AGENT_ORCH_WEBHOOK_SECRET", "") or rt.settings.webhook_secret
         if secret:
             if not _signed(req, body, secret):
-                raise Unauthorized("the webhook signature is missing or does not match AGENT_ORCH_WEBHOOK_SECRET")
+                raise Unauthorized(UNSIGNED)
             who = "webhook"
         else:
             who = self.api.require(req, "operator").name
@@ -97,7 +103,8 @@ class Health:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Open: only whether the daemon is well. With a token: the details of that token's client."""
-        clients = {client: rt.health() for client, rt in self.api.runtimes.items()}
+        clients = {client: {k: without_credentials(v) if isinstance(v, str) else v for k, v in rt.health().items()}
+                   for client, rt in self.api.runtimes.items()}
         ok = all(not c.get("error") for c in clients.values())
         body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
         principal = req.context.get("principal")
