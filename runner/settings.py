@@ -138,11 +138,11 @@ class Settings(BaseSettings):
         gt=0,
     )
 
-    sandbox: Literal["strict", "permissive"] = _env(
+    sandbox: Literal["strict", "permissive", "off"] = _env(
         "AGENT_ORCH_SANDBOX",
         "strict",
-        "strict: a run whose limits this kernel cannot enforce is refused; permissive: it runs unconfined, "
-        "and the run's record says so.",
+        "strict: a run whose limits this kernel cannot enforce is refused; permissive: such a run goes "
+        "unconfined; off: no run is confined (for measuring and debugging). The run's record says which.",
         "sandbox",
     )
     max_memory_mb: int = _env("AGENT_ORCH_MAX_MEMORY_MB", 4096, "Default address-space limit of a run, MiB.",

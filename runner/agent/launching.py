@@ -122,7 +122,7 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
         os.close(read_end)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        namespaces = isolating.enter(network=needs_network(plan))
+        namespaces = isolating.enter(network=needs_network(plan)) if plan.settings.sandbox != "off" else []
         if namespaces:  # PID 1 of the new namespace runs the agent; this process only waits for it
             inner = os.fork()
             if inner:  # on SIGTERM, end the namespace (its PID 1) and reap it: no orphan, no zombie

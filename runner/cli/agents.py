@@ -31,8 +31,10 @@ def status(app: App, name: str | None) -> None:
     last = last_runs(app)
     source = app.conn.execute("SELECT * FROM sources WHERE client_id = ?", (app.settings.client_id,)).fetchone()
     rows = [agent_row(a, last.get(a.name)) for a in agents.values()]
-    data = {"client_id": app.settings.client_id,
-            "source": dict(source) if source else None, "agents": rows}
+    from runner.sandbox import capabilities
+
+    data = {"client_id": app.settings.client_id, "source": dict(source) if source else None, "agents": rows,
+            "sandbox": {"mode": app.settings.sandbox, **capabilities.detect()}}
     app.emit(data, lambda: _print_status(data))
 
 
@@ -71,6 +73,9 @@ def _print_status(data: dict[str, Any]) -> None:
         console.print(line, highlight=False)
         if src.get("error"):
             console.print(f"[red]last source error:[/red] {src['error']}", highlight=False)
+    sb = data["sandbox"]
+    console.print(f"sandbox {sb['mode']}: files {sb['filesystem']}, network {sb['network']}, "
+                  f"user namespaces {'yes' if sb['user_namespaces'] else 'no'}", highlight=False)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "STATE", "REVISION", "LAST RUN", "NEXT RUN", "MESSAGE"):
         table.add_column(col, overflow="fold" if col == "MESSAGE" else "ellipsis", no_wrap=col != "MESSAGE")

@@ -54,8 +54,10 @@ def confine(plan: RunPlan) -> dict[str, Any]:
     spec needs a guarantee this kernel cannot give and the settings do not allow running without it."""
     s = plan.settings
     plan.scratch.mkdir(parents=True, exist_ok=True)
-    _capture_output(plan)
     enforced: dict[str, Any] = {"mode": s.sandbox}
+    if s.sandbox == "off":
+        return enforced
+    _capture_output(plan)
     _clean_environment(plan)
     enforced["environment"] = "clean"
     enforced["limits"] = _limits(plan)

@@ -30,6 +30,7 @@ from runner.errors import SourceError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied, set_suspended
 from runner.reconcile.reconciling import open_source, reconcile
+from runner.sandbox import capabilities
 from runner.settings import Settings, client_ids
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
@@ -68,6 +69,12 @@ class Daemon:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        caps = capabilities.detect()
+        log.info("sandbox %s: files %s, network %s, scoping %s, user namespaces %s", self.settings.sandbox,
+                 caps["filesystem"], caps["network"], caps["scoping"], caps["user_namespaces"])
+        if caps["landlock_abi"] == 0 and self.settings.sandbox == "strict":
+            log.warning("this kernel has no Landlock: runs will be refused (AGENT_ORCH_SANDBOX=permissive runs "
+                        "them unconfined)")
         for client in self.clients:
             client.start()
         runtimes: dict[str, Any] = {c.settings.client_id: c.runtime for c in self.clients}
@@ -339,7 +346,8 @@ class DaemonRuntime:
         source = dict(row) if row else {}
         agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL",
                                      (self.settings.client_id,)).fetchone()[0]
-        return {"source": source.get("location"), "revision": source.get("revision"),
+        return {"sandbox": {"mode": self.settings.sandbox, **capabilities.detect()},
+                "source": source.get("location"), "revision": source.get("revision"),
                 "reconciled_at": source.get("reconciled_at"), "error": source.get("error"), "agents": agents,
                 "uptime_seconds": round(time.time() - self.started, 1), **self.in_flight()}
 
