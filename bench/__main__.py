@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from bench import api, daemon, memory, overhead, plan
+from bench import api, daemon, memory, overhead, plan, sandbox
 
 BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main, "daemon": daemon.main,
-           "api": api.main}
+           "api": api.main, "sandbox": sandbox.main}
 
 
 def main() -> None:

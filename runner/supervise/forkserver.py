@@ -22,6 +22,7 @@ from runner.agent.launching import die_with_parent, start, wait
 from runner.agent.recording import TERMINAL
 from runner.agent.running import RunPlan
 from runner.agent.warming import warm
+from runner.sandbox.confining import warm as warm_sandbox
 from runner.state import connect
 
 STATUS_BASE = 10
@@ -36,6 +37,7 @@ def main() -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     warm()
+    warm_sandbox()
     out = sys.stdout
     _send(out, {"op": "ready", "pid": os.getpid()})
     launchers: dict[int, str] = {}
