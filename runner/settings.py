@@ -235,9 +235,12 @@ class Settings(BaseSettings):
         from_file = read_settings_file(home_path / "config" / "settings.json", client)
         from_file.pop("AGENT_ORCH_HOME", None)
         from_file.pop("AGENT_ORCH_CLIENT_ID", None)
+        # A client's own section is more specific than the environment (which speaks for every client).
+        own = client_section(home_path / "config" / "settings.json", client)
         try:
             base = cls(**from_file)
-            update = {k: v for k, v in overrides.items() if v is not None}
+            update = {_field_of(k): v for k, v in own.items() if _field_of(k)}
+            update |= {k: v for k, v in overrides.items() if v is not None}
             # Re-validate so overrides get the same checks as every other source.
             data = base.model_dump() | update | {"home": home_path, "client_id": client}
             return cls.model_validate(data)
@@ -256,6 +259,25 @@ class Settings(BaseSettings):
                 value = "(set)" if value else ""
             out[str(env or name)] = str(value) if isinstance(value, Path) else value
         return out
+
+
+def client_section(path: Path, client_id: str) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    section = (data.get("clients") or {}).get(client_id) if isinstance(data, dict) else None
+    return {k.upper(): v for k, v in section.items()} if isinstance(section, dict) else {}
+
+
+def _field_of(env: str) -> str:
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("env") == env:
+            return name
+    return ""
 
 
 def read_settings_file(path: Path, client_id: str) -> dict[str, Any]:

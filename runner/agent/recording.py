@@ -69,7 +69,8 @@ def write_run(conn: sqlite3.Connection, row: RunRow) -> None:
                    row)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, pid = coalesce(excluded.pid, pid),
-                   launcher_pid = excluded.launcher_pid, updated_at = excluded.updated_at, row = excluded.row""",
+                   started_at = coalesce(excluded.started_at, started_at), launcher_pid = excluded.launcher_pid,
+                   updated_at = excluded.updated_at, row = excluded.row""",
             (row.run_id, row.client_id, row.agent, row.pid, os.getpid(), row.status, row.started_at, utcnow(),
              json.dumps(row.as_ledger())))
 

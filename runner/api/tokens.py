@@ -49,9 +49,10 @@ def lookup(conn: sqlite3.Connection, token: str) -> Principal | None:
         return hit[1]
     row = conn.execute("SELECT client_id, name, role FROM tokens WHERE hash = ?", (key,)).fetchone()
     principal = Principal(row[0], row[1], row[2]) if row else None
-    if len(_cache) > 10_000:
-        _cache.clear()  # bounded: unknown tokens sent in bulk must not grow it forever
-    _cache[key] = (time.monotonic(), principal)
+    if principal is not None:  # only known tokens: a token just created works at once
+        if len(_cache) > 10_000:
+            _cache.clear()
+        _cache[key] = (time.monotonic(), principal)
     return principal
 
 

@@ -27,6 +27,8 @@ def run(app: App, name: str, input_text: str | None, input_file: str | None) -> 
         raise UsageError("give --input or --input-file, not both")
     if input_file is not None:
         input_text = Path(input_file).read_text(encoding="utf-8", errors="replace")
+    if input_text is not None:  # argv may carry bytes that are not UTF-8 (lone surrogates): make it text
+        input_text = input_text.encode("utf-8", "replace").decode("utf-8")
     answer = ask_daemon(app, {"op": "run", "agent": name, "input": input_text, "requested_by": "cli"})
     if answer is not None:
         data = {k: answer.get(k) for k in ("run_id", "status", "agent", "output", "error", "input_tokens",

@@ -53,11 +53,31 @@ def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False,
                 if not is_lock_error(exc):
                     raise
                 return None if total == 0 else total  # a reader holds the file; try again later
+            except duckdb.Error:
+                ingested = _one_by_one(state, ledger_path, rows)
             state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
             total += len(rows)
             if observe is not None:
                 for tbl, row in ingested:
                     observe(tbl, row)
+
+
+def _one_by_one(state: sqlite3.Connection, ledger_path: Path, rows: list[sqlite3.Row]
+                ) -> list[tuple[str, dict[str, Any]]]:
+    """A batch DuckDB refused: ingest row by row, and set aside (journal_rejected) the rows it cannot
+    store, with the reason, so one bad row never blocks the journal behind it."""
+    state.execute("CREATE TABLE IF NOT EXISTS journal_rejected (id INTEGER PRIMARY KEY, tbl TEXT, row TEXT, "
+                  "error TEXT)")
+    ingested: list[tuple[str, dict[str, Any]]] = []
+    for row in rows:
+        try:
+            ingested += _ingest(ledger_path, [row])
+        except duckdb.IOException:
+            raise
+        except duckdb.Error as exc:
+            state.execute("INSERT OR REPLACE INTO journal_rejected VALUES (?, ?, ?, ?)",
+                          (row[0], row[1], row[2], str(exc)[:1000]))
+    return ingested
 
 
 def is_lock_error(exc: Exception) -> bool:

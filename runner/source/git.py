@@ -32,7 +32,8 @@ class Location:
     path: str  # folder inside the repository, '' for the root
 
     def describe(self) -> str:
-        return f"{self.url}@{self.ref}:{self.path or '.'}"
+        """Where the specs come from, fit to show and store: a password or token in the URL is masked."""
+        return f"{mask_credentials(self.url)}@{self.ref}:{self.path or '.'}"
 
 
 class FolderMissing(SourceError):
@@ -177,6 +178,10 @@ def _folder(path: str) -> str:
     """The folder as ls-tree needs it: '' for the root, no '.' or './' (which would list nothing or cut names)."""
     folder = posixpath.normpath(path.strip("/") or ".")
     return "" if folder == "." else folder
+
+
+def mask_credentials(url: str) -> str:
+    return re.sub(r"^([a-z+]+://[^/@:]*):[^/@]*@", r"\1:***@", url)
 
 
 def _mirror_path(root: Path, url: str) -> Path:

@@ -28,8 +28,13 @@ def commit_file(source: GitSource, rel_path: str, content: bytes | None, *, mess
         raise ConflictError(f"{path} already exists at {old[:12]}")
     if expect_blob is not None and current != expect_blob:
         raise ConflictError(f"{path} changed since you read it (now {current or 'deleted'}, you had {expect_blob})")
-    # An index of this call's own: the API writes from several threads of one process at once.
-    env = {**os.environ, "GIT_INDEX_FILE": str(Path(repo) / f".agentctl-index-{os.getpid()}-{uuid.uuid4().hex}")}
+    worktree = _checked_out(repo, branch)
+    if worktree is not None and _git(worktree, "status", "--porcelain", "--", path).strip():
+        raise ConflictError(f"{path} has uncommitted changes in the checkout {worktree}: commit or discard them, "
+                            "then try again")
+    # An index of this call's own (in the git folder): the API writes from several threads at once.
+    git_dir = Path(repo) / _git(repo, "rev-parse", "--git-dir").strip()
+    env = {**os.environ, "GIT_INDEX_FILE": str(git_dir / f"agentctl-index-{os.getpid()}-{uuid.uuid4().hex}")}
     try:
         _git(repo, "read-tree", old, env=env)
         blob = None
@@ -48,6 +53,10 @@ def commit_file(source: GitSource, rel_path: str, content: bytes | None, *, mess
         _git(repo, "update-ref", branch, commit, old)
     except SourceError:
         raise ConflictError(f"{branch} moved while writing; read again and retry") from None
+    if worktree is not None:
+        # Like git's receive.denyCurrentBranch=updateInstead: the checkout follows its branch, so a
+        # person's next `git commit -a` does not quietly undo what the API wrote.
+        _git(worktree, "read-tree", "-m", "-u", old, commit)
     if source.remote:
         try:
             _git(repo, "push", "origin", f"{commit}:{branch}")
@@ -55,6 +64,17 @@ def commit_file(source: GitSource, rel_path: str, content: bytes | None, *, mess
             _git(repo, "update-ref", branch, old, commit)
             raise ConflictError(f"the spec repository refused the push: {exc.message}") from None
     return commit, blob
+
+
+def _checked_out(repo: Path, branch: str) -> Path | None:
+    """The work tree where ``branch`` is checked out, if the repository has one."""
+    if _git(repo, "rev-parse", "--is-bare-repository").strip() == "true":
+        return None
+    try:
+        head = _git(repo, "symbolic-ref", "-q", "HEAD").strip()
+    except SourceError:
+        return None
+    return Path(_git(repo, "rev-parse", "--show-toplevel").strip()) if head == branch else None
 
 
 def _branch(source: GitSource) -> str:

@@ -182,6 +182,11 @@ class ClientDaemon:
             backoff = min(MAX_BACKOFF, 2.0 ** self._failures)
             log.warning("source unavailable (%s); keeping the last good state, retry in %.0fs", exc.message, backoff)
             return backoff
+        except Exception as exc:  # a bug or a broken ledger must not take the daemon down: retry later
+            self._failures += 1
+            backoff = min(MAX_BACKOFF, 2.0 ** self._failures)
+            log.exception("reconcile failed (%s); retry in %.0fs", exc, backoff)
+            return backoff
         self._failures = 0
         if self.metrics is not None:
             self.metrics.reconcile_seconds.labels(self.settings.client_id).observe(time.perf_counter() - started)

@@ -149,12 +149,22 @@ class ProcessTable:
     def _dispatch_loop(self) -> None:
         while True:
             with self.cond:
-                while not (self.queue and len(self.running) < self.settings.max_agents):
+                request = self._next()
+                while request is None:
                     self.cond.wait()
-                request = self.queue.popleft()
+                    request = self._next()
+                self.queue.remove(request)
                 self.running[request.run_id] = request
                 self.peak = max(self.peak, len(self.running))
             self._hand_off(request)
+
+    def _next(self) -> Request | None:
+        """The oldest queued run whose agent has none in flight (an agent runs once at a time: 'queue'
+        waits for the run before it, 'replace' for the stopped one to be gone), while a slot is free."""
+        if len(self.running) >= self.settings.max_agents:
+            return None
+        busy = {r.agent for r in self.running.values()}
+        return next((r for r in self.queue if r.agent not in busy), None)
 
     def _hand_off(self, request: Request) -> None:
         try:
