@@ -12,7 +12,6 @@ also stops a call that hangs.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,13 +222,3 @@ def _finish(ai: AIMessage) -> str | None:
 def _stop(log: LogWriter, status: str, message: str) -> RunResult:
     log.write(f"{status}: {message}", "WARNING")
     return RunResult(status, error=message)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

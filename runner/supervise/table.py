@@ -228,12 +228,18 @@ class ProcessTable:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live process. A zombie is not: after a kill -9 the dead launchers linger as
+    zombies until something reaps them, and os.kill(pid, 0) still succeeds on those."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
         return True
