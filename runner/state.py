@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS tokens (         -- API tokens, by SHA-256 of the tok
     role TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tool_stats (     -- tool calls by decision, counted as launchers record them (metrics)
+    client_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (client_id, tool, decision)
+);
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,

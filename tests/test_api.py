@@ -648,9 +648,10 @@ def test_every_request_is_audited_by_token_name_never_by_token(main: Served) -> 
         assert leaked == (0,), "a token reached the audit table"
         return rows if len(rows) == 2 else None
 
-    rows = poll(audited, "both requests in the audit table")
-    assert rows[0] == (seen, "default", "viewer-default", "GET /agents/v1/agents/{name}", "404")
-    assert rows[1][:3] == (refused, "default", None) and rows[1][3].startswith("GET ") and rows[1][4] == "401"
+    rows = {row[0]: row for row in poll(audited, "both requests in the audit table")}  # one batch: any order
+    assert rows[seen] == (seen, "default", "viewer-default", "GET /agents/v1/agents/{name}", "404")
+    assert rows[refused][:3] == (refused, "default", None) and rows[refused][3].startswith("GET ")
+    assert rows[refused][4] == "401"
 
 
 # -- metrics ------------------------------------------------------------------------------------------

@@ -136,6 +136,11 @@ def apply(conn: sqlite3.Connection, run_id: str, log: AgentLog, message: dict[st
     if kind == "event":
         with Transaction(conn) as tx:
             seq = next_seq(tx, run_id)
+            if message.get("kind") == "tool_call":
+                tx.execute("""INSERT INTO tool_stats (client_id, tool, decision, count)
+                              SELECT client_id, ?, ?, 1 FROM run_progress WHERE run_id = ?
+                              ON CONFLICT (client_id, tool, decision) DO UPDATE SET count = count + 1""",
+                           (str(message.get("name")), str(message.get("decision")), run_id))
             journal(tx, "run_events", {"run_id": run_id, "seq": seq, "ts": message.get("ts") or utcnow(),
                                        "kind": str(message.get("kind")), "name": message.get("name"),
                                        "decision": message.get("decision"), "detail": redact(message.get("detail"))})

@@ -183,9 +183,13 @@ class _Builder:
 
 
 def _too_deep(text: str) -> tuple[int, int] | None:
-    """Where ``text`` first nests collections deeper than MAX_DEPTH, or None."""
+    """Where ``text`` first nests collections deeper than MAX_DEPTH, or None.
+
+    The pure-Python parser on purpose: it yields events one at a time and has no limit of its own,
+    while libyaml reads ahead and, from PyYAML 6.0.4, stops at its own nesting limit first - with
+    another message at another place, depending on the version installed."""
     depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH + 1:  # the root mapping is depth 1 here; MAX_DEPTH counts levels below it

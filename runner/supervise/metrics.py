@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from runner.reconcile.applied import load_applied
@@ -22,17 +22,12 @@ class Metrics:
         self._run_clients: dict[str, str] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.runs = Counter("agent_orch_runs", "Runs ended, by final status.", ["client", "agent", "status"],
-                            registry=r)
         self.run_seconds = Histogram("agent_orch_run_duration_seconds", "Run duration.", ["client"], registry=r,
                                      buckets=(0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600))
         self.dispatch = Histogram("agent_orch_dispatch_latency_seconds", "Trigger to hand-off to a run process.",
                                   ["client"], registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5))
         self.trigger_lag = Histogram("agent_orch_trigger_lag_seconds", "Schedule slot to run submission.",
                                      ["client"], registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
-        self.tokens = Counter("agent_orch_tokens", "Model tokens used.", ["client", "agent", "kind"], registry=r)
-        self.tool_calls = Counter("agent_orch_tool_calls", "Tool calls by tool and decision.",
-                                  ["client", "tool", "decision"], registry=r)
         self.reconcile_seconds = Histogram("agent_orch_reconcile_duration_seconds", "Reconcile duration.",
                                            ["client"], registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30))
         self.requests = Counter("agent_orch_api_requests", "API requests by route and status.",
@@ -64,18 +59,14 @@ class Metrics:
         return client
 
     def observe_ledger(self, client: str, table: str, row: dict[str, Any]) -> None:
-        """Fed by the ledger flush with every row it moves: counters from what runs did."""
-        if table == "runs" and row.get("status") not in ("queued", "running") and row.get("ended_at"):
-            self.runs.labels(client, row["agent"], row["status"]).inc()
-            self.tokens.labels(client, row["agent"], "input").inc(int(row.get("input_tokens") or 0))
-            self.tokens.labels(client, row["agent"], "output").inc(int(row.get("output_tokens") or 0))
-            if row.get("started_at") and row.get("ended_at"):
-                from datetime import datetime
+        """Fed by the daemon's ledger flush: the duration of runs that ended (counts come from the state
+        database at scrape time, so they are right whichever process moved the rows)."""
+        if table == "runs" and row.get("status") not in ("queued", "running") and row.get("ended_at") \
+                and row.get("started_at"):
+            from datetime import datetime
 
-                took = datetime.fromisoformat(row["ended_at"]) - datetime.fromisoformat(row["started_at"])
-                self.run_seconds.labels(client).observe(max(0.0, took.total_seconds()))
-        elif table == "run_events" and row.get("kind") == "tool_call":
-            self.tool_calls.labels(client, str(row.get("name")), str(row.get("decision"))).inc()
+            took = datetime.fromisoformat(row["ended_at"]) - datetime.fromisoformat(row["started_at"])
+            self.run_seconds.labels(client).observe(max(0.0, took.total_seconds()))
 
 
 class _StateCollector(Collector):
@@ -89,6 +80,11 @@ class _StateCollector(Collector):
         invalid = GaugeMetricFamily("agent_orch_invalid_specs", "Agents whose spec in git is invalid.",
                                     labels=["client"])
         revision = InfoMetricFamily("agent_orch_source", "The source revision last reconciled.", labels=["client"])
+        runs = CounterMetricFamily("agent_orch_runs", "Runs ended, by final status.",
+                                   labels=["client", "agent", "status"])
+        tokens = CounterMetricFamily("agent_orch_tokens", "Model tokens used.", labels=["client", "agent", "kind"])
+        tools = CounterMetricFamily("agent_orch_tool_calls", "Tool calls by tool and decision.",
+                                    labels=["client", "tool", "decision"])
         for client, rt in self.metrics.runtimes.items():
             flight = rt.in_flight()
             running.add_metric([client], flight.get("running", 0))
@@ -101,4 +97,20 @@ class _StateCollector(Collector):
             invalid.add_metric([client], states.get("Invalid", 0))
             health = rt.health()
             revision.add_metric([client], {"revision": str(health.get("revision") or "")})
-        yield from (running, queued, agents, invalid, revision)
+            conn = rt.conn()
+            used: dict[str, list[int]] = {}
+            for agent, status, n, inp, out in conn.execute(
+                    "SELECT agent, status, count(*), sum(input_tokens), sum(output_tokens) FROM run_progress "
+                    "WHERE client_id = ? AND status NOT IN ('queued', 'running') GROUP BY agent, status",
+                    (client,)):
+                runs.add_metric([client, agent, status], n)
+                total = used.setdefault(agent, [0, 0])
+                total[0] += inp or 0
+                total[1] += out or 0
+            for agent, (inp, out) in sorted(used.items()):
+                tokens.add_metric([client, agent, "input"], inp)
+                tokens.add_metric([client, agent, "output"], out)
+            for tool, decision, n in conn.execute(
+                    "SELECT tool, decision, count FROM tool_stats WHERE client_id = ?", (client,)):
+                tools.add_metric([client, tool, decision], n)
+        yield from (running, queued, agents, invalid, revision, runs, tokens, tools)
