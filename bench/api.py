@@ -140,7 +140,7 @@ def main() -> None:
         wait_http(port, "/healthz")
         wait_http(trivial_port, "/ping")
         base = load(trivial_port, "/ping")
-        for label, path in (("GET /agents (1,000 agents; a page of 100)", "/agents/v1/agents"),
+        for label, path in (("GET /agents (1,000 agents; a page of 50)", "/agents/v1/agents"),
                             ("GET /agents?limit=1000 (all 1,000)", "/agents/v1/agents?limit=1000"),
                             (f"GET /runs?limit=50 ({RUNS:,} runs)", "/agents/v1/runs?limit=50")):
             got = load(port, path, token)

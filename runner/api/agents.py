@@ -48,7 +48,7 @@ class Collection:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self.api.require(req, "viewer")
         rt = self.api.runtime(req)
-        limit = int_param(req, "limit", 100, 1, MAX_PAGE)
+        limit = int_param(req, "limit", 50, 1, MAX_PAGE)
         after = req.get_param("cursor") or ""
 
         def build() -> bytes:
