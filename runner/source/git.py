@@ -46,6 +46,7 @@ class GitSource:
         self.remote = bool(_REMOTE.match(location.url))
         self._repo_path = _mirror_path(mirror_root, location.url) if self.remote else Path(location.url)
         self._repo: git.Repo | None = None
+        self._files: dict[tuple[str, str], bytes] = {}
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -88,11 +89,19 @@ class GitSource:
         return files
 
     def read_file(self, revision: str, path: str) -> bytes:
+        """A file at a revision. Cached: a commit never changes, and runs read the same files again."""
+        key = (revision, path)
+        if key in self._files:
+            return self._files[key]
         repo = self._open(fetch=False)
         try:
-            return bytes(repo.git.show(f"{revision}:{path}", stdout_as_string=False))
+            data = bytes(repo.git.show(f"{revision}:{path}", stdout_as_string=False))
         except git.GitCommandError:
             raise SourceError(f"{path} not found at {revision[:12]}") from None
+        if len(self._files) > 256:
+            self._files.clear()
+        self._files[key] = data
+        return data
 
     @property
     def repo_path(self) -> Path:
