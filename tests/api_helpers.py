@@ -13,29 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import GIT_IDENTITY, ROOT
+from conftest import GIT_IDENTITY, ROOT, poll
 
 ERROR_KEYS = {"code", "message", "details"}
-
-
-def poll(predicate: Callable[[], Any], what: str, timeout: float = 20.0, every: float = 0.05) -> Any:
-    """``predicate()`` once it is truthy; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout:g}s")
-        time.sleep(every)
 
 
 def free_port() -> int:

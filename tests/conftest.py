@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,18 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith("AGENT_ORCH_") or key in ("MAX_AGENTS", "DEFAULT_AGENT_TIMEOUT", "ENABLE_REMOTE_TOOLS",
                                                     "VECTOR_DB_URL", "LANGCHAIN_API_URL", "OLLAMA_HOST"):
             monkeypatch.delenv(key)
+
+
+def poll(predicate: Callable[[], Any], what: str, timeout: float = 20.0, every: float = 0.05) -> Any:
+    """``predicate()`` once it is truthy; fails after ``timeout`` seconds (a bounded wait, never a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:g}s")
+        time.sleep(every)
 
 
 def git(cwd: Path, *args: str, check: bool = True, input: str | None = None) -> str:

@@ -13,31 +13,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
-from conftest import ROOT
+from conftest import ROOT, poll
 
 from runner.errors import TransientError
 from runner.supervise.control import call, socket_path
 
 MARKER = "AGENT_ORCH_TEST_DAEMON"
-
-
-def poll(predicate: Callable[[], Any], what: str, timeout: float = 20.0, every: float = 0.05) -> Any:
-    """``predicate()`` once it is truthy; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up waiting for {what} after {timeout:g}s")
-        time.sleep(every)
 
 
 class Daemon:
