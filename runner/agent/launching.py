@@ -92,7 +92,10 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
-          queued_at: str | None = None) -> Launch:
+          queued_at: str | None = None, isolate_here: bool = False) -> Launch:
+    """Fork the run process. ``isolate_here``: this process is a launcher of its own (the daemon's, one
+    per run), so it enters the run's namespaces itself and the run process is their PID 1 at once;
+    `agentctl run` leaves that to the run process, which forks once more (the CLI stays where it is)."""
     warm()  # once per launcher process; every run forked after it starts warm
     warm_sandbox()
     now = utcnow()
@@ -100,9 +103,12 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
                  queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
     write_run(conn, row)
     read_end, write_end = os.pipe()
+    entered = None
+    if isolate_here:
+        entered = isolating.enter(network=needs_network(plan)) if plan.settings.sandbox != "off" else []
     pid = os.fork()
     if pid == 0:  # the run process
-        _child(plan, read_end, write_end)
+        _child(plan, read_end, write_end, entered)
     os.close(write_end)
     try:
         os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
@@ -114,7 +120,7 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
     return Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
 
 
-def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
+def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | None = None) -> None:
     code = CHILD_FAILED
     try:
         os.setpgid(0, 0)
@@ -122,8 +128,13 @@ def _child(plan: RunPlan, read_end: int, write_end: int) -> None:
         os.close(read_end)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        namespaces = isolating.enter(network=needs_network(plan)) if plan.settings.sandbox != "off" else []
-        if namespaces:  # PID 1 of the new namespace runs the agent; this process only waits for it
+        if entered is not None:  # the launcher entered them: this process is PID 1 already
+            namespaces = entered
+            if namespaces:
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores unhandled signals
+        else:
+            namespaces = isolating.enter(network=needs_network(plan)) if plan.settings.sandbox != "off" else []
+        if namespaces and entered is None:  # PID 1 of the new namespace runs the agent; this one waits
             inner = os.fork()
             if inner:  # on SIGTERM, end the namespace (its PID 1) and reap it: no orphan, no zombie
                 os.close(write_end)

@@ -77,7 +77,7 @@ def _launch(request: dict[str, Any]) -> int:
             signal.signal(sig, signal.SIG_DFL)
         plan = RunPlan.from_json(request["plan"])
         conn = connect(plan.settings.state_path)
-        launch = start(conn, plan, request.get("requested_by"), request.get("queued_at"))
+        launch = start(conn, plan, request.get("requested_by"), request.get("queued_at"), isolate_here=True)
         row = wait(conn, launch, kill_grace=plan.settings.kill_grace)
         code = STATUS_BASE + TERMINAL.index(row.status)
     except BaseException as exc:
