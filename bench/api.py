@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.daemon import ENV, make_repo
+from bench import ENV
+from bench.daemon import make_repo
 
 CLIENTS = 50
 SECONDS = float(os.environ.get("BENCH_API_SECONDS", "10"))

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import duckdb
 
+from bench import commit_all
 from runner.supervise.control import call, socket_path
 
 RUNS = int(os.environ.get("BENCH_DAEMON_RUNS", "1000"))
 IDLE_SECONDS = float(os.environ.get("BENCH_IDLE_SECONDS", "60"))
-ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x.invalid", "GIT_COMMITTER_NAME": "b",
-       "GIT_COMMITTER_EMAIL": "b@x.invalid"}
 
 
 def make_repo(root: Path, agents: int, schedule: bool = False) -> Path:
@@ -38,8 +37,7 @@ def make_repo(root: Path, agents: int, schedule: bool = False) -> Path:
         trig = "triggers:\n  - type: schedule\n    cron: \"0 3 * * *\"\n" if schedule else ""
         (repo / "specs" / f"a{i:04d}.yaml").write_text(
             f"name: a{i:04d}\ndescription: trivial\nmodel: scripted:_scripts/done.yaml\noverlap: queue\n{trig}")
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "agents"]):
-        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env={**os.environ, **ENV})
+    commit_all(repo, "agents")
     return repo
 
 

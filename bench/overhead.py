@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench import reader_repo
 from runner.agent.access import PathRule
 from runner.agent.builtin_tools import ToolEnv, file_reader
 from runner.agent.launching import prepare, run_foreground, start, wait
@@ -24,33 +24,13 @@ from runner.settings import Settings
 from runner.state import connect
 
 RUNS = int(os.environ.get("BENCH_RUNS", "20"))
-SPEC = """\
-name: bench
-description: reads five files
-model: scripted:_scripts/bench.yaml
-tools:
-  - name: file_reader
-    paths: ["{data}"]
-"""
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
+        repo = reader_repo(root)
         data = root / "data"
-        data.mkdir()
-        for i in range(5):
-            (data / f"f{i}.txt").write_text(f"file {i}\n" * 20)
-        repo = root / "repo"
-        (repo / "specs" / "_scripts").mkdir(parents=True)
-        (repo / "specs" / "bench.yaml").write_text(SPEC.format(data=data))
-        calls = ", ".join(f"{{name: file_reader, args: {{path: '{data}/f{i}.txt'}}}}" for i in range(5))
-        (repo / "specs" / "_scripts" / "bench.yaml").write_text(
-            f"turns:\n  - tool_calls: [{calls}]\n  - content: done\n")
-        env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x.invalid",
-               "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x.invalid"}
-        for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench"]):
-            subprocess.run(["git", *args], cwd=repo, check=True, env=env, capture_output=True)
         settings = Settings.load(root / "home", source=str(repo))
         reconcile(settings, connect(settings.state_path), open_source(settings), initiator="bench")
         source = open_source(settings)

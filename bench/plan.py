@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from bench import best
+from bench import best, commit_all, git
 from runner.reconcile.reconciling import open_source, plan, reconcile
 from runner.settings import Settings
 from runner.state import connect
@@ -54,23 +53,13 @@ constraints:
   allowed_domains: ["local"]
 """
 
-ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-       "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, env={**os.environ, **ENV})
-
-
 def make_repo(root: Path) -> Path:
     repo = root / "repo"
     (repo / "specs").mkdir(parents=True)
     for i in range(N):
         text = SPEC.format(i=i, team=f"team{i % 50}", minute=i % 60, tokens=8000 + i)
         (repo / "specs" / f"agent-{i:05d}.yaml").write_text(text)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "10k specs")
+    commit_all(repo, "10k specs")
     return repo
 
 

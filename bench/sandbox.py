@@ -6,36 +6,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench import reader_repo
 from runner.agent.launching import prepare, start, wait
 from runner.reconcile.reconciling import open_source, reconcile
 from runner.settings import Settings
 from runner.state import connect
 
 RUNS = int(os.environ.get("BENCH_RUNS", "20"))
-ENV = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x.invalid", "GIT_COMMITTER_NAME": "b",
-       "GIT_COMMITTER_EMAIL": "b@x.invalid"}
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-sandbox-"))
     try:
-        data = root / "data"
-        data.mkdir()
-        for i in range(5):
-            (data / f"f{i}.txt").write_text("x\n")
-        repo = root / "repo"
-        (repo / "specs" / "_scripts").mkdir(parents=True)
-        (repo / "specs" / "b.yaml").write_text("name: b\ndescription: d\nmodel: scripted:_scripts/b.yaml\n"
-                                               f"tools:\n  - name: file_reader\n    paths: ['{data}']\n")
-        calls = ", ".join(f"{{name: file_reader, args: {{path: '{data}/f{i}.txt'}}}}" for i in range(5))
-        (repo / "specs" / "_scripts" / "b.yaml").write_text(f"turns:\n  - tool_calls: [{calls}]\n  - content: done\n")
-        for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
-            subprocess.run(["git", *args], cwd=repo, env={**os.environ, **ENV}, check=True, capture_output=True)
+        repo = reader_repo(root, "b")
         medians: dict[str, list[float]] = {"off": [], "strict": []}
         for mode in ("off", "strict", "off", "strict"):
             s = Settings.load(root / "home", source=str(repo), sandbox=mode)

@@ -262,14 +262,9 @@ class Settings(BaseSettings):
 
 
 def client_section(path: Path, client_id: str) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    section = (data.get("clients") or {}).get(client_id) if isinstance(data, dict) else None
-    return {k.upper(): v for k, v in section.items()} if isinstance(section, dict) else {}
+    """The client's own section of the settings file (its keys upper-cased)."""
+    _top, clients = settings_file(path)
+    return {k.upper(): v for k, v in clients.get(client_id, {}).items()}
 
 
 def _field_of(env: str) -> str:
@@ -282,8 +277,14 @@ def _field_of(env: str) -> str:
 
 def read_settings_file(path: Path, client_id: str) -> dict[str, Any]:
     """The settings file's keys, with the client's own section laid over the top level."""
+    top, clients = settings_file(path)
+    return {k.upper(): v for k, v in {**top, **clients.get(client_id, {})}.items()}
+
+
+def settings_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The settings file as (top-level keys, client id -> section); empty when there is no file."""
     if not path.exists():
-        return {}
+        return {}, {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -293,10 +294,10 @@ def read_settings_file(path: Path, client_id: str) -> dict[str, Any]:
     clients = data.pop("clients", {}) or {}
     if not isinstance(clients, dict):
         raise UsageError(f"{path}: 'clients' must be an object of client id to settings")
-    section = clients.get(client_id, {})
-    if not isinstance(section, dict):
-        raise UsageError(f"{path}: clients.{client_id} must be an object")
-    return {k.upper(): v for k, v in {**data, **section}.items()}
+    for client_id, section in clients.items():
+        if not isinstance(section, dict):
+            raise UsageError(f"{path}: clients.{client_id} must be an object")
+    return data, clients
 
 
 def setting_fields() -> list[tuple[str, str, str, str]]:
@@ -312,12 +313,5 @@ def setting_fields() -> list[tuple[str, str, str, str]]:
 
 def client_ids(home: Path) -> list[str]:
     """Clients named in the settings file's ``clients`` section (the daemon serves them all)."""
-    path = Path(home) / "config" / "settings.json"
-    if not path.exists():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    clients = data.get("clients") if isinstance(data, dict) else None
-    return sorted(c for c in clients if re.match(CLIENT_ID_PATTERN, c)) if isinstance(clients, dict) else []
+    _top, clients = settings_file(Path(home) / "config" / "settings.json")
+    return sorted(c for c in clients if re.match(CLIENT_ID_PATTERN, c))

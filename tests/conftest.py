@@ -44,6 +44,20 @@ def poll(predicate: Callable[[], Any], what: str, timeout: float = 20.0, every: 
         time.sleep(every)
 
 
+def process_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, process group) of every process, from /proc."""
+    table = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
+        except OSError:
+            continue
+        table.append((int(entry), fields[0], int(fields[1]), int(fields[2])))
+    return table
+
+
 def git(cwd: Path, *args: str, check: bool = True, input: str | None = None) -> str:
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False, input=input)
     if check and done.returncode != 0:

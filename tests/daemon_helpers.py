@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from conftest import ROOT, poll
+from conftest import ROOT, poll, process_table
 
 from runner.errors import TransientError
 from runner.supervise.control import call, socket_path
@@ -130,32 +130,12 @@ def processes_with_env(key: str, value: str) -> list[int]:
 
 def live_in_group(pgid: int) -> list[int]:
     """Live processes (zombies left out: this machine's init reaps orphans lazily) in process group ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+    return [pid for pid, state, _ppid, group in process_table() if group == pgid and state not in ("Z", "X")]
 
 
 def children_of(pid: int) -> list[int]:
     """Live (not zombie) children of ``pid``, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+    return [child for child, state, ppid, _group in process_table() if ppid == pid and state not in ("Z", "X")]
 
 
 def _cmdline(pid: int) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 import yaml
-from conftest import ROOT, SpecRepo
+from conftest import ROOT, SpecRepo, process_table
 from doubles import FakeOllamaServer
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -118,18 +118,7 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> 
 
 def processes_in_group(pgid: int) -> list[int]:
     """Live processes (from /proc) whose process group is ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after the command name: state, ppid, pgrp, ...
-        if int(fields[2]) == pgid:
-            found.append(int(entry))
-    return found
+    return [pid for pid, _state, _ppid, group in process_table() if group == pgid]
 
 
 def processes_with_arg(arg: str) -> list[int]:
