@@ -12,8 +12,10 @@ What remains is the race between check and use (a symlink swapped in between); t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,3 +72,57 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return SECRET_PARAM.sub(r"\1[redacted]", SECRET_VALUE.sub("[redacted]", value))
     return value
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """Which hosts the network tools may reach: ``allowed_domains``, with ``local`` meaning this machine.
+
+    Used twice: by ``http_get`` before it asks (a clear denial for the model), and by the egress proxy,
+    which resolves the name itself and connects only to the addresses it checked. Inside a run's
+    network namespace names do not resolve, so the tool judges by name and the proxy decides.
+    """
+
+    allowed_domains: tuple[str, ...]
+    remote_enabled: bool
+
+    def check(self, host: str, addresses: list[str] | None = None) -> None:
+        host = host.lower().rstrip(".")
+        if addresses is None:
+            addresses = lookup(host)
+        kinds = {True} if local_name(host) else {_loopback(a) for a in addresses}
+        if kinds == {True, False}:
+            raise DeniedError(f"'{host}' resolves both to this machine and elsewhere; refused")
+        local = kinds == {True}
+        for allowed in self.allowed_domains:
+            if allowed == "local" and local:
+                return
+            if allowed != "local" and (host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))):
+                if local:
+                    raise DeniedError(f"'{host}' points at this machine; only 'local' allows that")
+                if not self.remote_enabled:
+                    raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
+                return
+        raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(self.allowed_domains) or 'none'})")
+
+
+def local_name(host: str) -> bool:
+    return host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost")
+
+
+def lookup(host: str) -> list[str]:
+    """The addresses of ``host`` (itself when it is one; none when it does not resolve)."""
+    host = host.strip("[]")
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return list(dict.fromkeys(str(i[4][0]).split("%")[0] for i in infos))
+
+
+def _loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback

@@ -8,12 +8,10 @@ reaches the model, the logs or the ledger.
 from __future__ import annotations
 
 import glob
-import ipaddress
 import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import threading
@@ -26,7 +24,7 @@ from typing import Any
 
 import duckdb
 
-from runner.agent.access import PathRule
+from runner.agent.access import HostRule, PathRule
 from runner.agent.memory import MemoryStore
 from runner.errors import DeniedError
 
@@ -164,7 +162,8 @@ def http_get(env: ToolEnv, url: str) -> str:
         check_host(env, parts.hostname)
         request = urllib.request.Request(url, headers={"User-Agent": "agent-orchestrator"})
         try:
-            with _NO_REDIRECTS.open(request, timeout=env.timeout) as resp:
+            # Built per call: the opener takes the proxy (the run's way out) from the environment.
+            with urllib.request.build_opener(_NoRedirect()).open(request, timeout=env.timeout) as resp:
                 body = resp.read(MAX_HTTP + 1)
                 text = body[:MAX_HTTP].decode(resp.headers.get_content_charset() or "utf-8", "replace")
                 return f"HTTP {resp.status}\n{text}" + ("\n... (truncated)" if len(body) > MAX_HTTP else "")
@@ -183,46 +182,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # we follow redirects ourselves, checking each hop
 
 
-_NO_REDIRECTS = urllib.request.build_opener(_NoRedirect())
-
 
 def check_host(env: ToolEnv, host: str) -> None:
-    host = host.lower().rstrip(".")
-    kinds = _loopback_kinds(host)
-    if kinds == {True, False}:
-        raise DeniedError(f"'{host}' resolves both to this machine and elsewhere; refused")
-    local = kinds == {True}
-    for allowed in env.allowed_domains:
-        if allowed == "local" and local:
-            return
-        if allowed != "local" and (host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))):
-            if local:
-                raise DeniedError(f"'{host}' points at this machine; only 'local' allows that")
-            if not env.remote_enabled:
-                raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
-            return
-    raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(env.allowed_domains) or 'none'})")
-
-
-def is_local(host: str) -> bool:
-    """Whether ``host`` is this machine. A name whose addresses mix loopback and others is neither:
-    check_host refuses it either way (it could be a rebinding trick)."""
-    kinds = _loopback_kinds(host)
-    return kinds == {True}
-
-
-def _loopback_kinds(host: str) -> set[bool]:
-    if host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost"):
-        return {True}
-    try:
-        return {ipaddress.ip_address(host.strip("[]")).is_loopback}
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return set()
-    return {ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos}
+    HostRule(tuple(env.allowed_domains), env.remote_enabled).check(host)
 
 
 def shell(env: ToolEnv, command: str) -> str:
@@ -242,7 +204,8 @@ def shell(env: ToolEnv, command: str) -> str:
     # signalling that group, and a command in a group of its own would outlive a timed-out run.
     try:
         done = subprocess.run([resolved, *argv[1:]], cwd=cwd, capture_output=True, timeout=env.timeout,
-                              env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": env.scratch},
+                              env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": env.scratch,
+                                   **{k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}},
                               stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         return f"error: timed out after {env.timeout:.0f}s"

@@ -14,15 +14,17 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import queue
 import select
 import signal
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from runner.agent.access import redact
+from runner.agent.access import HostRule, redact
 from runner.agent.recording import (
     TERMINAL,
     AgentLog,
@@ -41,8 +43,9 @@ from runner.errors import NotFoundError, OrchestratorError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
 from runner.sandbox import isolating
-from runner.sandbox.confining import confine, needs_network
+from runner.sandbox.confining import confine, model_endpoint, needs_network, network_tools
 from runner.sandbox.confining import warm as warm_sandbox
+from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.state import Transaction, connect, journal
@@ -58,6 +61,9 @@ class Launch:
     pidfd: int | None
     pipe: int
     deadline: float
+    proxy: EgressProxy | None = None
+    egress: queue.SimpleQueue[dict[str, Any]] | None = None  # the proxy's decisions, to journal
+    egress_wake: tuple[int, int] = (-1, -1)  # a pipe: a byte arrives with each decision
 
 
 def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, name: str, *,
@@ -105,10 +111,13 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
     read_end, write_end = os.pipe()
     entered = None
     if isolate_here:
-        entered = isolating.enter(network=needs_network(plan)) if plan.settings.sandbox != "off" else []
+        entered = isolating.enter() if plan.settings.sandbox != "off" else []
+    gateway = socket.socketpair() if plan.settings.sandbox != "off" and needs_network(plan) else None
     pid = os.fork()
     if pid == 0:  # the run process
-        _child(plan, read_end, write_end, entered)
+        if gateway:
+            gateway[0].close()
+        _child(plan, read_end, write_end, entered, gateway[1] if gateway else None)
     os.close(write_end)
     try:
         os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
@@ -117,10 +126,50 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
     row.pid = pid
     conn.execute("UPDATE run_progress SET pid = ? WHERE run_id = ?", (pid, plan.run_id))
     pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-    return Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
+    launch = Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
+    if gateway:
+        gateway[1].close()
+        _serve_egress(launch, gateway[0])
+    return launch
 
 
-def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | None = None) -> None:
+def _serve_egress(launch: Launch, channel: socket.socket) -> None:
+    """Take the listener the run made in its network namespace and serve the egress proxy on it.
+    Without one (the run could not make its namespace), the run has no way out."""
+    plan = launch.plan
+    channel.settimeout(10)
+    try:
+        _message, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
+    except OSError:
+        fds = []
+    finally:
+        channel.close()
+    if not fds:
+        return
+    s = plan.settings
+    hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), s.enable_remote_tools) \
+        if network_tools(plan) else None
+    events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def record(detail: dict[str, Any]) -> None:
+        decision = detail.pop("decision")
+        events.put({"t": "event", "ts": utcnow(), "kind": "log", "name": "egress", "decision": decision,
+                    "detail": detail})
+        try:
+            os.write(wake_write, b"!")
+        except BlockingIOError:
+            pass  # the launcher has wake-ups pending already
+
+    launch.egress, launch.egress_wake = events, (wake_read, wake_write)
+    launch.proxy = EgressProxy(socket.socket(fileno=fds[0]), EgressPolicy(model_endpoint(plan), hosts),
+                               record).start()
+
+
+def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | None = None,
+           gateway: socket.socket | None = None) -> None:
     code = CHILD_FAILED
     try:
         os.setpgid(0, 0)
@@ -133,23 +182,27 @@ def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | No
             if namespaces:
                 signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores unhandled signals
         else:
-            namespaces = isolating.enter(network=needs_network(plan)) if plan.settings.sandbox != "off" else []
+            namespaces = isolating.enter() if plan.settings.sandbox != "off" else []
         if namespaces and entered is None:  # PID 1 of the new namespace runs the agent; this one waits
             inner = os.fork()
             if inner:  # on SIGTERM, end the namespace (its PID 1) and reap it: no orphan, no zombie
                 os.close(write_end)
+                if gateway is not None:
+                    gateway.close()
                 signal.signal(signal.SIGTERM, lambda *_: os.kill(inner, signal.SIGKILL))
                 _pid, status = os.waitpid(inner, 0)
                 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
             die_with_parent()
             signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores signals it does not handle
+
         def sink(message: dict[str, Any]) -> None:
             data = (json.dumps(message, default=str) + "\n").encode()
             while data:
                 data = data[os.write(write_end, data):]
 
+        isolation = _isolate(plan, list(namespaces), gateway)
         try:
-            sandbox = {**confine(plan), "namespaces": namespaces}
+            sandbox = confine(plan, isolation)
         except OrchestratorError as exc:
             result = RunResult("failed", error=f"sandbox: {exc.message}")
         else:
@@ -162,6 +215,32 @@ def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | No
         os._exit(code)
 
 
+def _isolate(plan: RunPlan, namespaces: list[str], gateway: socket.socket | None) -> dict[str, Any]:
+    """In the process that will run the agent (PID 1 of its namespace): its process limit and its
+    network namespace; the egress listener goes to the launcher over ``gateway``."""
+    isolation: dict[str, Any] = {"namespaces": namespaces}
+    if plan.settings.sandbox == "off":
+        return isolation
+    limit = plan.spec.constraints.max_processes or plan.settings.max_processes
+    if "pid" in namespaces:
+        isolation["pid_max"] = isolating.limit_processes(limit)
+    try:
+        listener = isolating.enter_network(gateway=gateway is not None)
+        namespaces.append("net")
+    except OSError as exc:
+        listener, isolation["network_error"] = None, str(exc)
+    if listener is not None and gateway is not None:
+        try:
+            socket.send_fds(gateway, [b"egress"], [listener.fileno()])
+            isolation["egress_port"] = listener.getsockname()[1]
+        except OSError as exc:
+            isolation["network_error"] = f"cannot hand the egress listener to the launcher: {exc}"
+        listener.close()
+    if gateway is not None:
+        gateway.close()
+    return isolation
+
+
 def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
     """Wait for the run to end (killing it at its deadline or on a stop request); write its final row.
 
@@ -170,13 +249,16 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
     ended_by: str | None = None
     while True:
         timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
-        watch = [fd for fd in (launch.pipe, launch.pidfd) if fd is not None and fd >= 0]
+        watch = [fd for fd in (launch.pipe, launch.pidfd, launch.egress_wake[0]) if fd is not None and fd >= 0]
         ready, _, _ = select.select(watch, [], [], timeout)
+        if launch.egress_wake[0] in ready:
+            os.read(launch.egress_wake[0], 4096)
         if launch.pipe in ready:
             chunk = os.read(launch.pipe, 65536)
             reader.feed(chunk)
             if not chunk:
                 launch.pipe = _closed(launch.pipe)
+        _drain_egress(reader, launch)
         if _exited(launch.pid):
             break
         if time.monotonic() >= launch.deadline:
@@ -188,9 +270,19 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
             break
     _kill_group(launch.pid)
     reader.feed(_drain(launch.pipe))
+    if launch.proxy is not None:
+        launch.proxy.close()  # its thread has ended: no more decisions
+        for fd in launch.egress_wake:
+            os.close(fd)
+    _drain_egress(reader, launch)
     if launch.pidfd is not None:
         os.close(launch.pidfd)
     return finish(conn, launch, _result(reader.result, ended_by, launch))
+
+
+def _drain_egress(reader: _Lines, launch: Launch) -> None:
+    while launch.egress is not None and not launch.egress.empty():
+        reader.apply(launch.egress.get())
 
 
 class _Lines:
@@ -216,7 +308,10 @@ class _Lines:
             if message.get("t") == "result":
                 self.result = message
             else:
-                apply(self.conn, self.launch.plan.run_id, self.log, message)
+                self.apply(message)
+
+    def apply(self, message: dict[str, Any]) -> None:
+        apply(self.conn, self.launch.plan.run_id, self.log, message)
 
 
 def finish(conn: sqlite3.Connection, launch: Launch, result: RunResult) -> RunRow:

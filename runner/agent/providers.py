@@ -92,6 +92,8 @@ def _get_json(url: str, what: str, fix: str) -> dict[str, Any]:
             data = json.load(resp)
             return data if isinstance(data, dict) else {}
     except urllib.error.HTTPError as exc:
+        if exc.headers.get("X-Egress-Error"):  # the run's egress proxy answered, not the server
+            raise ModelUnavailable(f"cannot reach {what} ({exc.headers['X-Egress-Error']}): {fix}") from None
         raise ModelUnavailable(f"{what} answered HTTP {exc.code} to {url}: {fix}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)

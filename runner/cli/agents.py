@@ -75,7 +75,7 @@ def _print_status(data: dict[str, Any]) -> None:
             console.print(f"[red]last source error:[/red] {src['error']}", highlight=False)
     sb = data["sandbox"]
     console.print(f"sandbox {sb['mode']}: files {sb['filesystem']}, network {sb['network']}, "
-                  f"user namespaces {'yes' if sb['user_namespaces'] else 'no'}", highlight=False)
+                  f"processes {sb['process_limit']}", highlight=False)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "STATE", "REVISION", "LAST RUN", "NEXT RUN", "MESSAGE"):
         table.add_column(col, overflow="fold" if col == "MESSAGE" else "ellipsis", no_wrap=col != "MESSAGE")

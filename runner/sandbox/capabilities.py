@@ -10,26 +10,51 @@ from typing import Any
 
 from runner.sandbox.landlock import abi_version
 
+# Run in a throwaway process: enter the namespaces a run enters, then try pid_max inside them.
+_PROBE = """
+import os, sys
+from runner.sandbox import isolating
+entered = isolating.enter()
+if not entered:
+    print("none"); sys.exit()
+pid = os.fork()
+if pid == 0:
+    try:
+        isolating.enter_network(gateway=True)
+        net = "net"
+    except OSError:
+        net = "-"
+    print(",".join(entered + [net]), "pid_max" if isolating.limit_processes(64) else "-", flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
 
 @functools.cache
 def detect() -> dict[str, Any]:
     abi = abi_version()
+    namespaces, pid_max = _namespaces()
+    isolated = "net" in namespaces
     return {
         "landlock_abi": abi,
         "filesystem": "landlock" if abi >= 1 else "none",
-        "network": "landlock (TCP ports)" if abi >= 4 else "none",
+        "namespaces": namespaces,
+        "network": "own namespace, egress proxy" if isolated else "landlock (TCP ports)" if abi >= 4 else "none",
         "scoping": "landlock (abstract sockets, signals)" if abi >= 6 else "none",
-        "user_namespaces": _userns(),
+        "process_limit": "pid_max of the run's PID namespace" if pid_max
+        else "RLIMIT_NPROC (binds a non-root daemon user only)",
         "rlimits": True,
         "no_new_privs": True,
     }
 
 
-def _userns() -> bool:
+def _namespaces() -> tuple[list[str], bool]:
     try:
-        probe = "import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare(0x10000000) != 0)"  # CLONE_NEWUSER
-        done = subprocess.run([sys.executable, "-c", probe],
-                              capture_output=True, timeout=10, check=False, env={"PATH": os.defpath})
-        return done.returncode == 0
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=20,
+                              check=False, env={"PATH": os.defpath, "PYTHONPATH": os.pathsep.join(sys.path)})
     except (OSError, subprocess.TimeoutExpired):
-        return False
+        return [], False
+    words = done.stdout.split()
+    if not words or words[0] == "none":
+        return [], False
+    return [n for n in words[0].split(",") if n != "-"], words[-1] == "pid_max"

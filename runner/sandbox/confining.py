@@ -9,8 +9,8 @@ Landlock is enforced last, after which the process can open only what its rules 
 - read: the paths of the spec's tools that may read;
 - read and write: the paths of tools that may write, the run's scratch folder and its memory store
   (not the state database, not the logs: the run reports its steps to its launcher over a pipe);
-- TCP: connect only to the model endpoint's port, unless the spec has network tools (their hosts are
-  checked by the tool; see docs/security.md for what this does not yet cover);
+- TCP: connect only to the egress proxy, on the loopback of the run's own network namespace
+  (``isolating``, ``egress``); nothing at all when the run needs no network;
 - signals and abstract unix sockets: only within the run (Landlock scoping, ABI 6).
 Everything else - the home's other files, other agents' memory, the settings, /proc/1 - is denied.
 """
@@ -29,6 +29,7 @@ from runner.agent.memory import store_path
 from runner.agent.running import RunPlan
 from runner.errors import DeniedError
 from runner.sandbox import landlock
+from runner.sandbox.egress import proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand
 from runner.specs.custom_tools import describe_module
@@ -49,18 +50,32 @@ def warm() -> None:
     landlock.abi_version()
 
 
-def confine(plan: RunPlan) -> dict[str, Any]:
-    """Apply the sandbox; returns what is enforced (recorded with the run). Raises DeniedError when the
-    spec needs a guarantee this kernel cannot give and the settings do not allow running without it."""
+def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply the sandbox; returns what is enforced (recorded with the run). ``isolation`` is what
+    ``launching._isolate`` entered: namespaces, pid_max, the egress proxy's port. Raises DeniedError
+    when the spec needs a guarantee this kernel cannot give and the settings do not allow running
+    without it."""
     s = plan.settings
+    isolation = isolation or {"namespaces": []}
     plan.scratch.mkdir(parents=True, exist_ok=True)
-    enforced: dict[str, Any] = {"mode": s.sandbox}
+    enforced: dict[str, Any] = {"mode": s.sandbox, "namespaces": isolation["namespaces"]}
     if s.sandbox == "off":
         return enforced
+    isolated = "net" in isolation["namespaces"]
+    if not isolated and s.sandbox == "strict":
+        raise DeniedError("this kernel cannot give the run a network namespace of its own "
+                          f"({isolation.get('network_error', 'no namespaces')}); the run is refused. Allow user "
+                          "namespaces (sysctl kernel.unprivileged_userns_clone=1, or on Ubuntu "
+                          "kernel.apparmor_restrict_unprivileged_userns=0), run the daemon as root, or set "
+                          "AGENT_ORCH_SANDBOX=permissive to run it on the host's network (recorded as such)")
+    port = isolation.get("egress_port")
     _capture_output(plan)
-    _clean_environment(plan)
+    _clean_environment(plan, port)
     enforced["environment"] = "clean"
     enforced["limits"] = _limits(plan)
+    enforced["processes"] = ({"pid_max": isolation["pid_max"]} if isolation.get("pid_max")
+                             else {"RLIMIT_NPROC": enforced["limits"].get("RLIMIT_NPROC")})
+    enforced["network"] = _network(plan, isolated, port)
     abi = landlock.abi_version()
     if abi == 0:
         if s.sandbox == "strict":
@@ -68,7 +83,9 @@ def confine(plan: RunPlan) -> dict[str, Any]:
                               "AGENT_ORCH_SANDBOX=permissive runs it unconfined (recorded as such)")
         enforced["landlock"] = "unavailable: unconfined (AGENT_ORCH_SANDBOX=permissive)"
         return enforced
-    rules = landlock.Ruleset(network=not network_tools(plan))
+    # In its own namespace the run may connect to the proxy only; on the host's network (permissive),
+    # to the model's port, or anywhere when it has network tools.
+    rules = landlock.Ruleset(network=isolated or not network_tools(plan))
     readable, writable = _paths(plan)
     for path in _runtime_paths():
         rules.allow_path(path, landlock.READ_EXEC)
@@ -82,12 +99,25 @@ def confine(plan: RunPlan) -> dict[str, Any]:
     rules.allow_path(os.path.realpath("/proc/self"), landlock.READ)
     for info in SYSTEM_INFO:
         rules.allow_path(info, landlock.READ)
-    ports = _model_ports(plan)
+    endpoint = model_endpoint(plan)
+    ports = ({port} if port else set()) if isolated else ({endpoint[1]} if endpoint else set())
     rules.allow_ports(ports)
     rules.enforce()
     enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable),
                             "tcp_connect": sorted(ports) if rules.net else "not restricted (network tools)"}
     return enforced
+
+
+def _network(plan: RunPlan, isolated: bool, port: int | None) -> dict[str, Any]:
+    if not isolated:
+        return {"namespace": False, "egress": "the host's network (AGENT_ORCH_SANDBOX=permissive)"}
+    if port is None:
+        return {"namespace": True, "egress": "none"}
+    endpoint = model_endpoint(plan)
+    allowed = [f"{endpoint[0]}:{endpoint[1]}"] if endpoint else []
+    if network_tools(plan):
+        allowed += list(plan.spec.constraints.allowed_domains)
+    return {"namespace": True, "egress": f"proxy at 127.0.0.1:{port}", "allowed": allowed}
 
 
 def network_tools(plan: RunPlan) -> bool:
@@ -113,12 +143,14 @@ def needs_network(plan: RunPlan) -> bool:
     return network_tools(plan) or not plan.spec.model.startswith("scripted:")
 
 
-def _clean_environment(plan: RunPlan) -> None:
+def _clean_environment(plan: RunPlan, egress_port: int | None) -> None:
     keep = {k: os.environ[k] for k in ("OPENAI_API_KEY",) if k in os.environ and
             plan.spec.model.startswith("openai:")}
     os.environ.clear()
     scratch = str(plan.scratch)
     os.environ.update({"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", **keep})
+    if egress_port:
+        os.environ.update(proxy_environment(egress_port))
 
 
 def _limits(plan: RunPlan) -> dict[str, int]:
@@ -177,10 +209,11 @@ def _runtime_paths() -> frozenset[str]:
     return frozenset(p for p in paths if os.path.exists(p))
 
 
-def _model_ports(plan: RunPlan) -> set[int]:
+def model_endpoint(plan: RunPlan) -> tuple[str, int] | None:
+    """(host, port) of the model server the run talks to; None for a scripted model."""
+    if plan.spec.model.startswith("scripted:"):
+        return None
     s = plan.settings
     url = s.langchain_api_url if plan.spec.model.startswith("openai:") else s.ollama_host
-    if plan.spec.model.startswith("scripted:"):
-        return set()
     parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    return {parsed.port or (443 if parsed.scheme == "https" else 80)}
+    return (parsed.hostname or "localhost").lower(), parsed.port or (443 if parsed.scheme == "https" else 80)

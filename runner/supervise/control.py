@@ -2,7 +2,9 @@
 
 One JSON request per connection, one JSON answer. The socket is created mode 0600: reaching it is as
 good as being the operator, which is what running agentctl on this machine as the daemon's user is.
-The REST API (with tokens) is for everyone else.
+The REST API (with tokens) is for everyone else. A run is the daemon's user too, and Landlock does not
+stop a connect() to a socket by its path; so a request from a process in other namespaces than the
+daemon's (a run, in its own) is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +23,17 @@ from typing import Any
 from runner.errors import TransientError
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _from_a_sandbox(conn: socket.socket) -> str | None:
+    """Why a peer may not ask (it is in a run's namespaces, or gone), or None."""
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    try:
+        if any(os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "pid")):
+            return "refused: the request comes from inside a run's sandbox"
+    except OSError:
+        return "refused: the asking process is gone"
+    return None
 
 
 def socket_path(home: Path, client_id: str) -> Path:
@@ -37,7 +51,8 @@ class ControlServer:
             def handle(self) -> None:
                 try:
                     request = json.loads(self.rfile.readline(1 << 20) or b"{}")
-                    answer = outer.handle(request)
+                    refused = _from_a_sandbox(self.connection)
+                    answer = {"ok": False, "error": refused} if refused else outer.handle(request)
                 except Exception as exc:  # one bad request must not take the daemon down
                     answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 self.wfile.write((json.dumps(answer, default=str) + "\n").encode())

@@ -70,11 +70,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         caps = capabilities.detect()
-        log.info("sandbox %s: files %s, network %s, scoping %s, user namespaces %s", self.settings.sandbox,
-                 caps["filesystem"], caps["network"], caps["scoping"], caps["user_namespaces"])
-        if caps["landlock_abi"] == 0 and self.settings.sandbox == "strict":
-            log.warning("this kernel has no Landlock: runs will be refused (AGENT_ORCH_SANDBOX=permissive runs "
-                        "them unconfined)")
+        log.info("sandbox %s: files %s, network %s, processes %s, scoping %s, namespaces %s",
+                 self.settings.sandbox, caps["filesystem"], caps["network"], caps["process_limit"], caps["scoping"],
+                 ", ".join(caps["namespaces"]) or "none")
+        if (caps["landlock_abi"] == 0 or "net" not in caps["namespaces"]) and self.settings.sandbox == "strict":
+            log.warning("this kernel lacks %s: runs will be refused (AGENT_ORCH_SANDBOX=permissive runs them "
+                        "without; see docs/security.md)",
+                        "Landlock" if caps["landlock_abi"] == 0 else "namespaces for runs")
         for client in self.clients:
             client.start()
         runtimes: dict[str, Any] = {c.settings.client_id: c.runtime for c in self.clients}

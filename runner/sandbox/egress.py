@@ -1,0 +1,231 @@
+"""The egress proxy: the one way out of a run's network namespace (docs/security.md, Network).
+
+The run makes a listening socket on the loopback of its own namespace and hands it to its launcher;
+the launcher, outside the sandbox and on the host's network, serves HTTP proxy requests on it:
+
+- ``CONNECT host:port`` (HTTPS and other tunnels): checked, connected, then bytes both ways;
+- ``GET http://host:port/path`` and the other methods in absolute form: checked, then sent on in
+  origin form with ``Connection: close``, one request per connection, so that a connection the client
+  keeps alive cannot carry a request to another host.
+
+The proxy resolves each name itself and connects to the addresses it checked. Every decision goes to
+``record`` (the launcher journals it as an ``egress`` event of the run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from runner.agent.access import HostRule, lookup
+from runner.errors import DeniedError
+
+HEAD_LIMIT = 64 * 1024
+CONNECT_TIMEOUT = 10.0
+HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+               b"te", b"trailer", b"upgrade"}
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+
+
+def proxy_environment(port: int) -> dict[str, str]:
+    """What the run's environment says so that its HTTP clients use the proxy."""
+    url = f"http://127.0.0.1:{port}"
+    return {name: url for name in PROXY_VARIABLES}
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Where a run may connect: its model endpoint, and (with network tools) its allowed domains."""
+
+    model: tuple[str, int] | None
+    hosts: HostRule | None  # None: no tool of the run is granted 'network'
+
+    def decide(self, host: str, port: int) -> tuple[list[str], str]:
+        """The addresses to connect to and why; raises DeniedError."""
+        host = host.lower().rstrip(".")
+        addresses = lookup(host)
+        if self.model is not None and (host, port) == self.model:
+            reason = "the model endpoint"
+        elif self.hosts is None:
+            raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
+                              "'network'")
+        else:
+            self.hosts.check(host, addresses)
+            reason = "allowed_domains"
+        return addresses, reason
+
+
+class Unreachable(Exception):
+    pass
+
+
+class EgressProxy:
+    """Serves one run's listener on a thread of its own until ``close``."""
+
+    def __init__(self, listener: socket.socket, policy: EgressPolicy, record: Callable[[dict[str, Any]], None]
+                 ) -> None:
+        self.listener, self.policy, self.record = listener, policy, record
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="egress-proxy", daemon=True)
+        self._ready = threading.Event()
+
+    def start(self) -> EgressProxy:
+        self.thread.start()
+        self._ready.wait(5)
+        return self
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+        self.listener.close()  # the last reference to the run's network namespace goes with it
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.listener.setblocking(False)
+        server = self.loop.run_until_complete(asyncio.start_server(self._handle, sock=self.listener,
+                                                                   limit=HEAD_LIMIT))
+        self._ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            server.close()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                return
+            request = _parse(head)
+            if request is None:
+                await _answer(writer, 400, "Bad Request", "not an HTTP proxy request")
+                return
+            method = request.method.decode("ascii", "replace")
+            target = _target(method, request.target.decode("latin-1"))
+            if target is None:
+                await _answer(writer, 400, "Bad Request", "a proxy request names an absolute http:// URL, "
+                              "or CONNECT host:port")
+                return
+            host, port, path = target
+            detail = {"method": method, "host": host, "port": port}
+            try:
+                addresses, reason = await self.loop.run_in_executor(None, self.policy.decide, host, port)
+            except DeniedError as exc:
+                self.record({**detail, "decision": "denied", "reason": exc.message})
+                await _answer(writer, 403, "Forbidden", exc.message)
+                return
+            try:
+                up_reader, upstream = await _connect(addresses, port)
+            except Unreachable as exc:
+                self.record({**detail, "decision": "allowed", "reason": reason, "error": str(exc)})
+                await _answer(writer, 502, "Bad Gateway", f"{host}:{port}: {exc}")
+                return
+            self.record({**detail, "decision": "allowed", "reason": reason})
+            if method == "CONNECT":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                upstream.write(_origin_form(request, path))
+            await _relay(reader, writer, up_reader, upstream)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for w in (writer, upstream):
+                if w is not None:
+                    w.close()
+
+
+def _parse(head: bytes) -> h11.Request | None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+    try:
+        conn.receive_data(head)
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    return event if isinstance(event, h11.Request) else None
+
+
+def _target(method: str, target: str) -> tuple[str, int, str] | None:
+    """(host, port, origin-form path) of a proxy request, or None when it is not one."""
+    if method == "CONNECT":
+        host, sep, port = target.rpartition(":")
+        host = host.strip("[]")
+        return (host.lower(), int(port), "") if sep and host and port.isdigit() and 0 < int(port) < 65536 else None
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+    try:
+        number = parts.port or 80
+    except ValueError:
+        return None
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname.lower(), number, path
+
+
+def _origin_form(request: h11.Request, path: str) -> bytes:
+    lines = [request.method + b" " + path.encode("latin-1") + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in request.headers if name.lower() not in HOP_HEADERS]
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def _connect(addresses: list[str], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if not addresses:
+        raise Unreachable("the name does not resolve")
+    error: Exception = Unreachable("no address")
+    for address in addresses:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            error = exc
+    errno = getattr(error, "errno", None)
+    raise Unreachable(os.strerror(errno) if errno else str(error) or type(error).__name__)
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
+                 upstream: asyncio.StreamWriter) -> None:
+    """Bytes both ways until the upstream side closes (a request from the client may close first)."""
+    to_upstream = asyncio.ensure_future(_pipe(reader, upstream, half_close=True))
+    try:
+        await _pipe(up_reader, writer, half_close=False)
+    finally:
+        to_upstream.cancel()
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, half_close: bool) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+        if half_close and sink.can_write_eof():
+            sink.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, phrase: str, message: str) -> None:
+    body = (message + "\n").encode()
+    writer.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 f"Content-Length: {len(body)}\r\nX-Egress-Error: {_header(message)}\r\n"
+                 f"Connection: close\r\n\r\n".encode() + body)
+    try:
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+
+
+def _header(text: str) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:500]
