@@ -112,6 +112,16 @@ constraints: {max_tokens: 200, max_runtime: 240}
     detail = json.loads(calls[0]["detail"])
     assert detail["estimated"] is False and detail["input_tokens"] > 0, detail  # the server's own counts
 
+    # The run reached the server from its own network namespace, through its egress proxy, and nothing else.
+    egress = json.loads(agentctl(home, repo, llama_server, "--output", "json", "history", "--sql",
+                                 f"select decision, detail from run_events where run_id = '{result['run_id']}' "
+                                 "and name in ('egress', 'sandbox') order by seq").stdout)
+    sandbox, decisions = json.loads(egress[0]["detail"]), egress[1:]
+    assert sandbox["network"]["namespace"] is True and "proxy" in sandbox["network"]["egress"], sandbox
+    assert decisions and all(d["decision"] == "allowed" and json.loads(d["detail"])["reason"] == "the model endpoint"
+                             for d in decisions), decisions
+    print(f"answerer: {len(decisions)} requests through the egress proxy, all to the model endpoint")
+
     second = agentctl(home, repo, llama_server, "--output", "json", "run", "rambler")
     rambling = json.loads(second.stdout)
     assert rambling["status"] == "budget_exceeded", second.stdout + second.stderr

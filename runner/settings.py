@@ -147,8 +147,9 @@ class Settings(BaseSettings):
     )
     max_memory_mb: int = _env("AGENT_ORCH_MAX_MEMORY_MB", 4096, "Default address-space limit of a run, MiB.",
                               "sandbox", gt=16)
-    max_processes: int = _env("AGENT_ORCH_MAX_PROCESSES", 512, "Default process limit of a run (pid_max of its PID namespace on Linux 6.14+, and RLIMIT_NPROC).",
-                              "sandbox", gt=0)
+    max_processes: int = _env("AGENT_ORCH_MAX_PROCESSES", 512,
+                              "Default process limit of a run (pid_max of its PID namespace on Linux 6.14+, and "
+                              "RLIMIT_NPROC).", "sandbox", gt=0)
     max_file_mb: int = _env("AGENT_ORCH_MAX_FILE_MB", 1024, "Default largest file a run may write, MiB.",
                             "sandbox", gt=0)
     shutdown_grace: float = _env(

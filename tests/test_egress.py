@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SpecRepo
+from conftest import SpecRepo, poll
+from daemon_helpers import ledger_rows
 from doubles import FakeOpenAIServer
+from test_daemon import daemons  # noqa: F401 (the fixture)
 from test_run import apply, call, ledger, run, scripted_agent, tool_events, turn
 
 REACH = '''
@@ -279,3 +281,56 @@ def test_the_control_socket_refuses_a_process_inside_a_run(tmp_path: Path) -> No
         assert answer == {"ok": False, "error": "refused: the request comes from inside a run's sandbox"}
     finally:
         server.close()
+
+
+def test_a_daemon_run_gets_the_same_way_out(repo: SpecRepo, cli, home: Path, daemons,  # noqa: F811
+                                            site: tuple[int, list[str]]) -> None:
+    """Through the daemon the launcher has entered the run's PID namespace before it forks, and can
+    start no thread after that: the proxy's thread must exist already."""
+    port, served = site
+    scripted_agent(repo, "web", [turn(call("http_get", url=f"http://127.0.0.1:{port}/"),
+                                      call("reach", what="connect:forbidden.test:443")), turn(content="done")],
+                   tools=[{"name": "http_get"}, {"name": "reach", "permissions": ["network"]}],
+                   constraints={"allowed_domains": ["local"]})
+    repo.write("specs/tools/reach.py", REACH)
+    apply(repo, cli)
+    row = daemons().run("web")
+    assert row["status"] == "succeeded", row
+    assert served == ["/"]
+    rows = poll(lambda: ledger_rows(home, "SELECT decision, detail FROM run_events WHERE run_id = ? AND "
+                                          "name = 'egress' ORDER BY seq", [row["run_id"]]) or None,
+                "the run's egress events in the ledger (the daemon holds it: read as agentctl history does)")
+    decisions = [(r["decision"], json.loads(r["detail"])["host"]) for r in rows]
+    assert decisions == [("allowed", "127.0.0.1"), ("denied", "forbidden.test")]
+
+
+def test_no_unix_socket_is_reachable_by_its_path(repo: SpecRepo, cli, home: Path, tmp_path: Path) -> None:
+    """Landlock does not mediate connect() to a unix socket; seccomp keeps the run from making one. The
+    listener stands for a Docker socket, a root tmux or the daemon's control socket."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "service.sock"))
+    listener.listen(1)
+    listener.settimeout(1)  # checked after the run: a connection would be waiting by then
+    tool = REACH.replace('"network"]', '"read"]')
+    repo.write("specs/tools/reach.py", tool.replace('if kind == "resolve":', '''if kind == "unix":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(arg)
+            s.sendall(b"ESCAPED")
+            return "connected"
+        if kind == "resolve":'''))
+    scripted_agent(repo, "unix", [turn(call("reach", what=f"unix:{tmp_path / 'service.sock'}")), turn(content="done")],
+                   tools=[{"name": "reach", "permissions": ["read"], "paths": [str(tmp_path)]}])
+    apply(repo, cli)
+    result = run(cli, "unix")
+    assert result["status"] == "succeeded", result
+    (output,) = _tool_outputs(home, result["run_id"])
+    assert output.startswith("error: PermissionError"), output
+    try:
+        conn, _ = listener.accept()
+        arrived = conn.recv(16)
+    except OSError:
+        arrived = b""
+    finally:
+        listener.close()
+    assert arrived == b""
+    assert sandbox_of(home, result["run_id"])["seccomp"] == "no unix sockets, native ABI only"

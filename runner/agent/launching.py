@@ -109,10 +109,11 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
                  queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
     write_run(conn, row)
     read_end, write_end = os.pipe()
+    gateway = socket.socketpair() if plan.settings.sandbox != "off" and needs_network(plan) else None
+    proxy = _egress_proxy(plan) if gateway else None  # its thread first: see EgressProxy
     entered = None
     if isolate_here:
         entered = isolating.enter() if plan.settings.sandbox != "off" else []
-    gateway = socket.socketpair() if plan.settings.sandbox != "off" and needs_network(plan) else None
     pid = os.fork()
     if pid == 0:  # the run process
         if gateway:
@@ -127,30 +128,19 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
     conn.execute("UPDATE run_progress SET pid = ? WHERE run_id = ?", (pid, plan.run_id))
     pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
     launch = Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
-    if gateway:
+    if gateway and proxy:
         gateway[1].close()
-        _serve_egress(launch, gateway[0])
+        _serve_egress(launch, proxy, gateway[0])
     return launch
 
 
-def _serve_egress(launch: Launch, channel: socket.socket) -> None:
-    """Take the listener the run made in its network namespace and serve the egress proxy on it.
-    Without one (the run could not make its namespace), the run has no way out."""
-    plan = launch.plan
-    channel.settimeout(10)
-    try:
-        _message, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
-    except OSError:
-        fds = []
-    finally:
-        channel.close()
-    if not fds:
-        return
+def _egress_proxy(plan: RunPlan) -> tuple[EgressProxy, queue.SimpleQueue[dict[str, Any]], tuple[int, int]]:
+    """The run's egress proxy (not serving yet), the queue of its decisions and the pipe that wakes
+    the launcher for each."""
     s = plan.settings
     hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), s.enable_remote_tools) \
         if network_tools(plan) else None
     events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
 
@@ -163,9 +153,23 @@ def _serve_egress(launch: Launch, channel: socket.socket) -> None:
         except BlockingIOError:
             pass  # the launcher has wake-ups pending already
 
-    launch.egress, launch.egress_wake = events, (wake_read, wake_write)
-    launch.proxy = EgressProxy(socket.socket(fileno=fds[0]), EgressPolicy(model_endpoint(plan), hosts),
-                               record).start()
+    return EgressProxy(EgressPolicy(model_endpoint(plan), hosts), record), events, (wake_read, wake_write)
+
+
+def _serve_egress(launch: Launch, proxy: tuple[EgressProxy, queue.SimpleQueue[dict[str, Any]], tuple[int, int]],
+                  channel: socket.socket) -> None:
+    """Take the listener the run made in its network namespace and serve the egress proxy on it.
+    Without one (the run could not make its namespace), the run has no way out."""
+    launch.proxy, launch.egress, launch.egress_wake = proxy
+    channel.settimeout(10)
+    try:
+        _message, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
+    except OSError:
+        fds = []
+    finally:
+        channel.close()
+    if fds:
+        launch.proxy.serve(socket.socket(fileno=fds[0]))
 
 
 def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | None = None,

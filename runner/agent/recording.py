@@ -61,6 +61,19 @@ class RunRow:
         return row
 
 
+def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: str, error: str) -> None:
+    """Write the final row of a run whose launcher can no longer do it, from what is known of it."""
+    r = progress_row
+    data = json.loads(r["row"]) if r["row"] else {}
+    write_run(conn, RunRow(run_id=r["run_id"], client_id=r["client_id"], agent=r["agent"],
+                           spec_revision=data.get("spec_revision"), trigger=data.get("trigger") or "unknown",
+                           status=status, queued_at=data.get("queued_at"), started_at=data.get("started_at"),
+                           ended_at=utcnow(), input_tokens=int(r["input_tokens"]),
+                           output_tokens=int(r["output_tokens"]), model_calls=int(r["model_calls"]),
+                           tool_calls=int(r["tool_calls"]), error=error, input=data.get("input"),
+                           requested_by=data.get("requested_by"), pid=r["pid"]))
+
+
 def write_run(conn: sqlite3.Connection, row: RunRow) -> None:
     with Transaction(conn) as tx:
         journal(tx, "runs", row.as_ledger())

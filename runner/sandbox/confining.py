@@ -11,7 +11,8 @@ Landlock is enforced last, after which the process can open only what its rules 
   (not the state database, not the logs: the run reports its steps to its launcher over a pipe);
 - TCP: connect only to the egress proxy, on the loopback of the run's own network namespace
   (``isolating``, ``egress``); nothing at all when the run needs no network;
-- signals and abstract unix sockets: only within the run (Landlock scoping, ABI 6).
+- signals and abstract unix sockets: only within the run (Landlock scoping, ABI 6);
+- unix sockets by path: none, since the run cannot make a unix socket (``seccomp``).
 Everything else - the home's other files, other agents' memory, the settings, /proc/1 - is denied.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 from runner.agent.memory import store_path
 from runner.agent.running import RunPlan
 from runner.errors import DeniedError
-from runner.sandbox import landlock
+from runner.sandbox import landlock, seccomp
 from runner.sandbox.egress import proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand
@@ -102,9 +103,10 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
     endpoint = model_endpoint(plan)
     ports = ({port} if port else set()) if isolated else ({endpoint[1]} if endpoint else set())
     rules.allow_ports(ports)
-    rules.enforce()
+    rules.enforce()  # with no_new_privs, which the seccomp filter needs too
     enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable),
                             "tcp_connect": sorted(ports) if rules.net else "not restricted (network tools)"}
+    enforced["seccomp"] = "no unix sockets, native ABI only" if seccomp.install() else "unavailable"
     return enforced
 
 

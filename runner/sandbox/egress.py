@@ -68,36 +68,40 @@ class Unreachable(Exception):
 
 
 class EgressProxy:
-    """Serves one run's listener on a thread of its own until ``close``."""
+    """Serves one run's listener on a thread of its own until ``close``.
 
-    def __init__(self, listener: socket.socket, policy: EgressPolicy, record: Callable[[dict[str, Any]], None]
-                 ) -> None:
-        self.listener, self.policy, self.record = listener, policy, record
+    The thread starts at once, before the listener exists: a launcher that has unshared its PID
+    namespace for the run cannot start threads any more (the kernel refuses CLONE_THREAD there), so
+    it starts this one first and hands the listener over with ``serve``. For the same reason the
+    proxy starts no thread later: names are resolved on the proxy's own thread.
+    """
+
+    def __init__(self, policy: EgressPolicy, record: Callable[[dict[str, Any]], None]) -> None:
+        self.policy, self.record = policy, record
+        self.listener: socket.socket | None = None
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._serve, name="egress-proxy", daemon=True)
-        self._ready = threading.Event()
-
-    def start(self) -> EgressProxy:
+        self.thread = threading.Thread(target=self._run, name="egress-proxy", daemon=True)
         self.thread.start()
-        self._ready.wait(5)
-        return self
+
+    def serve(self, listener: socket.socket) -> None:
+        self.listener = listener
+        listener.setblocking(False)
+        ready = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, sock=listener, limit=HEAD_LIMIT),
+                                                 self.loop)
+        ready.result(timeout=5)
 
     def close(self) -> None:
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)
-        self.listener.close()  # the last reference to the run's network namespace goes with it
+        if self.listener is not None:
+            self.listener.close()  # the last reference to the run's network namespace goes with it
 
-    def _serve(self) -> None:
+    def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.listener.setblocking(False)
-        server = self.loop.run_until_complete(asyncio.start_server(self._handle, sock=self.listener,
-                                                                   limit=HEAD_LIMIT))
-        self._ready.set()
         try:
             self.loop.run_forever()
         finally:
-            server.close()
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
             self.loop.run_until_complete(asyncio.sleep(0))
@@ -123,7 +127,7 @@ class EgressProxy:
             host, port, path = target
             detail = {"method": method, "host": host, "port": port}
             try:
-                addresses, reason = await self.loop.run_in_executor(None, self.policy.decide, host, port)
+                addresses, reason = self.policy.decide(host, port)  # on this thread: see the class
             except DeniedError as exc:
                 self.record({**detail, "decision": "denied", "reason": exc.message})
                 await _answer(writer, 403, "Forbidden", exc.message)

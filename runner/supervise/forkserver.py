@@ -99,8 +99,11 @@ def _reap(launchers: dict[int, str], out: Any) -> None:
             continue
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
         index = code - STATUS_BASE
-        final = TERMINAL[index] if 0 <= index < len(TERMINAL) else "failed"
-        _send(out, {"op": "ended", "run_id": run_id, "status": final})
+        if 0 <= index < len(TERMINAL):
+            _send(out, {"op": "ended", "run_id": run_id, "status": TERMINAL[index]})
+        else:  # the launcher died before it could write the run's final row
+            _send(out, {"op": "ended", "run_id": run_id, "status": "failed",
+                        "error": f"the run's launcher failed (exit status {code}); the daemon's log says why"})
 
 
 def _send(out: Any, message: dict[str, Any]) -> None:

@@ -7,12 +7,11 @@ left of the run's process group.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
 
-from runner.agent.recording import RunRow, utcnow, write_run
+from runner.agent.recording import end_in_flight
 from runner.supervise.table import pid_alive
 
 
@@ -28,14 +27,6 @@ def sweep_interrupted(conn: sqlite3.Connection, client_id: str) -> list[str]:
                 os.killpg(int(r["pid"]), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        data = json.loads(r["row"]) if r["row"] else {}
-        row = RunRow(run_id=r["run_id"], client_id=r["client_id"], agent=r["agent"],
-                     spec_revision=data.get("spec_revision"), trigger=data.get("trigger") or "unknown",
-                     status="interrupted", queued_at=data.get("queued_at"), started_at=data.get("started_at"),
-                     ended_at=utcnow(), input_tokens=int(r["input_tokens"]), output_tokens=int(r["output_tokens"]),
-                     model_calls=int(r["model_calls"]), tool_calls=int(r["tool_calls"]),
-                     error="the daemon or launcher died while the run was in flight", input=data.get("input"),
-                     requested_by=data.get("requested_by"), pid=r["pid"])
-        write_run(conn, row)
+        end_in_flight(conn, r, "interrupted", "the daemon or launcher died while the run was in flight")
         swept.append(r["run_id"])
     return swept

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.agent.launching import prepare, request_stop
-from runner.agent.recording import RunRow, new_run_id, utcnow, write_run
+from runner.agent.recording import RunRow, end_in_flight, new_run_id, utcnow, write_run
 from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
@@ -48,7 +48,7 @@ class Request:
 class ForkServer:
     """The client side of runner.supervise.forkserver."""
 
-    def __init__(self, on_ended: Callable[[str, str], None]) -> None:
+    def __init__(self, on_ended: Callable[[str, str, str | None], None]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "runner.supervise.forkserver"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         assert self.proc.stdout is not None
@@ -72,7 +72,7 @@ class ForkServer:
         for line in self.proc.stdout:
             message = json.loads(line)
             if message.get("op") == "ended":
-                self.on_ended(message["run_id"], message["status"])
+                self.on_ended(message["run_id"], message["status"], message.get("error"))
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -184,9 +184,14 @@ class ProcessTable:
         request.status = "running"
         self.dispatched += 1
 
-    def _ended(self, run_id: str, status: str) -> None:
+    def _ended(self, run_id: str, status: str, error: str | None = None) -> None:
         with self.cond:
             request = self.running.pop(run_id, None)
+            if error is not None:  # its launcher could not write the final row: the table does
+                row = self.conn.execute("SELECT * FROM run_progress WHERE run_id = ? AND status IN "
+                                        "('queued', 'running')", (run_id,)).fetchone()
+                if row is not None:
+                    end_in_flight(self.conn, row, status, error)
             self.cond.notify_all()
         if request is not None:
             request.status = status
