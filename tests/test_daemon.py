@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -498,3 +499,18 @@ def test_run_stop_start_through_the_daemon_print_as_without_it(
     run_id = served["start"].stdout.split()[3]
     rows = final_runs(home, "hello", 2, requested_by="cli:start")  # one alone, one served
     assert any(r["run_id"] == run_id and r["status"] == "succeeded" for r in rows), rows
+
+
+def test_a_killed_launcher_ends_its_run_as_failed_at_once(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:
+    """The launcher writes a run's final row; when it dies (kill -9, a crash), the daemon writes it."""
+    scripted_agent(repo, "long", [turn(content="late", sleep=30)], constraints={"max_runtime": 60})
+    repo.commit()
+    daemon = daemons()
+    run_id = daemon.submit("long")
+    row = poll(lambda: running_run(home, "long"), "the long run to be running")
+    os.kill(int(row["launcher_pid"]), signal.SIGKILL)
+    ended = poll(lambda: state_rows(home, "SELECT row FROM run_progress WHERE run_id = ? AND status = 'failed'",
+                                    (run_id,)), "the run to be failed", timeout=15)
+    assert json.loads(ended[0]["row"])["error"] == "the run's launcher was killed by SIGKILL"
+    again = daemon.submit("long")  # the agent is not stuck behind a run that is over
+    poll(lambda: (running_run(home, "long") or {}).get("run_id") == again, "the next run to be running")

@@ -102,8 +102,9 @@ def _reap(launchers: dict[int, str], out: Any) -> None:
         if 0 <= index < len(TERMINAL):
             _send(out, {"op": "ended", "run_id": run_id, "status": TERMINAL[index]})
         else:  # the launcher died before it could write the run's final row
-            _send(out, {"op": "ended", "run_id": run_id, "status": "failed",
-                        "error": f"the run's launcher failed (exit status {code}); the daemon's log says why"})
+            how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status) \
+                else f"failed (exit status {code}; the daemon's log says why)"
+            _send(out, {"op": "ended", "run_id": run_id, "status": "failed", "error": f"the run's launcher {how}"})
 
 
 def _send(out: Any, message: dict[str, Any]) -> None:
