@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +130,70 @@ def cli(home: Path, repo: SpecRepo) -> Iterator[object]:
         return agentctl(*args, home=home, env=env, **kwargs)  # type: ignore[arg-type]
 
     yield run
+
+
+# -- real servers on this machine's loopback, for the network tests ---------------------------------------
+
+
+class _Site(BaseHTTPRequestHandler):
+    """A real web server: /, a redirect to itself (/hop), and a redirect to a name nobody allows (/away)."""
+
+    served: list[str]
+
+    def do_GET(self) -> None:
+        self.served.append(self.path)
+        if self.path in ("/hop", "/away"):
+            self.send_response(302)
+            self.send_header("Location", "/" if self.path == "/hop" else "http://forbidden.test/stolen")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"hello from the test server"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def site() -> Iterator[tuple[str, list[str]]]:
+    """The web server's base URL, and the paths it has served."""
+    served: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Site,), {"served": served}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class TcpCatcher:
+    """A listening TCP socket on loopback that records the first bytes of any connection it accepts."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[bytes] = []
+        self.listener.settimeout(10)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            self.accepted.append(conn.recv(16))
+        except OSError:
+            pass
+
+    def caught(self) -> list[bytes]:
+        """Close it and say what arrived."""
+        self.listener.close()
+        self.thread.join(timeout=15)
+        return self.accepted

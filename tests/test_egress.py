@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import SpecRepo, poll
+from conftest import SpecRepo, TcpCatcher, poll
 from daemon_helpers import ledger_rows
 from doubles import FakeOpenAIServer
 from test_daemon import daemons  # noqa: F401 (the fixture)
@@ -86,42 +82,6 @@ def _bomb(seconds):
 '''
 
 
-class _Site(BaseHTTPRequestHandler):
-    """A real web server on the host's loopback: a page, and a redirect to a name nobody allowed."""
-
-    served: list[str]
-
-    def do_GET(self) -> None:
-        self.served.append(self.path)
-        if self.path == "/away":
-            self.send_response(302)
-            self.send_header("Location", "http://forbidden.test/stolen")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = b"hello through the proxy"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def site() -> Iterator[tuple[int, list[str]]]:
-    served: list[str] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Site,), {"served": served}))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], served
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def egress(home: Path, run_id: str) -> list[dict[str, Any]]:
     rows = ledger(home, "SELECT decision, detail FROM run_events WHERE run_id = ? AND name = 'egress' ORDER BY seq",
                   [run_id])
@@ -134,23 +94,11 @@ def sandbox_of(home: Path, run_id: str) -> dict[str, Any]:
 
 
 def test_a_network_tool_gets_out_only_through_the_proxy_to_allowed_hosts(repo: SpecRepo, cli, home: Path,
-                                                                          site: tuple[int, list[str]]) -> None:
-    port, served = site
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[bytes] = []
-
-    def accept() -> None:
-        listener.settimeout(15)
-        try:
-            conn, _ = listener.accept()
-            accepted.append(conn.recv(16))
-        except OSError:
-            pass
-
-    watcher = threading.Thread(target=accept, daemon=True)
-    watcher.start()
-    page = f"http://127.0.0.1:{port}"
-    attempts = [f"get:{page}/", f"get:{page}/away", f"tcp:127.0.0.1,{listener.getsockname()[1]}",
+                                                                          site: tuple[str, list[str]]) -> None:
+    page, served = site
+    port = int(page.rsplit(":", 1)[1])
+    catcher = TcpCatcher()
+    attempts = [f"get:{page}/", f"get:{page}/away", f"tcp:127.0.0.1,{catcher.port}",
                 "resolve:example.com", f"direct:{page}/direct", "connect:10.255.255.1:443", f"connect:127.0.0.1:{port}"]
     repo.write("specs/tools/reach.py", REACH)
     scripted_agent(repo, "net", [turn(*[call("reach", what=a) for a in attempts]),
@@ -162,16 +110,14 @@ def test_a_network_tool_gets_out_only_through_the_proxy_to_allowed_hosts(repo: S
     result = run(cli, "net")
     assert result["status"] == "succeeded", result
     got = dict(zip(attempts, _tool_outputs(home, result["run_id"]), strict=False))
-    assert got[f"get:{page}/"] == "hello through the proxy"
+    assert got[f"get:{page}/"] == "hello from the test server"
     assert "403" in got[f"get:{page}/away"], got  # the proxy refused the redirect's target
     for attempt in attempts[2:5]:
         assert got[attempt].startswith("error:"), (attempt, got[attempt])
     assert " 403 " in got["connect:10.255.255.1:443"], got
     assert " 200 " in got[f"connect:127.0.0.1:{port}"], got
 
-    listener.close()
-    watcher.join(timeout=20)
-    assert accepted == [], "a direct connection left the run's network namespace"
+    assert catcher.caught() == [], "a direct connection left the run's network namespace"
     assert "/direct" not in served and served.count("/") == 1 and "/away" in served
 
     decisions = egress(home, result["run_id"])
@@ -192,8 +138,9 @@ def test_a_network_tool_gets_out_only_through_the_proxy_to_allowed_hosts(repo: S
 
 
 def test_the_model_is_reached_through_the_proxy_and_nothing_else(repo: SpecRepo, cli, home: Path, tmp_path: Path,
-                                                                 site: tuple[int, list[str]]) -> None:
-    port, served = site
+                                                                 site: tuple[str, list[str]]) -> None:
+    page, served = site
+    port = int(page.rsplit(":", 1)[1])
     repo.write("specs/tools/reach.py", REACH.replace('PERMISSIONS = ["network"]', 'PERMISSIONS = ["read"]'))
     repo.spec("chat", model="openai:tiny",
               extra=f"tools:\n  - name: reach\n    permissions: [read]\n    paths: [{json.dumps(str(tmp_path))}]\n")
@@ -284,11 +231,11 @@ def test_the_control_socket_refuses_a_process_inside_a_run(tmp_path: Path) -> No
 
 
 def test_a_daemon_run_gets_the_same_way_out(repo: SpecRepo, cli, home: Path, daemons,  # noqa: F811
-                                            site: tuple[int, list[str]]) -> None:
+                                            site: tuple[str, list[str]]) -> None:
     """Through the daemon the launcher has entered the run's PID namespace before it forks, and can
     start no thread after that: the proxy's thread must exist already."""
-    port, served = site
-    scripted_agent(repo, "web", [turn(call("http_get", url=f"http://127.0.0.1:{port}/"),
+    page, served = site
+    scripted_agent(repo, "web", [turn(call("http_get", url=f"{page}/"),
                                       call("reach", what="connect:forbidden.test:443")), turn(content="done")],
                    tools=[{"name": "http_get"}, {"name": "reach", "permissions": ["network"]}],
                    constraints={"allowed_domains": ["local"]})

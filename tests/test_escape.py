@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
 import duckdb
-from conftest import SpecRepo
+from conftest import SpecRepo, TcpCatcher
 
 TOOL = '''
 import os, socket, subprocess, sys, time
@@ -92,28 +91,14 @@ def _run_attempts(repo: SpecRepo, cli, home: Path, out: Path, attempts: list[str
 def test_no_connection_no_datagram_no_name(repo: SpecRepo, cli, home: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    tcp = socket.create_server(("127.0.0.1", 0))
+    catcher = TcpCatcher()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
     udp.settimeout(0.5)
-    accepted: list[bytes] = []
-
-    def serve() -> None:
-        tcp.settimeout(10)
-        try:
-            conn, _ = tcp.accept()
-            accepted.append(conn.recv(16))
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    events = _run_attempts(repo, cli, home, out, [f"tcp:127.0.0.1,{tcp.getsockname()[1]}",
+    events = _run_attempts(repo, cli, home, out, [f"tcp:127.0.0.1,{catcher.port}",
                                                   f"udp:127.0.0.1,{udp.getsockname()[1]}", "resolve:example.com"])
     assert all("error" in e for e in events), events  # each attempt failed inside the tool
-    tcp.close()
-    thread.join(timeout=15)
-    assert accepted == []
+    assert catcher.caught() == []
     try:
         data = udp.recv(64)
     except OSError:
