@@ -43,6 +43,7 @@ def detect() -> dict[str, Any]:
         "scoping": "landlock (abstract sockets, signals)" if abi >= 6 else "none",
         "process_limit": "pid_max of the run's PID namespace" if pid_max
         else "RLIMIT_NPROC (binds a non-root daemon user only)",
+        "cgroups": _cgroups(),
         "rlimits": True,
         "no_new_privs": True,
     }
@@ -58,3 +59,16 @@ def _namespaces() -> tuple[list[str], bool]:
     if not words or words[0] == "none":
         return [], False
     return [n for n in words[0].split(",") if n != "-"], words[-1] == "pid_max"
+
+
+def _cgroups() -> str:
+    """Reported, not used: per-run cgroups need a delegated cgroup v2 subtree (docs/security.md)."""
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return "v1 (not used)" if os.path.isdir("/sys/fs/cgroup") else "none"
+    try:
+        with open("/proc/self/cgroup") as handle:
+            own = handle.read().strip().rsplit(":", 1)[-1]
+    except OSError:
+        return "v2 (not used)"
+    delegated = os.access(f"/sys/fs/cgroup{own}", os.W_OK)
+    return f"v2, {'delegated' if delegated else 'not delegated'} (not used)"
