@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from bench import commit_all, reader_repo
+from runner.agent.access import HostRule
 from runner.agent.launching import prepare, start, wait
 from runner.reconcile.reconciling import open_source, reconcile
+from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.state import connect
 
@@ -59,9 +63,34 @@ def main() -> None:
             print(f"sandbox: {what:28s} without the sandbox (AGENT_ORCH_SANDBOX=off, baseline) {off * 1000:6.1f} ms")
             print(f"sandbox: {what:28s} with it (Landlock, namespaces, rlimits, clean env)    {strict * 1000:6.1f} ms"
                   f"   added {(strict - off) * 1000:5.1f} ms (goal < 20 ms)")
+        direct, proxied = _per_request(url)
+        print(f"sandbox: one HTTP request, direct (baseline)                                  {direct * 1000:6.2f} ms")
+        print(f"sandbox: one HTTP request through the egress proxy                            {proxied * 1000:6.2f} ms"
+              f"   added {(proxied - direct) * 1000:5.2f} ms")
     finally:
         server.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _per_request(url: str, n: int = 100) -> tuple[float, float]:
+    """Mean time of one GET, straight to the server and through an egress proxy, alternating."""
+    proxy = EgressProxy(EgressPolicy(None, HostRule(("local",), False)), lambda _decision: None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    proxy.serve(listener)
+    openers = {"direct": urllib.request.build_opener(urllib.request.ProxyHandler({})),
+               "proxy": urllib.request.build_opener(urllib.request.ProxyHandler(
+                   {"http": f"http://127.0.0.1:{listener.getsockname()[1]}"}))}
+    times: dict[str, list[float]] = {"direct": [], "proxy": []}
+    try:
+        for _ in range(3):
+            for name, opener in openers.items():
+                t = time.perf_counter()
+                for _ in range(n):
+                    opener.open(url).read()
+                times[name].append((time.perf_counter() - t) / n)
+    finally:
+        proxy.close()
+    return min(times["direct"]), min(times["proxy"])
 
 
 def _medians(root: Path, repo: Path, agent: str) -> tuple[float, float]:
