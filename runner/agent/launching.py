@@ -43,7 +43,7 @@ from runner.errors import NotFoundError, OrchestratorError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
 from runner.sandbox import isolating
-from runner.sandbox.confining import confine, model_endpoint, needs_network, network_tools
+from runner.sandbox.confining import confine, model_endpoints, needs_network, network_tools
 from runner.sandbox.confining import warm as warm_sandbox
 from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
@@ -153,7 +153,7 @@ def _egress_proxy(plan: RunPlan) -> tuple[EgressProxy, queue.SimpleQueue[dict[st
         except BlockingIOError:
             pass  # the launcher has wake-ups pending already
 
-    return EgressProxy(EgressPolicy(model_endpoint(plan), hosts), record), events, (wake_read, wake_write)
+    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts), record), events, (wake_read, wake_write)
 
 
 def _serve_egress(launch: Launch, proxy: tuple[EgressProxy, queue.SimpleQueue[dict[str, Any]], tuple[int, int]],

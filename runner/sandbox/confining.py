@@ -100,8 +100,7 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
     rules.allow_path(os.path.realpath("/proc/self"), landlock.READ)
     for info in SYSTEM_INFO:
         rules.allow_path(info, landlock.READ)
-    endpoint = model_endpoint(plan)
-    ports = ({port} if port else set()) if isolated else ({endpoint[1]} if endpoint else set())
+    ports = ({port} if port else set()) if isolated else {p for _host, p in model_endpoints(plan)}
     rules.allow_ports(ports)
     rules.enforce()  # with no_new_privs, which the seccomp filter needs too
     enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable),
@@ -115,8 +114,7 @@ def _network(plan: RunPlan, isolated: bool, port: int | None) -> dict[str, Any]:
         return {"namespace": False, "egress": "the host's network (AGENT_ORCH_SANDBOX=permissive)"}
     if port is None:
         return {"namespace": True, "egress": "none"}
-    endpoint = model_endpoint(plan)
-    allowed = [f"{endpoint[0]}:{endpoint[1]}"] if endpoint else []
+    allowed = sorted(f"{host}:{p}" for host, p in model_endpoints(plan))
     if network_tools(plan):
         allowed += list(plan.spec.constraints.allowed_domains)
     return {"namespace": True, "egress": f"proxy at 127.0.0.1:{port}", "allowed": allowed}
@@ -141,8 +139,8 @@ def _capture_output(plan: RunPlan) -> None:
 
 
 def needs_network(plan: RunPlan) -> bool:
-    """False when the run can live without any network: a scripted model and no network tools."""
-    return network_tools(plan) or not plan.spec.model.startswith("scripted:")
+    """False when the run can live without any network: no model server and no network tools."""
+    return network_tools(plan) or bool(model_endpoints(plan))
 
 
 def _clean_environment(plan: RunPlan, egress_port: int | None) -> None:
@@ -211,11 +209,20 @@ def _runtime_paths() -> frozenset[str]:
     return frozenset(p for p in paths if os.path.exists(p))
 
 
-def model_endpoint(plan: RunPlan) -> tuple[str, int] | None:
-    """(host, port) of the model server the run talks to; None for a scripted model."""
-    if plan.spec.model.startswith("scripted:"):
-        return None
+def model_endpoints(plan: RunPlan) -> set[tuple[str, int]]:
+    """(host, port) of the model servers the run talks to: its chat model's (none for a scripted
+    model), and Ollama's when memory embeds with an Ollama model (EMBED_MODEL)."""
     s = plan.settings
-    url = s.langchain_api_url if plan.spec.model.startswith("openai:") else s.ollama_host
+    urls = []
+    if not plan.spec.model.startswith("scripted:"):
+        urls.append(s.langchain_api_url if plan.spec.model.startswith("openai:") else s.ollama_host)
+    if s.embed_model and plan.spec.memory and plan.spec.memory.type != "none":
+        urls.append(s.ollama_host)
+    return {_host_port(url) for url in urls}
+
+
+def _host_port(url: str) -> tuple[str, int]:
     parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    return (parsed.hostname or "localhost").lower(), parsed.port or (443 if parsed.scheme == "https" else 80)
+    host = (parsed.hostname or "localhost").lower()
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a listening address clients reach on loopback
+    return host, parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -43,16 +43,16 @@ def proxy_environment(port: int) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class EgressPolicy:
-    """Where a run may connect: its model endpoint, and (with network tools) its allowed domains."""
+    """Where a run may connect: its model endpoints, and (with network tools) its allowed domains."""
 
-    model: tuple[str, int] | None
+    models: frozenset[tuple[str, int]]  # (host, port) of the model servers
     hosts: HostRule | None  # None: no tool of the run is granted 'network'
 
     def decide(self, host: str, port: int) -> tuple[list[str], str]:
         """The addresses to connect to and why; raises DeniedError."""
         host = host.lower().rstrip(".")
         addresses = lookup(host)
-        if self.model is not None and (host, port) == self.model:
+        if (host, port) in self.models:
             reason = "the model endpoint"
         elif self.hosts is None:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
