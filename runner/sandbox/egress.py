@@ -102,9 +102,10 @@ class EgressProxy:
         try:
             self.loop.run_forever()
         finally:
-            for task in asyncio.all_tasks(self.loop):
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
                 task.cancel()
-            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             self.loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -145,6 +146,8 @@ class EgressProxy:
                 upstream.write(_origin_form(request, path))
             await _relay(reader, writer, up_reader, upstream)
         except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:  # the run is over and the proxy closing: end quietly
             pass
         finally:
             for w in (writer, upstream):
