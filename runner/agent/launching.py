@@ -109,11 +109,16 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
                  queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
     write_run(conn, row)
     read_end, write_end = os.pipe()
-    gateway = socket.socketpair() if plan.settings.sandbox != "off" and needs_network(plan) else None
-    proxy = _egress_proxy(plan) if gateway else None  # its thread first: see EgressProxy
+    sandboxed = plan.settings.sandbox != "off"
+    gateway = socket.socketpair() if sandboxed and needs_network(plan) else None
+    # Here, a user namespace needs a single thread, and after the PID namespace no thread can start:
+    # so the user namespace, then the proxy's thread, then the PID namespace.
+    user = isolating.enter_user() if isolate_here and sandboxed else []
+    proxy = _egress_proxy(plan) if gateway else None
     entered = None
     if isolate_here:
-        entered = isolating.enter() if plan.settings.sandbox != "off" else []
+        pid_ns = isolating.enter_pid() if sandboxed else []
+        entered = user + pid_ns if pid_ns else []
     pid = os.fork()
     if pid == 0:  # the run process
         if gateway:

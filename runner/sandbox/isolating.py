@@ -26,16 +26,32 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def enter() -> list[str]:
-    """Unshare the PID namespace (with a user namespace when not root); the caller must fork once after."""
+    """Unshare the PID namespace (with a user namespace when not root); the caller must fork once after.
+    The caller must be single-threaded (a user namespace requires it)."""
     if _libc.unshare(CLONE_NEWPID) == 0:
         return ["pid"]
+    user = enter_user()
+    return user + enter_pid() if user else []
+
+
+def enter_user() -> list[str]:
+    """A user namespace mapping our uid and gid to themselves, in which we may unshare the others.
+    Only for a single-threaded process; nothing for root, which needs none."""
+    if os.geteuid() == 0:
+        return []
     uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(CLONE_NEWPID | CLONE_NEWUSER) == 0:
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
-        return ["user", "pid"]
-    return []
+    if _libc.unshare(CLONE_NEWUSER) != 0:
+        return []
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    return ["user"]
+
+
+def enter_pid() -> list[str]:
+    """A PID namespace for the children from now on (a multi-threaded process may do it, but can start
+    no thread after it)."""
+    return ["pid"] if _libc.unshare(CLONE_NEWPID) == 0 else []
 
 
 def enter_network(*, gateway: bool) -> socket.socket | None:
