@@ -9,7 +9,10 @@ decision of the proxy is a ``log``/``egress`` event of the run.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +207,6 @@ def _tool_outputs(home: Path, run_id: str) -> list[str]:
 
 def test_the_control_socket_refuses_a_process_inside_a_run(tmp_path: Path) -> None:
     """Landlock does not stop connect() to a unix socket by path; the daemon refuses such a peer itself."""
-    import os
-
     from runner.sandbox import isolating
     from runner.supervise.control import ControlServer
     from runner.supervise.control import call as ask
@@ -281,3 +282,32 @@ def test_no_unix_socket_is_reachable_by_its_path(repo: SpecRepo, cli, home: Path
         listener.close()
     assert arrived == b""
     assert sandbox_of(home, result["run_id"])["seccomp"] == "no unix sockets, native ABI only"
+
+
+def test_without_namespaces_strict_refuses_and_permissive_runs_on_the_host_network(
+        repo: SpecRepo, cli, home: Path, site: tuple[str, list[str]]) -> None:
+    """Where runs cannot have namespaces of their own (here: "root" in a user namespace with every
+    capability dropped, as in a container without CAP_SYS_ADMIN), strict refuses with the fix."""
+    page, served = site
+    scripted_agent(repo, "web", [turn(call("http_get", url=f"{page}/")), turn(content="done")],
+                   tools=[{"name": "http_get"}], constraints={"allowed_domains": ["local"]})
+    apply(repo, cli)
+    no_caps = ["unshare", "--user", "--map-root-user", "setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+    def run_without(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*no_caps, sys.executable, "-m", "runner", "--home", str(home), "--output", "json",
+                               "run", "web"], capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "AGENT_ORCH_SOURCE": str(repo.path), "AGENT_ORCH_SANDBOX": mode})
+
+    refused = run_without("strict")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "cannot give the run a network namespace" in refused.stdout + refused.stderr
+    assert "AGENT_ORCH_SANDBOX=permissive" in refused.stdout + refused.stderr and served == []
+
+    allowed = run_without("permissive")
+    result = json.loads(allowed.stdout)
+    assert result["status"] == "succeeded", allowed.stdout + allowed.stderr
+    assert served == ["/"]
+    sandbox = sandbox_of(home, result["run_id"])
+    assert sandbox["mode"] == "permissive" and sandbox["namespaces"] == []
+    assert sandbox["network"] == {"namespace": False, "egress": "the host's network (AGENT_ORCH_SANDBOX=permissive)"}
