@@ -13,14 +13,12 @@ from typing import Any
 import falcon
 import yaml
 
-from runner.api.app import Api, int_param, read_json
+from runner.api.app import MAX_PAGE, Api, Resource, int_param, read_json
 from runner.api.errors import BadRequest, NotFound, PreconditionRequired, Unprocessable
 from runner.reconcile.applied import AppliedAgent, load_applied
 from runner.source.writing import commit_file
 from runner.specs.models import NAME_PATTERN
 from runner.specs.validating import SpecFile, blob_id, validate_tree
-
-MAX_PAGE = 1000
 
 
 def agent_json(a: AppliedAgent, next_run: Any, last_run: dict[str, Any] | None) -> dict[str, Any]:
@@ -41,13 +39,9 @@ def last_runs(conn: sqlite3.Connection, client_id: str) -> dict[str, dict[str, A
     return {r[0]: {"run_id": r[1], "status": r[2], "started_at": r[3], "updated_at": r[4]} for r in rows}
 
 
-class Collection:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Collection(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
+        rt = self.client(req, "viewer")
         limit = int_param(req, "limit", 50, 1, MAX_PAGE)
         after = req.get_param("cursor") or ""
 
@@ -76,13 +70,9 @@ class Collection:
         resp.media = result
 
 
-class Item:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Item(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
+        rt = self.client(req, "viewer")
         agent = _agent(rt.conn(), rt.settings.client_id, name)
         resp.media = agent_json(agent, rt.next_runs().get(name), last_runs(rt.conn(), rt.settings.client_id).get(name))
         if agent.blob:
@@ -110,9 +100,10 @@ class Item:
         resp.media = {"name": name, "commit": commit, "deleted": True}
 
 
-class Operation:
+class Operation(Resource):
     def __init__(self, api: Api, op: str) -> None:
-        self.api, self.op = api, op
+        super().__init__(api)
+        self.op = op
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         principal = self.api.require(req, "operator")

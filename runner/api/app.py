@@ -27,6 +27,7 @@ from runner.state import Transaction, journal
 from runner.supervise.metrics import Metrics
 
 MAX_BODY = 1024 * 1024
+MAX_PAGE = 1000  # items in one page of a list
 MAX_DEPTH = 32
 MAX_STRING = 64 * 1024
 OPEN_PATHS = {"/healthz", "/openapi.json", "/metrics", "/agents/v1/hooks/git"}
@@ -71,6 +72,17 @@ class Api:
 
     def any_conn(self) -> sqlite3.Connection:
         return next(iter(self.runtimes.values())).conn()
+
+
+class Resource:
+    """An API resource: each handler names the role it needs and gets its client's runtime."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def client(self, req: falcon.Request, role: tokens.Role) -> Runtime:
+        self.api.require(req, role)
+        return self.api.runtime(req)
 
 
 class Middleware:

@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from runner.agent.recording import TERMINAL, agent_log_path
-from runner.api.app import Api, int_param
+from runner.api.app import MAX_PAGE, Resource, int_param
 from runner.api.errors import BadRequest, NotFound
 from runner.ledger.ingesting import flush
 from runner.ledger.reading import query
@@ -34,14 +34,10 @@ def run_json(row: Any) -> dict[str, Any]:
     return data
 
 
-class Collection:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Collection(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
-        limit = int_param(req, "limit", 50, 1, 1000)
+        rt = self.client(req, "viewer")
+        limit = int_param(req, "limit", 50, 1, MAX_PAGE)
         where, params = ["client_id = ?"], [rt.settings.client_id]
         agent, status, since, cursor = (req.get_param(k) for k in ("agent", "status", "since", "cursor"))
         if agent:
@@ -79,13 +75,9 @@ class Collection:
         resp.data = self.api.cache.get(key, build)
 
 
-class Item:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Item(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
+        rt = self.client(req, "viewer")
         row = rt.conn().execute("SELECT * FROM run_progress WHERE client_id = ? AND run_id = ?",
                                 (rt.settings.client_id, run_id)).fetchone()
         if row is None:
@@ -93,13 +85,9 @@ class Item:
         resp.media = run_json(row)
 
 
-class Events:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Events(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
+        rt = self.client(req, "viewer")
         known = rt.conn().execute("SELECT 1 FROM run_progress WHERE client_id = ? AND run_id = ?",
                                   (rt.settings.client_id, run_id)).fetchone()
         if known is None:
@@ -121,15 +109,11 @@ class Events:
         resp.media = {"run_id": run_id, "events": events}
 
 
-class Logs:
+class Logs(Resource):
     """A page of the agent's log: ``offset`` and ``limit`` in bytes, optionally one run's lines."""
 
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
+        rt = self.client(req, "viewer")
         if name not in load_applied(rt.conn(), rt.settings.client_id, name):
             raise NotFound(f"no agent named '{name}'")
         offset = int_param(req, "offset", 0, 0, 2**62)

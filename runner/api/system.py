@@ -10,7 +10,7 @@ from typing import Any
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from runner.api.app import MAX_BODY, Api
+from runner.api.app import MAX_BODY, Resource
 from runner.api.errors import NotFound, TooLarge, Unauthorized, without_credentials
 from runner.api.openapi import document
 from runner.errors import OrchestratorError
@@ -18,13 +18,9 @@ from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.validating import custom_tools_of
 
 
-class Tools:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Tools(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.api.require(req, "viewer")
-        rt = self.api.runtime(req)
+        rt = self.client(req, "viewer")
         tools: list[dict[str, Any]] = [{"name": t.name, "kind": "builtin", "permissions": sorted(t.allowed),
                                         "needs": sorted(t.needs), "summary": t.summary, "error": None}
                                        for t in BUILTIN_TOOLS.values()]
@@ -38,10 +34,7 @@ class Tools:
         resp.media = {"tools": tools}
 
 
-class MetricsResource:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class MetricsResource(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.path != "/metrics":  # the root one is for scrapers; the API's own needs a token
             self.api.require(req, "viewer")
@@ -52,16 +45,13 @@ class MetricsResource:
 UNSIGNED = "the webhook signature is missing or does not match AGENT_ORCH_WEBHOOK_SECRET"
 
 
-class GitHook:
+class GitHook(Resource):
     """POST /agents/v1/hooks/git: a push webhook (GitHub, Gitea, GitLab) asking for a reconcile.
 
     With AGENT_ORCH_WEBHOOK_SECRET set, the request must carry the provider's signature of the body
     (X-Hub-Signature-256 or X-Gitea-Signature: HMAC-SHA256; X-Gitlab-Token: the secret itself).
     Without a secret, an operator's bearer token is required instead. ``?client_id=`` picks the client.
     """
-
-    def __init__(self, api: Api) -> None:
-        self.api = api
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = req.bounded_stream.read(MAX_BODY + 1)
@@ -97,10 +87,7 @@ def _signed(req: falcon.Request, body: bytes, secret: str) -> bool:
         (hmac.compare_digest(gitlab, secret) if gitlab else False)
 
 
-class Health:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class Health(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Open: only whether the daemon is well. With a token: the details of that token's client."""
         clients = {client: {k: without_credentials(v) if isinstance(v, str) else v for k, v in rt.health().items()}
@@ -113,10 +100,7 @@ class Health:
         resp.media = body
 
 
-class OpenApi:
-    def __init__(self, api: Api) -> None:
-        self.api = api
-
+class OpenApi(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = document()
 
