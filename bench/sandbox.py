@@ -74,7 +74,7 @@ def main() -> None:
 
 def _per_request(url: str, n: int = 100) -> tuple[float, float]:
     """Mean time of one GET, straight to the server and through an egress proxy, alternating."""
-    proxy = EgressProxy(EgressPolicy(frozenset(), HostRule(("local",), False)), lambda _decision: None)
+    proxy = EgressProxy(EgressPolicy(frozenset(), HostRule(("local",), False)))
     listener = socket.create_server(("127.0.0.1", 0))
     proxy.serve(listener)
     openers = {"direct": urllib.request.build_opener(urllib.request.ProxyHandler({})),

@@ -159,7 +159,7 @@ def http_get(env: ToolEnv, url: str) -> str:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise DeniedError(f"only http and https URLs are allowed, not '{url}'")
-        check_host(env, parts.hostname)
+        HostRule(tuple(env.allowed_domains), env.remote_enabled).check(parts.hostname)
         request = urllib.request.Request(url, headers={"User-Agent": "agent-orchestrator"})
         try:
             # Built per call: the opener takes the proxy (the run's way out) from the environment.
@@ -181,10 +181,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # we follow redirects ourselves, checking each hop
 
-
-
-def check_host(env: ToolEnv, host: str) -> None:
-    HostRule(tuple(env.allowed_domains), env.remote_enabled).check(host)
 
 
 def shell(env: ToolEnv, command: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import queue
 import select
 import signal
 import socket
@@ -62,8 +61,6 @@ class Launch:
     pipe: int
     deadline: float
     proxy: EgressProxy | None = None
-    egress: queue.SimpleQueue[dict[str, Any]] | None = None  # the proxy's decisions, to journal
-    egress_wake: tuple[int, int] = (-1, -1)  # a pipe: a byte arrives with each decision
 
 
 def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, name: str, *,
@@ -135,37 +132,22 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
     launch = Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
     if gateway and proxy:
         gateway[1].close()
-        _serve_egress(launch, proxy, gateway[0])
+        launch.proxy = proxy
+        _serve_egress(proxy, gateway[0])
     return launch
 
 
-def _egress_proxy(plan: RunPlan) -> tuple[EgressProxy, queue.SimpleQueue[dict[str, Any]], tuple[int, int]]:
-    """The run's egress proxy (not serving yet), the queue of its decisions and the pipe that wakes
-    the launcher for each."""
-    s = plan.settings
-    hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), s.enable_remote_tools) \
+def _egress_proxy(plan: RunPlan) -> EgressProxy:
+    """The run's egress proxy, not serving yet: its model servers, and its allowed domains when a tool
+    is granted 'network'."""
+    hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), plan.settings.enable_remote_tools) \
         if network_tools(plan) else None
-    events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-
-    def record(detail: dict[str, Any]) -> None:
-        decision = detail.pop("decision")
-        events.put({"t": "event", "ts": utcnow(), "kind": "log", "name": "egress", "decision": decision,
-                    "detail": detail})
-        try:
-            os.write(wake_write, b"!")
-        except BlockingIOError:
-            pass  # the launcher has wake-ups pending already
-
-    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts), record), events, (wake_read, wake_write)
+    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts))
 
 
-def _serve_egress(launch: Launch, proxy: tuple[EgressProxy, queue.SimpleQueue[dict[str, Any]], tuple[int, int]],
-                  channel: socket.socket) -> None:
+def _serve_egress(proxy: EgressProxy, channel: socket.socket) -> None:
     """Take the listener the run made in its network namespace and serve the egress proxy on it.
     Without one (the run could not make its namespace), the run has no way out."""
-    launch.proxy, launch.egress, launch.egress_wake = proxy
     channel.settimeout(10)
     try:
         _message, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
@@ -174,7 +156,7 @@ def _serve_egress(launch: Launch, proxy: tuple[EgressProxy, queue.SimpleQueue[di
     finally:
         channel.close()
     if fds:
-        launch.proxy.serve(socket.socket(fileno=fds[0]))
+        proxy.serve(socket.socket(fileno=fds[0]))
 
 
 def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | None = None,
@@ -258,16 +240,16 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
     ended_by: str | None = None
     while True:
         timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
-        watch = [fd for fd in (launch.pipe, launch.pidfd, launch.egress_wake[0]) if fd is not None and fd >= 0]
+        wake = launch.proxy.wake_fd if launch.proxy else None
+        watch = [fd for fd in (launch.pipe, launch.pidfd, wake) if fd is not None and fd >= 0]
         ready, _, _ = select.select(watch, [], [], timeout)
-        if launch.egress_wake[0] in ready:
-            os.read(launch.egress_wake[0], 4096)
+        if launch.proxy and wake in ready:
+            _journal_egress(reader, launch.proxy.decisions())
         if launch.pipe in ready:
             chunk = os.read(launch.pipe, 65536)
             reader.feed(chunk)
             if not chunk:
                 launch.pipe = _closed(launch.pipe)
-        _drain_egress(reader, launch)
         if _exited(launch.pid):
             break
         if time.monotonic() >= launch.deadline:
@@ -280,18 +262,16 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
     _kill_group(launch.pid)
     reader.feed(_drain(launch.pipe))
     if launch.proxy is not None:
-        launch.proxy.close()  # its thread has ended: no more decisions
-        for fd in launch.egress_wake:
-            os.close(fd)
-    _drain_egress(reader, launch)
+        _journal_egress(reader, launch.proxy.close())
     if launch.pidfd is not None:
         os.close(launch.pidfd)
     return finish(conn, launch, _result(reader.result, ended_by, launch))
 
 
-def _drain_egress(reader: _Lines, launch: Launch) -> None:
-    while launch.egress is not None and not launch.egress.empty():
-        reader.apply(launch.egress.get())
+def _journal_egress(reader: _Lines, decisions: list[dict[str, Any]]) -> None:
+    for d in decisions:
+        reader.apply({"t": "event", "ts": d.pop("ts"), "kind": "log", "name": "egress",
+                      "decision": d.pop("decision"), "detail": d})
 
 
 class _Lines:

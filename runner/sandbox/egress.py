@@ -8,24 +8,26 @@ the launcher, outside the sandbox and on the host's network, serves HTTP proxy r
   origin form with ``Connection: close``, one request per connection, so that a connection the client
   keeps alive cannot carry a request to another host.
 
-The proxy resolves each name itself and connects to the addresses it checked. Every decision goes to
-``record`` (the launcher journals it as an ``egress`` event of the run).
+The proxy resolves each name itself and connects to the addresses it checked. Every decision waits in
+``decisions()`` for the launcher, which journals it as an ``egress`` event of the run (``wake_fd``
+becomes readable when there is one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import socket
 import threading
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 
 from runner.agent.access import HostRule, lookup
+from runner.agent.recording import utcnow
 from runner.errors import DeniedError
 
 HEAD_LIMIT = 64 * 1024
@@ -76,9 +78,13 @@ class EgressProxy:
     proxy starts no thread later: names are resolved on the proxy's own thread.
     """
 
-    def __init__(self, policy: EgressPolicy, record: Callable[[dict[str, Any]], None]) -> None:
-        self.policy, self.record = policy, record
+    def __init__(self, policy: EgressPolicy) -> None:
+        self.policy = policy
         self.listener: socket.socket | None = None
+        self._decisions: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.wake_fd, self._wake_write = os.pipe()  # a byte arrives here with each decision
+        os.set_blocking(self.wake_fd, False)
+        os.set_blocking(self._wake_write, False)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="egress-proxy", daemon=True)
         self.thread.start()
@@ -90,12 +96,35 @@ class EgressProxy:
                                                  self.loop)
         ready.result(timeout=5)
 
-    def close(self) -> None:
+    def decisions(self) -> list[dict[str, Any]]:
+        """The decisions made since the last call: {ts, decision, method, host, port, reason[, error]}."""
+        try:
+            os.read(self.wake_fd, 65536)
+        except BlockingIOError:
+            pass
+        found = []
+        while not self._decisions.empty():
+            found.append(self._decisions.get())
+        return found
+
+    def close(self) -> list[dict[str, Any]]:
+        """Stop serving; the decisions not yet taken."""
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=5)
         if self.listener is not None:
             self.listener.close()  # the last reference to the run's network namespace goes with it
+        last = self.decisions()
+        os.close(self.wake_fd)
+        os.close(self._wake_write)
+        return last
+
+    def _record(self, decision: dict[str, Any]) -> None:
+        self._decisions.put({"ts": utcnow(), **decision})
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass  # wake-ups are pending already
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -130,16 +159,16 @@ class EgressProxy:
             try:
                 addresses, reason = self.policy.decide(host, port)  # on this thread: see the class
             except DeniedError as exc:
-                self.record({**detail, "decision": "denied", "reason": exc.message})
+                self._record({**detail, "decision": "denied", "reason": exc.message})
                 await _answer(writer, 403, "Forbidden", exc.message)
                 return
             try:
                 up_reader, upstream = await _connect(addresses, port)
             except Unreachable as exc:
-                self.record({**detail, "decision": "allowed", "reason": reason, "error": str(exc)})
+                self._record({**detail, "decision": "allowed", "reason": reason, "error": str(exc)})
                 await _answer(writer, 502, "Bad Gateway", f"{host}:{port}: {exc}")
                 return
-            self.record({**detail, "decision": "allowed", "reason": reason})
+            self._record({**detail, "decision": "allowed", "reason": reason})
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
