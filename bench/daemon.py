@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ def dispatch(root: Path) -> None:
             latencies.append(started - before)
     finally:
         stop(proc)
-    warm = sorted(latencies)[len(latencies) // 2]
+    warm = statistics.median(latencies)
     cold = min(cold_import() for _ in range(3))
     print(f"daemon: dispatch, submit to first line of agent code (median of 20)  {warm * 1000:8.1f} ms")
     print(f"daemon: cold python importing LangChain (best of 3, baseline)         {cold * 1000:8.1f} ms   "

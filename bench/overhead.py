@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -54,12 +55,12 @@ def main() -> None:
             for i in range(5):
                 file_reader(env_, str(data / f"f{i}.txt"))
             bare.append(time.perf_counter() - t)
-        run, tools = sorted(times)[len(times) // 2], sorted(bare)[len(bare) // 2]
+        run, tools = statistics.median(times), statistics.median(bare)
         print(f"overhead: scripted run, 5 tool calls, end to end (median of {RUNS})  {run * 1000:8.2f} ms")
         print(f"overhead: the same 5 tool calls as bare function calls (baseline) {tools * 1000:8.2f} ms")
         print(f"overhead: runner overhead per run {(run - tools) * 1000:8.2f} ms (goal < 50 ms)")
         print(f"overhead: one ledger flush of a run's rows into DuckDB (median) "
-              f"{sorted(flushes)[len(flushes) // 2] * 1000:8.2f} ms (batched by the daemon)")
+              f"{statistics.median(flushes) * 1000:8.2f} ms (batched by the daemon)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -107,7 +108,7 @@ def _medians(root: Path, repo: Path, agent: str) -> tuple[float, float]:
             row = wait(conn, start(conn, prepare(s, conn, source, agent)), kill_grace=1)
             times.append(time.perf_counter() - t)
             assert row.status == "succeeded", row.error
-        medians[mode].append(sorted(times)[len(times) // 2])
+        medians[mode].append(statistics.median(times))
         conn.close()
     return min(medians["off"]), min(medians["strict"])
 

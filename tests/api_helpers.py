@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import yaml
 from conftest import GIT_IDENTITY, ROOT, poll
+from daemon_helpers import ServeProcess
 
 ERROR_KEYS = {"code", "message", "details"}
 
@@ -124,7 +124,7 @@ def request(port: int, method: str, path: str, *, token: str | None = None, body
 
 
 @dataclass
-class Served:
+class Served(ServeProcess):
     """A running `agentctl serve` for one client, with its home, source and tokens."""
 
     home: Path
@@ -147,10 +147,7 @@ class Served:
                     "AGENT_ORCH_FLUSH_INTERVAL": "0.2", "AGENT_ORCH_SHUTDOWN_GRACE": "0",
                     "AGENT_ORCH_KILL_GRACE": "1", **GIT_IDENTITY, **self.env})
         self.env = env
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(self.home), "--client-id",
-                                          self.client_id, "serve", "--port", str(self.port)],
-                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self._spawn(["--home", str(self.home), "--client-id", self.client_id], env, "--port", str(self.port))
         try:
             poll(self._healthy, "the API to answer /healthz", timeout)
         except BaseException:
@@ -159,9 +156,7 @@ class Served:
         return self
 
     def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.log()}")
+        self._running()
         try:
             reply = self.request("GET", "/healthz", timeout=5)
         except OSError:
@@ -198,21 +193,7 @@ class Served:
         return row
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"the daemon did not exit within {timeout:g}s of SIGTERM:\n{self.log()}") from None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        self.terminate(timeout)
 
 
 def serve(base: Path, files: dict[str, Any], *, client_id: str = "default", home: Path | None = None,

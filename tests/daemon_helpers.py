@@ -27,7 +27,47 @@ from runner.supervise.control import call, socket_path
 MARKER = "AGENT_ORCH_TEST_DAEMON"
 
 
-class Daemon:
+class ServeProcess:
+    """`python -m runner ... serve` under a test: spawned with its output in a log, checked for an early
+    exit while the test waits for it, stopped with SIGTERM."""
+
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None
+
+    def _spawn(self, options: list[str], env: dict[str, str], *serve_options: str) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "runner", *options, "serve", *serve_options],
+                                         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        """The process; an AssertionError with its log if it has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.log()}")
+        return self.proc
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, and the exit code (SIGKILL and a failure if it does not exit within ``timeout``)."""
+        if self.proc is None:
+            return -1
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+                raise AssertionError(f"the daemon did not exit within {timeout:g}s of SIGTERM:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Daemon(ServeProcess):
     """`python -m runner --home HOME serve` with its own environment, started and stopped by the test."""
 
     def __init__(self, home: Path, source: Path, log: Path, env: dict[str, str] | None = None) -> None:
@@ -40,21 +80,17 @@ class Daemon:
         self.socket = socket_path(home, "default")
 
     def start(self, timeout: float = 30.0) -> Daemon:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(self.home), "serve"],
-                                         cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self._spawn(["--home", str(self.home)], self.env)
         poll(self._ready, "the daemon to answer ping", timeout)
         return self
 
     def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with {self.proc.returncode}:\n{self.log()}")
+        proc = self._running()
         try:
             answer = call(self.socket, {"op": "ping"}, timeout=5)
         except (OSError, TransientError):
             return False
-        return bool(answer and answer.get("ok") and answer.get("pid") == self.proc.pid)
+        return bool(answer and answer.get("ok") and answer.get("pid") == proc.pid)
 
     @property
     def pid(self) -> int:
@@ -76,19 +112,6 @@ class Daemon:
         answer = self.call({"op": "run", "agent": agent, "input": input, "requested_by": "test", "wait": False})
         return str(answer["run_id"])
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, and the exit code (SIGKILL and a failure if it does not exit within ``timeout``)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                raise AssertionError(f"the daemon did not exit within {timeout:g}s of SIGTERM:\n{self.log()}") from None
-        return self.proc.returncode
-
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.kill()
@@ -103,12 +126,6 @@ class Daemon:
         found = [pid for pid in children_of(self.pid) if b"runner.supervise.forkserver" in _cmdline(pid)]
         assert len(found) == 1, found
         return found[0]
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 def processes_with_env(key: str, value: str) -> list[int]:
