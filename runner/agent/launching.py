@@ -129,10 +129,9 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
     row.pid = pid
     conn.execute("UPDATE run_progress SET pid = ? WHERE run_id = ?", (pid, plan.run_id))
     pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-    launch = Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds)
+    launch = Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds, proxy)
     if gateway and proxy:
         gateway[1].close()
-        launch.proxy = proxy
         _serve_egress(proxy, gateway[0])
     return launch
 
