@@ -2,8 +2,9 @@
 
 Two passes over the same document, both always run so a file's problems come out together:
 the pydantic models check shapes (types, unknown fields, choices), and ``_semantics`` checks what
-needs context (cron syntax, time zones, known tools and their permissions, path variables).
-The semantic pass reads the raw data defensively, so it works even where the shape is wrong.
+needs context (cron syntax, time zones, known tools and their permissions, path variables, the
+runner's own folders no tool path may touch). The semantic pass reads the raw data defensively, so it
+works even where the shape is wrong.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import typing
 import zoneinfo
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
+from runner.errors import UsageError
+from runner.settings import Settings
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
 from runner.specs.loading import Document, Loc
 from runner.specs.models import AgentSpec
@@ -29,6 +33,7 @@ from runner.specs.problems import Problem, Severity, field_path
 
 VARIABLE = re.compile(r"\$\{([^}]*)\}")
 HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+WHY = "a run sees nothing of the runner's own files"
 CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 
 FIELD_HINTS = {
@@ -47,9 +52,24 @@ class Context:
     custom_tools: dict[str, ToolInfo] = field(default_factory=dict)
     # Whether a support file exists, by path relative to the spec source folder (scripted models).
     file_exists: Callable[[str], bool] = lambda _path: True
+    # The runner's own folders and files, as (what, path), that no tool path may overlap. None: those of
+    # the settings at ``home`` (its settings file and this environment), as a daemon on that home sees them.
+    protected: tuple[tuple[str, str], ...] | None = None
 
     def variables(self, agent_name: str) -> dict[str, str]:
         return {"CLIENT_ID": self.client_id, "AGENT_NAME": agent_name, "AGENT_ORCH_HOME": self.home}
+
+    @functools.cached_property
+    def protected_paths(self) -> tuple[tuple[str, str], ...]:
+        """``protected``, or worked out once from the settings at ``home``."""
+        if self.protected is not None:
+            return self.protected
+        try:
+            settings = Settings.load(home=self.home, client_id=self.client_id)
+        except UsageError:
+            # A broken settings file stops the daemon anyway; the home's own layout still holds here.
+            settings = Settings.model_construct(home=Path(self.home).expanduser().absolute())
+        return protected_folders(settings)
 
     def tool(self, name: str) -> ToolInfo | None:
         return BUILTIN_TOOLS.get(name) or self.custom_tools.get(name)
@@ -73,6 +93,69 @@ def check_document(doc: Document, ctx: Context, rel_path: str) -> tuple[AgentSpe
 def expand(value: str, variables: dict[str, str]) -> str:
     """Expand ${VAR} from ``variables``; raises KeyError naming the first unknown variable."""
     return VARIABLE.sub(lambda m: variables[m.group(1)], value)
+
+
+def protected_folders(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """The runner's own folders and files, as (what, path): no spec path may be in one or hold one.
+
+    The home holds the others by default; they are named too because the log and memory folders can
+    live elsewhere, and because "is in the state database" says more than "is in the home".
+    """
+    return (
+        ("the home (AGENT_ORCH_HOME)", str(settings.home)),
+        ("the source mirrors", str(settings.home / "sources")),
+        ("the state database", str(settings.state_path)),
+        ("the log folder (AGENT_ORCH_LOG_DIR)", str(settings.logs_dir)),
+        ("the memory folder (VECTOR_DB_URL)", str(settings.memory_dir)),
+    )
+
+
+def forbidden_overlap(path: str, settings: Settings) -> str | None:
+    """Why ``path`` (absolute, variables expanded) must not be given to a run, or None.
+
+    A run sees nothing of the runner's own files (settings, state, ledger, mirrors, logs, memory), so a
+    spec path may neither lie in one of the ``protected_folders`` nor contain one (``/``, or ``/srv``
+    when the home is /srv/agents/var). Validation says this of every tool path; the sandbox asks again
+    at run time, since the settings, or a symbolic link on the way, may have changed since the spec was
+    applied. Only for spec paths: the run's scratch folder and memory store are in the home on purpose.
+    """
+    return overlap_reason(path, protected_folders(settings))
+
+
+def overlap_reason(path: str, protected: Iterable[tuple[str, str]]) -> str | None:
+    """``forbidden_overlap`` against any list of (what, folder)."""
+    mine = _forms(path)
+    folders = [(what, folder, _forms(folder)) for what, folder in protected]
+    # In one of them: name the narrowest (the memory folder, not the home that holds it).
+    for what, folder, theirs in reversed(folders):
+        for form in mine:
+            if form in theirs:
+                return f"{_shown(path, form)} is {what}: {WHY}; name a folder outside it"
+            if any(_within(form, their) for their in theirs):
+                return f"{_shown(path, form)} is in {folder}, {what}: {WHY}; name a folder outside it"
+    # Holding one of them: name the widest (the home, rather than the state database in it).
+    for what, folder, theirs in folders:
+        for form in mine:
+            if any(_within(their, form) for their in theirs):
+                return f"{_shown(path, form)} contains {folder}, {what}: {WHY}; name a narrower folder outside it"
+    return None
+
+
+def _forms(path: str) -> list[str]:
+    """The path as written (normalised) and as the kernel would resolve it: a symbolic link on the way
+    may lead into the home from outside, or the home itself may be reached through one."""
+    written = os.path.normpath(os.path.abspath(path))
+    real = os.path.realpath(written)
+    return [written] if real == written else [written, real]
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _shown(path: str, form: str) -> str:
+    written = os.path.normpath(os.path.abspath(path))
+    return f"'{path}'" if form == written else f"'{path}' (really {form})"
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -279,14 +362,16 @@ class _Semantics:
         if isinstance(paths, list):
             for j, path in enumerate(paths):
                 if isinstance(path, str):
-                    self._path(("tools", i, "paths", j), path)
+                    self._path(("tools", i, "paths", j), path, given_to_run=True)
         commands = tool.get("commands")
         if info.name == "shell" and not commands:
             self._add(("tools", i), "shell runs only listed programs: name them in 'commands'")
         elif commands and info.name != "shell":
             self._add(("tools", i, "commands"), "only the shell tool takes 'commands'")
 
-    def _path(self, loc: Loc, value: str) -> None:
+    def _path(self, loc: Loc, value: str, given_to_run: bool = False) -> None:
+        """A path a spec names; ``given_to_run`` when the run itself gets access to it (tool paths, not
+        a trigger's watched folder)."""
         try:
             expanded = expand(value, self.variables)
         except KeyError as exc:
@@ -295,6 +380,10 @@ class _Semantics:
             return
         if not os.path.isabs(expanded):
             self._add(loc, f"'{expanded}' is not an absolute path")
+        elif given_to_run:
+            reason = overlap_reason(expanded, self.ctx.protected_paths)
+            if reason:
+                self._add(loc, reason)
 
     def _triggers(self) -> None:
         triggers = self.data.get("triggers")
