@@ -23,6 +23,7 @@ from conftest import ROOT, poll, process_table
 
 from runner.errors import TransientError
 from runner.supervise.control import call, socket_path
+from runner.supervise.table import pid_alive
 
 MARKER = "AGENT_ORCH_TEST_DAEMON"
 
@@ -118,12 +119,16 @@ class Daemon(ServeProcess):
         self.proc.wait(timeout=10)
 
     def processes(self) -> list[int]:
-        """Live processes (not zombies) that carry this daemon's marker: the daemon and all it started."""
-        return processes_with_env(MARKER, self.marker)
+        """Live processes (not zombies) of this daemon: the daemon and all it started. The zygote and
+        the runs have a clean environment, so they are found by the zygote's command line instead."""
+        tag = f"--supervisor={self.pid}".encode()
+        zygote = [int(e) for e in os.listdir("/proc") if e.isdigit() and tag in _cmdline(int(e))
+                  and pid_alive(int(e))]
+        return sorted(set(processes_with_env(MARKER, self.marker)) | set(zygote))
 
-    def forkserver(self) -> int:
-        """The pid of this daemon's fork server (a child of the daemon)."""
-        found = [pid for pid in children_of(self.pid) if b"runner.supervise.forkserver" in _cmdline(pid)]
+    def zygote(self) -> int:
+        """The pid of this daemon's zygote (a child of the daemon, which forks its runs)."""
+        found = [pid for pid in children_of(self.pid) if b"runner.agent.spawning" in _cmdline(pid)]
         assert len(found) == 1, found
         return found[0]
 

@@ -67,15 +67,18 @@ class FakeOpenAIServer(FakeOllamaServer):
         """``tool_call`` ({"name", "args"}): the first answer calls that tool, the next one replies."""
         super().__init__()
         owner = self
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.requests.append(self.path)
+                owner.authorizations.append(self.headers.get("Authorization"))
                 self._json(200, {"object": "list", "data": [{"id": model, "object": "model"}]}
                            if self.path == "/v1/models" else {"error": "not found"})
 
             def do_POST(self) -> None:
                 owner.requests.append(self.path)
+                owner.authorizations.append(self.headers.get("Authorization"))
                 sent = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 message: dict[str, Any] = {"role": "assistant", "content": reply}
                 if tool_call and not any(m.get("role") == "tool" for m in sent.get("messages", [])):

@@ -22,7 +22,7 @@ def peek(path: str) -> str:
 
 def test_import_failure_marks_only_its_users_invalid(repo: SpecRepo, cli) -> None:
     repo.write("specs/tools/peek.py", BROKEN)
-    repo.spec("user", extra="tools:\n  - name: peek\n    paths: [/tmp]\n")
+    repo.spec("user", extra="tools:\n  - name: peek\n    paths: [/srv/peek]\n")
     repo.spec("bystander")
     repo.commit()
     done = cli("apply")

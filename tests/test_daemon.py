@@ -318,7 +318,7 @@ def test_a_run_past_its_deadline_is_timed_out_and_leaves_no_process(
     scripted_agent(repo, "overdue", [turn(content="too late", sleep=30)], constraints={"max_runtime": 2})
     repo.commit()
     daemon = daemons()
-    forkserver = daemon.forkserver()
+    zygote = daemon.zygote()
 
     began = time.monotonic()
     result = daemon.run("overdue")
@@ -328,8 +328,8 @@ def test_a_run_past_its_deadline_is_timed_out_and_leaves_no_process(
     row = final_runs(home, "overdue", 1)[0]
     assert row["status"] == "timed_out" and row["pid"]
     poll(lambda: not live_in_group(row["pid"]), "the run's process group to be gone", timeout=5)
-    poll(lambda: not children_of(forkserver), "the run's launcher to be gone", timeout=5)
-    assert process_alive(forkserver)
+    poll(lambda: not children_of(zygote), "the run's process to be gone", timeout=5)
+    assert process_alive(zygote)
 
 
 # -- 7. MAX_AGENTS --------------------------------------------------------------------------------------
@@ -501,16 +501,16 @@ def test_run_stop_start_through_the_daemon_print_as_without_it(
     assert any(r["run_id"] == run_id and r["status"] == "succeeded" for r in rows), rows
 
 
-def test_a_killed_launcher_ends_its_run_as_failed_at_once(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:
-    """The launcher writes a run's final row; when it dies (kill -9, a crash), the daemon writes it."""
+def test_a_killed_run_process_ends_its_run_as_failed_at_once(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:
+    """When the run process dies without a result (kill -9, a crash), the daemon writes its final row."""
     scripted_agent(repo, "long", [turn(content="late", sleep=30)], constraints={"max_runtime": 60})
     repo.commit()
     daemon = daemons()
     run_id = daemon.submit("long")
     row = poll(lambda: running_run(home, "long"), "the long run to be running")
-    os.kill(int(row["launcher_pid"]), signal.SIGKILL)
+    os.kill(int(row["pid"]), signal.SIGKILL)
     ended = poll(lambda: state_rows(home, "SELECT row FROM run_progress WHERE run_id = ? AND status = 'failed'",
                                     (run_id,)), "the run to be failed", timeout=15)
-    assert json.loads(ended[0]["row"])["error"] == "the run's launcher was killed by SIGKILL"
+    assert json.loads(ended[0]["row"])["error"] == "run process died without a result (killed by SIGKILL)"
     again = daemon.submit("long")  # the agent is not stuck behind a run that is over
     poll(lambda: (running_run(home, "long") or {}).get("run_id") == again, "the next run to be running")

@@ -146,7 +146,7 @@ def test_the_model_is_reached_through_the_proxy_and_nothing_else(repo: SpecRepo,
     port = int(page.rsplit(":", 1)[1])
     repo.write("specs/tools/reach.py", REACH.replace('PERMISSIONS = ["network"]', 'PERMISSIONS = ["read"]'))
     repo.spec("chat", model="openai:tiny",
-              extra=f"tools:\n  - name: reach\n    permissions: [read]\n    paths: [{json.dumps(str(tmp_path))}]\n")
+              extra=f"tools:\n  - name: reach\n    permissions: [read]\n    paths: [{json.dumps(str(tmp_path / 'data'))}]\n")
     repo.commit()
     apply(repo, cli)
     with FakeOpenAIServer(tool_call={"name": "reach", "args": {"what": f"get:http://127.0.0.1:{port}/"}}) as model:
@@ -182,7 +182,7 @@ def test_an_unreachable_model_fails_fast_through_the_proxy_with_the_fix(repo: Sp
 def test_a_fork_bomb_dies_alone(repo: SpecRepo, cli, home: Path, tmp_path: Path) -> None:
     repo.write("specs/tools/bomb.py", BOMB)
     scripted_agent(repo, "bomb", [turn(call("bomb", seconds="20")), turn(content="survived")],
-                   tools=[{"name": "bomb", "permissions": ["read"], "paths": [str(tmp_path)]}],
+                   tools=[{"name": "bomb", "permissions": ["read"], "paths": [str(tmp_path / "data")]}],
                    constraints={"max_processes": 40})
     apply(repo, cli)
     result = run(cli, "bomb")
@@ -267,7 +267,7 @@ def test_no_unix_socket_is_reachable_by_its_path(repo: SpecRepo, cli, home: Path
             return "connected"
         if kind == "resolve":'''))
     scripted_agent(repo, "unix", [turn(call("reach", what=f"unix:{tmp_path / 'service.sock'}")), turn(content="done")],
-                   tools=[{"name": "reach", "permissions": ["read"], "paths": [str(tmp_path)]}])
+                   tools=[{"name": "reach", "permissions": ["read"], "paths": [str(tmp_path / "data")]}])
     apply(repo, cli)
     result = run(cli, "unix")
     assert result["status"] == "succeeded", result

@@ -86,24 +86,40 @@ class HostRule:
     allowed_domains: tuple[str, ...]
     remote_enabled: bool
 
-    def check(self, host: str, addresses: list[str] | None = None) -> None:
+    def check(self, host: str, addresses: list[str] | None = None) -> list[str]:
+        """The addresses to connect to for ``host``; raises DeniedError.
+
+        Decided on the name first: a name that no rule allows is refused before anything resolves it,
+        since a lookup would carry the name out through DNS (``<secret>.attacker.example``). ``local``
+        allows this machine's names (localhost, *.localhost, its host name) and loopback addresses;
+        a named domain, hosts beyond this machine. The lookup then has to agree."""
         host = host.lower().rstrip(".")
+        literal = _literal(host)
+        local = local_name(host) or (literal is not None and _loopback(literal))
+        named = any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+                    for allowed in self.allowed_domains if allowed != "local")
+        if local:
+            if "local" not in self.allowed_domains:
+                raise DeniedError(f"'{host}' is this machine; only 'local' in allowed_domains allows that")
+        elif not named:
+            raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(self.allowed_domains) or 'none'})")
+        elif not self.remote_enabled:
+            raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
         if addresses is None:
             addresses = lookup(host)
-        kinds = {True} if local_name(host) else {_loopback(a) for a in addresses}
-        if kinds == {True, False}:
-            raise DeniedError(f"'{host}' resolves both to this machine and elsewhere; refused")
-        local = kinds == {True}
-        for allowed in self.allowed_domains:
-            if allowed == "local" and local:
-                return
-            if allowed != "local" and (host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))):
-                if local:
-                    raise DeniedError(f"'{host}' points at this machine; only 'local' allows that")
-                if not self.remote_enabled:
-                    raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
-                return
-        raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(self.allowed_domains) or 'none'})")
+        kinds = {_loopback(a) for a in addresses}
+        if local and False in kinds:
+            raise DeniedError(f"'{host}' resolves beyond this machine; refused")
+        if not local and True in kinds:
+            raise DeniedError(f"'{host}' points at this machine; only 'local' allows that")
+        return addresses
+
+
+def _literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
 
 
 def local_name(host: str) -> bool:

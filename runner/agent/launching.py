@@ -1,20 +1,22 @@
-"""Start a run as its own process and see it to its end.
+"""Start a run and see it to its end, from the supervisor's side (the daemon, or `agentctl run`).
 
-The launcher writes the ``runs`` row (queued, running, final), forks the run process into a process
-group of its own, and waits on it with a pidfd. It ends the run early in three cases, always by
-signalling the whole group (SIGTERM, then SIGKILL after ``AGENT_ORCH_KILL_GRACE``):
+The supervisor writes the ``runs`` row (running, final), has the zygote (``spawning``) fork the run
+process, sends it its plan over the run's channel, and then waits on three things at once: the
+channel (the run's events, applied in order), a pidfd of the run process, and the egress proxy's
+decisions. It ends the run early, always by signalling the run's whole process group (SIGTERM, then
+SIGKILL after ``AGENT_ORCH_KILL_GRACE``):
 - the deadline (``max_runtime``, else ``DEFAULT_AGENT_TIMEOUT``) passes: ``timed_out``;
-- a stop is requested (``agentctl stop``, the API, Ctrl-C): ``stopped``;
-- the launcher itself is told to stop (the daemon shutting down).
-When the run process has exited, whatever is left in its group is killed: no orphan outlives its run.
+- a stop is requested (``agentctl stop``, the API, Ctrl-C, the daemon shutting down): ``stopped``;
+- the run breaks its channel (an oversized or malformed message): ``failed``, with the reason.
+The egress proxy, and the model credentials it adds, live here: never in the run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -36,20 +38,18 @@ from runner.agent.recording import (
     utcnow,
     write_run,
 )
-from runner.agent.running import RunPlan, RunResult, execute
-from runner.agent.warming import warm
-from runner.errors import NotFoundError, OrchestratorError, SpecError
+from runner.agent.running import RunPlan, RunResult
+from runner.agent.spawning import Zygote
+from runner.errors import NotFoundError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
-from runner.sandbox import isolating
-from runner.sandbox.confining import confine, model_endpoints, needs_network, network_tools
-from runner.sandbox.confining import warm as warm_sandbox
+from runner.sandbox.confining import model_endpoints, model_upstream, needs_network, network_tools
 from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.state import Transaction, connect, journal
 
-CHILD_FAILED = 70
+MAX_MESSAGE = 1 << 20  # bytes of one line on a run's channel; events are capped far below it
 
 
 @dataclass
@@ -57,9 +57,10 @@ class Launch:
     plan: RunPlan
     row: RunRow
     pid: int
-    pidfd: int | None
-    pipe: int
+    pidfd: int
+    channel: socket.socket
     deadline: float
+    zygote: Zygote
     proxy: EgressProxy | None = None
 
 
@@ -95,208 +96,167 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
-          queued_at: str | None = None, isolate_here: bool = False) -> Launch:
-    """Fork the run process. ``isolate_here``: this process is a launcher of its own (the daemon's, one
-    per run), so it enters the run's namespaces itself and the run process is their PID 1 at once;
-    `agentctl run` leaves that to the run process, which forks once more (the CLI stays where it is)."""
-    warm()  # once per launcher process; every run forked after it starts warm
-    warm_sandbox()
+          queued_at: str | None = None, *, zygote: Zygote) -> Launch:
+    """Record the run as running, have the zygote fork its process, and send it its plan."""
     now = utcnow()
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "running",
                  queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
     write_run(conn, row)
-    read_end, write_end = os.pipe()
-    sandboxed = plan.settings.sandbox != "off"
-    gateway = socket.socketpair() if sandboxed and needs_network(plan) else None
-    # Here, a user namespace needs a single thread, and after the PID namespace no thread can start:
-    # so the user namespace, then the proxy's thread, then the PID namespace.
-    user = isolating.enter_user() if isolate_here and sandboxed else []
-    proxy = _egress_proxy(plan) if gateway else None
-    entered = None
-    if isolate_here:
-        pid_ns = isolating.enter_pid() if sandboxed else []
-        entered = user + pid_ns if pid_ns else []
-    pid = os.fork()
-    if pid == 0:  # the run process
-        if gateway:
-            gateway[0].close()
-        _child(plan, read_end, write_end, entered, gateway[1] if gateway else None)
-    os.close(write_end)
+    plan.scratch.mkdir(parents=True, exist_ok=True)  # the run mounts its own tmpfs over it
+    proxy = _egress_proxy(plan) if plan.settings.sandbox != "off" and needs_network(plan) else None
+    ours, theirs = socket.socketpair()
     try:
-        os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
-    except (PermissionError, ProcessLookupError):
-        pass
+        pid, pidfd = zygote.fork(plan.run_id, theirs)
+    except BaseException:
+        ours.close()
+        if proxy is not None:
+            proxy.close()
+        raise
+    finally:
+        theirs.close()
     row.pid = pid
     conn.execute("UPDATE run_progress SET pid = ? WHERE run_id = ?", (pid, plan.run_id))
-    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-    launch = Launch(plan, row, pid, pidfd, read_end, time.monotonic() + plan.deadline_seconds, proxy)
-    if gateway and proxy:
-        gateway[1].close()
-        _serve_egress(proxy, gateway[0])
-    return launch
+    # The plan carries the settings with their secrets masked: the run never needs them.
+    ours.sendall((json.dumps(plan.to_json()) + "\n").encode())
+    ours.setblocking(False)
+    return Launch(plan, row, pid, pidfd, ours, time.monotonic() + plan.deadline_seconds, zygote, proxy)
 
 
 def _egress_proxy(plan: RunPlan) -> EgressProxy:
-    """The run's egress proxy, not serving yet: its model servers, and its allowed domains when a tool
-    is granted 'network'."""
+    """The run's egress proxy, not serving yet: its model servers (with the credentials the run never
+    sees), and its allowed domains when a tool is granted 'network'."""
     hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), plan.settings.enable_remote_tools) \
         if network_tools(plan) else None
-    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts))
-
-
-def _serve_egress(proxy: EgressProxy, channel: socket.socket) -> None:
-    """Take the listener the run made in its network namespace and serve the egress proxy on it.
-    Without one (the run could not make its namespace), the run has no way out."""
-    channel.settimeout(10)
-    try:
-        _message, fds, _flags, _addr = socket.recv_fds(channel, 16, 1)
-    except OSError:
-        fds = []
-    finally:
-        channel.close()
-    if fds:
-        proxy.serve(socket.socket(fileno=fds[0]))
-
-
-def _child(plan: RunPlan, read_end: int, write_end: int, entered: list[str] | None = None,
-           gateway: socket.socket | None = None) -> None:
-    code = CHILD_FAILED
-    try:
-        os.setpgid(0, 0)
-        die_with_parent()
-        os.close(read_end)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        if entered is not None:  # the launcher entered them: this process is PID 1 already
-            namespaces = entered
-            if namespaces:
-                signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores unhandled signals
-        else:
-            namespaces = isolating.enter() if plan.settings.sandbox != "off" else []
-        if namespaces and entered is None:  # PID 1 of the new namespace runs the agent; this one waits
-            inner = os.fork()
-            if inner:  # on SIGTERM, end the namespace (its PID 1) and reap it: no orphan, no zombie
-                os.close(write_end)
-                if gateway is not None:
-                    gateway.close()
-                signal.signal(signal.SIGTERM, lambda *_: os.kill(inner, signal.SIGKILL))
-                _pid, status = os.waitpid(inner, 0)
-                os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-            die_with_parent()
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores signals it does not handle
-
-        def sink(message: dict[str, Any]) -> None:
-            data = (json.dumps(message, default=str) + "\n").encode()
-            while data:
-                data = data[os.write(write_end, data):]
-
-        isolation = _isolate(plan, list(namespaces), gateway)
-        try:
-            sandbox = confine(plan, isolation)
-        except OrchestratorError as exc:
-            result = RunResult("failed", error=f"sandbox: {exc.message}")
-        else:
-            result = execute(plan, sink, sandbox=sandbox)
-        sink({"t": "result", **json.loads(result.to_json())})
-        code = 0
-    except BaseException:
-        code = CHILD_FAILED
-    finally:
-        os._exit(code)
-
-
-def _isolate(plan: RunPlan, namespaces: list[str], gateway: socket.socket | None) -> dict[str, Any]:
-    """In the process that will run the agent (PID 1 of its namespace): its process limit and its
-    network namespace; the egress listener goes to the launcher over ``gateway``."""
-    isolation: dict[str, Any] = {"namespaces": namespaces}
-    if plan.settings.sandbox == "off":
-        return isolation
-    limit = plan.spec.constraints.max_processes or plan.settings.max_processes
-    if "pid" in namespaces:
-        isolation["pid_max"] = isolating.limit_processes(limit)
-    try:
-        listener = isolating.enter_network(gateway=gateway is not None)
-        namespaces.append("net")
-    except OSError as exc:
-        listener, isolation["network_error"] = None, str(exc)
-    if listener is not None and gateway is not None:
-        try:
-            socket.send_fds(gateway, [b"egress"], [listener.fileno()])
-            isolation["egress_port"] = listener.getsockname()[1]
-        except OSError as exc:
-            isolation["network_error"] = f"cannot hand the egress listener to the launcher: {exc}"
-        listener.close()
-    if gateway is not None:
-        gateway.close()
-    return isolation
+    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts, model_upstream(plan)))
 
 
 def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
-    """Wait for the run to end (killing it at its deadline or on a stop request); write its final row.
-
-    Meanwhile, apply what the run process reports on its pipe (events, usage, log lines), in order."""
-    reader = _Lines(conn, launch)
+    """Wait for the run to end (killing it at its deadline, on a stop request, or when it breaks its
+    channel); write its final row. Meanwhile, apply what the run reports on its channel, in order."""
+    reader = _Channel(conn, launch)
     ended_by: str | None = None
     while True:
         timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
         wake = launch.proxy.wake_fd if launch.proxy else None
-        watch = [fd for fd in (launch.pipe, launch.pidfd, wake) if fd is not None and fd >= 0]
+        watch = [fd for fd in (launch.channel.fileno(), launch.pidfd, wake) if fd is not None and fd >= 0]
         ready, _, _ = select.select(watch, [], [], timeout)
         if launch.proxy and wake in ready:
             _journal_egress(reader, launch.proxy.decisions())
-        if launch.pipe in ready:
-            chunk = os.read(launch.pipe, 65536)
-            reader.feed(chunk)
-            if not chunk:
-                launch.pipe = _closed(launch.pipe)
-        if _exited(launch.pid):
+        if launch.channel.fileno() in ready:
+            reader.receive()
+        if launch.pidfd in ready:
             break
-        if time.monotonic() >= launch.deadline:
+        if reader.fault:
+            ended_by = "fault"
+        elif time.monotonic() >= launch.deadline:
             ended_by = "timed_out"
         elif _stop_requested(conn, launch.row.run_id) or (should_stop is not None and should_stop()):
             ended_by = "stopped"
         if ended_by:
-            _terminate(launch.pid, kill_grace)
+            _terminate(launch, kill_grace)
             break
-    _kill_group(launch.pid)
-    reader.feed(_drain(launch.pipe))
+    reader.drain()
+    launch.channel.close()
     if launch.proxy is not None:
         _journal_egress(reader, launch.proxy.close())
-    if launch.pidfd is not None:
-        os.close(launch.pidfd)
-    return finish(conn, launch, _result(reader.result, ended_by, launch))
+    os.close(launch.pidfd)
+    status = launch.zygote.exit_status(launch.plan.run_id)
+    shutil.rmtree(launch.plan.scratch, ignore_errors=True)
+    return finish(conn, launch, _result(reader, ended_by, launch, status))
 
 
-def _journal_egress(reader: _Lines, decisions: list[dict[str, Any]]) -> None:
+def _journal_egress(reader: _Channel, decisions: list[dict[str, Any]]) -> None:
     for d in decisions:
         reader.apply({"t": "event", "ts": d.pop("ts"), "kind": "log", "name": "egress",
                       "decision": d.pop("decision"), "detail": d})
 
 
-class _Lines:
-    """The run process's JSON lines, applied as they arrive; the last one is its result."""
+class _Channel:
+    """The run's side of the story: JSON lines, applied as they arrive; the last one is its result.
+
+    The run's code holds its end of the channel, so anything may come: a line longer than
+    MAX_MESSAGE, a line that is not a JSON object, or one that does not apply, is a fault that ends
+    the run with the reason on record. The one descriptor it may send is the egress listener, once,
+    before the proxy serves (every other is closed unread)."""
 
     def __init__(self, conn: sqlite3.Connection, launch: Launch) -> None:
         self.conn, self.launch = conn, launch
-        self.buf = b""
+        self.buf = bytearray()
+        self.scanned = 0  # bytes of buf known to hold no newline
         self.result: dict[str, Any] | None = None
+        self.fault: str | None = None
+        self.closed = False
         s = launch.plan.settings
         self.log = AgentLog(agent_log_path(s.logs_dir, launch.plan.client_id, launch.plan.agent), launch.plan.run_id)
 
-    def feed(self, chunk: bytes) -> None:
-        self.buf += chunk
-        while b"\n" in self.buf:
-            line, self.buf = self.buf.split(b"\n", 1)
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue  # not ours: a run process cannot forge more than its own record
-            if not isinstance(message, dict):
-                continue
-            if message.get("t") == "result":
-                self.result = message
+    def receive(self) -> None:
+        if self.closed:
+            return
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.launch.channel, 1 << 16, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        for fd in fds:
+            proxy = self.launch.proxy
+            if proxy is not None and proxy.listener is None and self.result is None:
+                proxy.serve(socket.socket(fileno=fd))
             else:
+                os.close(fd)
+        if not data:
+            self.closed = True
+            return
+        self.feed(data)
+
+    def drain(self) -> None:
+        while not self.closed and not self.fault:
+            before = len(self.buf)
+            self.receive()
+            if len(self.buf) == before and not self.closed:
+                break
+
+    def feed(self, chunk: bytes) -> None:
+        if self.fault:
+            return
+        self.buf += chunk
+        while True:
+            end = self.buf.find(b"\n", self.scanned)
+            if end < 0:
+                self.scanned = len(self.buf)
+                if len(self.buf) > MAX_MESSAGE:
+                    self._broken(f"the run sent a message over {MAX_MESSAGE} bytes on its channel")
+                return
+            line = bytes(self.buf[:end])
+            del self.buf[:end + 1]
+            self.scanned = 0
+            if len(line) > MAX_MESSAGE:
+                self._broken(f"the run sent a message over {MAX_MESSAGE} bytes on its channel")
+                return
+            if line.strip():
+                self._line(line)
+            if self.fault:
+                return
+
+    def _line(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self._broken("the run sent a line on its channel that is not JSON")
+            return
+        if not isinstance(message, dict):
+            self._broken("the run sent a message on its channel that is not a JSON object")
+        elif message.get("t") == "result":
+            self.result = message
+        elif message.get("t") != "egress":
+            try:
                 self.apply(message)
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+                self._broken(f"the run sent a message its supervisor cannot apply ({type(exc).__name__})")
+
+    def _broken(self, reason: str) -> None:
+        self.fault = reason
+        self.buf.clear()
 
     def apply(self, message: dict[str, Any]) -> None:
         apply(self.conn, self.launch.plan.run_id, self.log, message)
@@ -322,15 +282,17 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
                    trigger: str = "manual", requested_by: str | None = None) -> RunRow:
     """One run now, in this process's care (agentctl run without a daemon)."""
     conn = connect(settings.state_path)
-    plan = prepare(settings, conn, source, name, input=input, trigger=trigger)
     interrupted = {"flag": False}
 
     def on_signal(_signum: int, _frame: Any) -> None:
         interrupted["flag"] = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    zygote: Zygote | None = None
     try:
-        launch = start(conn, plan, requested_by)
+        plan = prepare(settings, conn, source, name, input=input, trigger=trigger)
+        zygote = Zygote()
+        launch = start(conn, plan, requested_by, zygote=zygote)
         row = wait(conn, launch, kill_grace=settings.kill_grace, should_stop=lambda: interrupted["flag"])
         flush(conn, settings.ledger_path)
         return row
@@ -338,15 +300,8 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         conn.close()
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        if zygote is not None:
+            zygote.close()
 
 
 def request_stop(conn: sqlite3.Connection, client_id: str, agent: str) -> int:
@@ -356,56 +311,39 @@ def request_stop(conn: sqlite3.Connection, client_id: str, agent: str) -> int:
     return cur.rowcount
 
 
-def _result(data: dict[str, Any] | None, ended_by: str | None, launch: Launch) -> RunResult:
+def _result(reader: _Channel, ended_by: str | None, launch: Launch, status: int | None) -> RunResult:
+    if ended_by == "fault":
+        return RunResult("failed", error=reader.fault)
     if ended_by == "timed_out":
         return RunResult("timed_out", error=f"exceeded max_runtime of {launch.plan.deadline_seconds:g}s")
     if ended_by == "stopped":
         return RunResult("stopped", error="stopped on request")
+    data = reader.result
     if data is None or data.get("status") not in TERMINAL:
-        return RunResult("failed", error=f"run process died without a result ({_exit_text(launch.pid)})")
-    return RunResult(str(data["status"]), data.get("output"), data.get("error"))
+        return RunResult("failed", error=f"run process died without a result ({_exit_text(status)})")
+    return RunResult(str(data["status"]), _text(data.get("output")), _text(data.get("error")))
 
 
-_EXIT_STATUS: dict[int, int] = {}
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)[:16000]
 
 
-def _exited(pid: int) -> bool:
-    if pid in _EXIT_STATUS:
-        return True
-    try:
-        done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        _EXIT_STATUS[pid] = -1
-        return True
-    if done == 0:
-        return False
-    _EXIT_STATUS[pid] = status
-    return True
-
-
-def _exit_text(pid: int) -> str:
-    status = _EXIT_STATUS.pop(pid, -1)
-    if status == -1:
+def _exit_text(status: int | None) -> str:
+    if status is None:
         return "exit status unknown"
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
-def _terminate(pid: int, grace: float) -> None:
-    _signal_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if _exited(pid):
-            return
-        time.sleep(0.02)
-    _signal_group(pid, signal.SIGKILL)
-    while not _exited(pid):
-        time.sleep(0.01)
-
-
-def _kill_group(pid: int) -> None:
-    _signal_group(pid, signal.SIGKILL)
+def _terminate(launch: Launch, grace: float) -> None:
+    """SIGTERM to the run's process group, SIGKILL after ``grace``. The group is the run process's
+    (it called setsid), and its PID stays reserved until the zygote reaps it, after we see it exit."""
+    _signal_group(launch.pid, signal.SIGTERM)
+    ready, _, _ = select.select([launch.pidfd], [], [], grace)
+    if not ready:
+        _signal_group(launch.pid, signal.SIGKILL)
+        select.select([launch.pidfd], [], [], 30)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -418,25 +356,3 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 def _stop_requested(conn: sqlite3.Connection, run_id: str) -> bool:
     row = conn.execute("SELECT stop_requested FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
     return bool(row and row[0])
-
-
-def _drain(fd: int) -> bytes:
-    if fd < 0:
-        return b""
-    out = b""
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            out += chunk
-    except BlockingIOError:
-        pass
-    os.close(fd)
-    return out
-
-
-def _closed(fd: int) -> int:
-    os.close(fd)
-    return -1

@@ -6,7 +6,6 @@ Imports of provider packages are lazy: a run pays only for the provider it uses.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -49,7 +48,8 @@ def chat_model(ref: ModelRef, *, ollama_host: str, openai_base: str, timeout: fl
     if ref.provider == "openai":
         from langchain_openai import ChatOpenAI
 
-        return ChatOpenAI(model=ref.name, base_url=openai_base, api_key=os.environ.get("OPENAI_API_KEY") or "none",
+        # The key is not the run's to hold: the egress proxy adds it to requests for the endpoint.
+        return ChatOpenAI(model=ref.name, base_url=openai_base, api_key="added-by-the-egress-proxy",
                           timeout=timeout, max_retries=0)
     from langchain_ollama import ChatOllama
 

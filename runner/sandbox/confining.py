@@ -18,9 +18,11 @@ Everything else - the home's other files, other agents' memory, the settings, /p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import resource
+import socket
 import sys
 import sysconfig
 import urllib.parse
@@ -29,10 +31,10 @@ from typing import Any
 from runner.agent.memory import store_path
 from runner.agent.running import RunPlan
 from runner.errors import DeniedError
-from runner.sandbox import landlock, seccomp
-from runner.sandbox.egress import proxy_environment
+from runner.sandbox import isolating, landlock, seccomp
+from runner.sandbox.egress import MODEL_HOST, Upstream, proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS
-from runner.specs.checking import expand
+from runner.specs.checking import expand, forbidden_overlap
 from runner.specs.custom_tools import describe_module
 
 ETC_FILES = ("ssl", "ca-certificates", "pki", "localtime", "timezone", "hosts", "resolv.conf", "nsswitch.conf",
@@ -53,7 +55,7 @@ def warm() -> None:
 
 def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply the sandbox; returns what is enforced (recorded with the run). ``isolation`` is what
-    ``launching._isolate`` entered: namespaces, pid_max, the egress proxy's port. Raises DeniedError
+    ``isolate`` entered: namespaces, pid_max, the egress proxy's port, the scratch tmpfs. Raises DeniedError
     when the spec needs a guarantee this kernel cannot give and the settings do not allow running
     without it."""
     s = plan.settings
@@ -88,11 +90,14 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
     # to the model's port, or anywhere when it has network tools.
     rules = landlock.Ruleset(network=isolated or not network_tools(plan))
     readable, writable = _paths(plan)
+    own = _own_folders(plan)
     for path in _runtime_paths():
         rules.allow_path(path, landlock.READ_EXEC)
     for path in readable:
-        rules.allow_path(path, landlock.READ)
+        rules.allow_path(path, landlock.READ, follow=False)
     for path in writable:
+        rules.allow_path(path, landlock.READ | landlock.WRITE, follow=False)
+    for path in own:
         rules.allow_path(path, landlock.READ | landlock.WRITE)
     for dev in DEVICES:
         rules.allow_path(dev, landlock.READ | landlock.WRITE_FILE)
@@ -103,10 +108,72 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
     ports = ({port} if port else set()) if isolated else {p for _host, p in model_endpoints(plan)}
     rules.allow_ports(ports)
     rules.enforce()  # with no_new_privs, which the seccomp filter needs too
-    enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable),
+    enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable | own),
                             "tcp_connect": sorted(ports) if rules.net else "not restricted (network tools)"}
     enforced["seccomp"] = "no unix sockets, native ABI only" if seccomp.install() else "unavailable"
     return enforced
+
+
+def isolate(plan: RunPlan, namespaces: list[str], channel: socket.socket) -> dict[str, Any]:
+    """In the process that will run the agent (PID 1 of its namespaces), while it still has the
+    privileges to: its process limit, its network namespace (the egress listener goes to the
+    supervisor over ``channel``), and a size-capped tmpfs as its scratch folder. Returns what it
+    entered, for ``confine``; ``plan`` in it is the plan the run goes on with (model URL via the proxy)."""
+    isolation: dict[str, Any] = {"namespaces": list(namespaces)}
+    if plan.settings.sandbox == "off":
+        return isolation
+    limit = plan.spec.constraints.max_processes or plan.settings.max_processes
+    if "pid" in namespaces:
+        isolation["pid_max"] = isolating.limit_processes(limit)
+    gateway = needs_network(plan)
+    try:
+        listener = isolating.enter_network(gateway=gateway)
+        isolation["namespaces"].append("net")
+    except OSError as exc:
+        listener, isolation["network_error"] = None, str(exc)
+    if listener is not None:
+        try:
+            socket.send_fds(channel, [b'{"t": "egress"}\n'], [listener.fileno()])
+            isolation["egress_port"] = listener.getsockname()[1]
+        except OSError as exc:
+            isolation["network_error"] = f"cannot hand the egress listener to the supervisor: {exc}"
+        listener.close()
+    if "mnt" in namespaces:
+        isolation["scratch"] = isolating.mount_scratch(str(plan.scratch), plan.settings.max_scratch_mb)
+    port = isolation.get("egress_port")
+    if port and model_upstream(plan) is not None:  # the model through the proxy, which adds the credentials
+        base = urllib.parse.urlsplit(plan.settings.langchain_api_url)
+        url = urllib.parse.urlunsplit(("http", MODEL_HOST, base.path, "", ""))
+        isolation["plan"] = dataclasses.replace(plan, settings=plan.settings.model_copy(
+            update={"langchain_api_url": url}))
+    return isolation
+
+
+def model_upstream(plan: RunPlan) -> Upstream | None:
+    """Where the proxy sends the run's requests for MODEL_HOST, with the key the run never sees: the
+    OpenAI-compatible endpoint of an ``openai:`` model."""
+    if not plan.spec.model.startswith("openai:"):
+        return None
+    s = plan.settings
+    parts = urllib.parse.urlsplit(s.langchain_api_url)
+    host, port = _host_port(s.langchain_api_url)
+    key = s.openai_api_key.get_secret_value()
+    return Upstream(parts.scheme or "http", host, port, f"Bearer {key}" if key else None)
+
+
+def output_tail(plan: RunPlan, limit: int = 4096) -> dict[str, Any] | None:
+    """The size and the last ``limit`` bytes of the run's captured stdout and stderr, for its record
+    (the scratch folder, and the file with it, is gone when the run ends)."""
+    path = plan.scratch / "output.txt"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None
+        with open(path, "rb") as handle:
+            handle.seek(max(0, size - limit))
+            return {"bytes": size, "tail": handle.read().decode("utf-8", "replace")}
+    except OSError:
+        return None
 
 
 def _network(plan: RunPlan, isolated: bool, port: int | None) -> dict[str, Any]:
@@ -144,11 +211,9 @@ def needs_network(plan: RunPlan) -> bool:
 
 
 def _clean_environment(plan: RunPlan, egress_port: int | None) -> None:
-    keep = {k: os.environ[k] for k in ("OPENAI_API_KEY",) if k in os.environ and
-            plan.spec.model.startswith("openai:")}
-    os.environ.clear()
+    os.environ.clear()  # the zygote's was clean already; this also drops what the run's own code set
     scratch = str(plan.scratch)
-    os.environ.update({"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", **keep})
+    os.environ.update({"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"})
     if egress_port:
         os.environ.update(proxy_environment(egress_port))
 
@@ -177,25 +242,38 @@ def _limits(plan: RunPlan) -> dict[str, int]:
 
 
 def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
+    """The spec's read and write paths, as written (not resolved: the rules refuse a symbolic link on
+    the way, which an earlier run could have planted in a write path), and refused again here if they
+    overlap the runner's own files (the settings may have changed since the spec was validated)."""
     variables = plan.variables
     readable: set[str] = set()
-    writable: set[str] = {str(plan.scratch)}
+    writable: set[str] = set()
     for tool in plan.spec.tools:
         info = BUILTIN_TOOLS.get(tool.name)
         perms = set(tool.permissions or (info.needs if info else []))
         for raw in tool.paths:
-            path = os.path.realpath(expand(raw, variables))
+            path = os.path.normpath(os.path.abspath(expand(raw, variables)))
+            reason = forbidden_overlap(path, plan.settings)
+            if reason:
+                raise DeniedError(f"tool {tool.name}: {reason}")
             if "write" in perms:
                 writable.add(path)
             elif perms & {"read", "execute"} or info is None:
                 readable.add(path)
+    return readable, writable
+
+
+def _own_folders(plan: RunPlan) -> set[str]:
+    """The run's scratch folder and its memory store's: in the home, made by the runner, never by a
+    run, so their rules may follow links (a home reached through one keeps working)."""
+    own = {str(plan.scratch)}
     s = plan.settings
     if plan.spec.memory and plan.spec.memory.type != "none":
         store = store_path(s.memory_dir, plan.client_id, plan.agent, plan.spec.memory.collection)
         store.parent.mkdir(parents=True, exist_ok=True)
-        writable.add(str(store.parent))
-    # No state database and no log folder: the run reports its steps to its launcher over a pipe.
-    return readable, writable
+        own.add(str(store.parent))
+    # No state database and no log folder: the run reports its steps over its channel.
+    return own
 
 
 @functools.cache

@@ -19,9 +19,10 @@ import asyncio
 import os
 import queue
 import socket
+import ssl
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h11
@@ -35,6 +36,10 @@ CONNECT_TIMEOUT = 10.0
 HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
                b"te", b"trailer", b"upgrade"}
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+# The name a run uses for its OpenAI-compatible model endpoint, in plain HTTP: the proxy forwards
+# its requests to the real endpoint (over TLS when that is https) with the key added. The run never
+# holds the key, so there is none to find in its memory, environment or files.
+MODEL_HOST = "model.egress.internal"
 
 
 def proxy_environment(port: int) -> dict[str, str]:
@@ -44,25 +49,33 @@ def proxy_environment(port: int) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """Where the proxy sends a run's requests for MODEL_HOST, and the credentials it adds to them."""
+
+    scheme: str  # http or https
+    host: str
+    port: int
+    authorization: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class EgressPolicy:
     """Where a run may connect: its model endpoints, and (with network tools) its allowed domains."""
 
     models: frozenset[tuple[str, int]]  # (host, port) of the model servers
     hosts: HostRule | None  # None: no tool of the run is granted 'network'
+    upstream: Upstream | None = None  # the OpenAI-compatible endpoint, reached as http://MODEL_HOST
 
     def decide(self, host: str, port: int) -> tuple[list[str], str]:
-        """The addresses to connect to and why; raises DeniedError."""
+        """The addresses to connect to and why; raises DeniedError. Nothing is resolved before the
+        name is allowed (see HostRule.check)."""
         host = host.lower().rstrip(".")
-        addresses = lookup(host)
         if (host, port) in self.models:
-            reason = "the model endpoint"
-        elif self.hosts is None:
+            return lookup(host), "the model endpoint"
+        if self.hosts is None:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
                               "'network'")
-        else:
-            self.hosts.check(host, addresses)
-            reason = "allowed_domains"
-        return addresses, reason
+        return self.hosts.check(host), "allowed_domains"
 
 
 class Unreachable(Exception):
@@ -156,14 +169,22 @@ class EgressProxy:
                 return
             host, port, path = target
             detail = {"method": method, "host": host, "port": port}
-            try:
-                addresses, reason = self.policy.decide(host, port)  # on this thread: see the class
+            model = self.policy.upstream if host == MODEL_HOST else None
+            try:  # on this thread: see the class
+                if host == MODEL_HOST:
+                    if model is None or method == "CONNECT":
+                        raise DeniedError(f"{MODEL_HOST} is the model endpoint of an openai: model, in plain http")
+                    addresses, reason, port = lookup(model.host), "the model endpoint", model.port
+                    detail.update(host=model.host, port=model.port, via=MODEL_HOST)
+                else:
+                    addresses, reason = self.policy.decide(host, port)
             except DeniedError as exc:
                 self._record({**detail, "decision": "denied", "reason": exc.message})
                 await _answer(writer, 403, "Forbidden", exc.message)
                 return
+            tls = model.host if model is not None and model.scheme == "https" else None
             try:
-                up_reader, upstream = await _connect(addresses, port)
+                up_reader, upstream = await _connect(addresses, port, tls)
             except Unreachable as exc:
                 self._record({**detail, "decision": "allowed", "reason": reason, "error": str(exc)})
                 await _answer(writer, 502, "Bad Gateway", f"{host}:{port}: {exc}")
@@ -172,7 +193,7 @@ class EgressProxy:
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
-                upstream.write(_origin_form(request, path))
+                upstream.write(_origin_form(request, path, model))
             await _relay(reader, writer, up_reader, upstream)
         except (ConnectionError, OSError):
             pass
@@ -211,20 +232,32 @@ def _target(method: str, target: str) -> tuple[str, int, str] | None:
     return parts.hostname.lower(), number, path
 
 
-def _origin_form(request: h11.Request, path: str) -> bytes:
+def _origin_form(request: h11.Request, path: str, model: Upstream | None = None) -> bytes:
+    """The request as the upstream server gets it. For the model endpoint, the Host is the real one
+    and the credentials are the proxy's: whatever Authorization the run sent is dropped."""
     lines = [request.method + b" " + path.encode("latin-1") + b" HTTP/1.1"]
-    lines += [name + b": " + value for name, value in request.headers if name.lower() not in HOP_HEADERS]
+    dropped = HOP_HEADERS | ({b"host", b"authorization"} if model is not None else set())
+    lines += [name + b": " + value for name, value in request.headers if name.lower() not in dropped]
+    if model is not None:
+        default = 443 if model.scheme == "https" else 80
+        lines.append(b"Host: " + (model.host if model.port == default else f"{model.host}:{model.port}").encode())
+        if model.authorization:
+            lines.append(b"Authorization: " + model.authorization.encode())
     lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-async def _connect(addresses: list[str], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(addresses: list[str], port: int, tls: str | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the first address that answers; over TLS, checked for the name ``tls``."""
     if not addresses:
         raise Unreachable("the name does not resolve")
     error: Exception = Unreachable("no address")
+    context = ssl.create_default_context() if tls else None
     for address in addresses:
         try:
-            return await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT)
+            return await asyncio.wait_for(asyncio.open_connection(address, port, ssl=context, server_hostname=tls),
+                                          CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             error = exc
     errno = getattr(error, "errno", None)

@@ -1,6 +1,8 @@
-"""Namespaces for a run: its own PID namespace with its own pid_max, and its own network namespace.
+"""Namespaces for a run: its own PID namespace with its own pid_max, its own IPC, UTS and mount
+namespaces (SysV objects and the host name stay the run's own; its scratch folder is a tmpfs that
+goes with it), and its own network namespace.
 
-``enter`` unshares the PID namespace; the caller then forks once, and that child is PID 1 of the new
+``enter`` unshares them; the caller then forks once, and that child is PID 1 of the new
 namespace and runs the agent. When PID 1 exits or is killed, the kernel kills every process left in
 the namespace, so a double-forked, setsid'd child cannot outlive its run. PID 1 then calls
 ``limit_processes`` (pid_max of its own namespace: a fork bomb fails there) and ``enter_network``:
@@ -20,18 +22,21 @@ import socket
 import struct
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWUTS, CLONE_NEWIPC = 0x04000000, 0x08000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 RESERVED_PIDS = 300  # after the first wrap, the kernel hands out PIDs from here up
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def enter() -> list[str]:
-    """Unshare the PID namespace (with a user namespace when not root); the caller must fork once after.
-    The caller must be single-threaded (a user namespace requires it)."""
-    if _libc.unshare(CLONE_NEWPID) == 0:
-        return ["pid"]
+    """Unshare the PID, IPC, UTS and mount namespaces (in a user namespace when not root); the caller
+    must fork once after, and must be single-threaded (a user namespace requires it). What could not
+    be entered is left out of the answer: with no PID namespace, nothing is entered."""
     user = enter_user()
-    return user + enter_pid() if user else []
+    if _libc.unshare(CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNS) == 0:
+        return [*user, "pid", "ipc", "uts", "mnt"]
+    return [*user, "pid"] if _libc.unshare(CLONE_NEWPID) == 0 else []
 
 
 def enter_user() -> list[str]:
@@ -67,6 +72,18 @@ def enter_network(*, gateway: bool) -> socket.socket | None:
         flags = struct.unpack("16sh22x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
     return socket.create_server(("127.0.0.1", 0), backlog=64)
+
+
+def mount_scratch(path: str, size_mb: int) -> str:
+    """A tmpfs of ``size_mb`` over the run's scratch folder, in the run's own mount namespace: what the
+    run writes there counts against that size, not the home's disk, and is gone with the namespace.
+    Mounts made here do not propagate to the host. Returns what was done, for the run's record."""
+    if _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"on disk (mount propagation: {os.strerror(ctypes.get_errno())})"
+    options = f"size={int(size_mb)}m,mode=0700".encode()
+    if _libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
+        return f"on disk (tmpfs: {os.strerror(ctypes.get_errno())})"
+    return f"tmpfs of {int(size_mb)} MiB"
 
 
 def limit_processes(limit: int) -> int | None:

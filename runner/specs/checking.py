@@ -95,6 +95,14 @@ def expand(value: str, variables: dict[str, str]) -> str:
     return VARIABLE.sub(lambda m: variables[m.group(1)], value)
 
 
+HOME = "the home (AGENT_ORCH_HOME)"
+# The one folder of the home that is the client's agents' own: $AGENT_ORCH_HOME/data/CLIENT (the
+# README's inbox lives there). A path in it is not "in the home"; the home's other entries (settings,
+# state, ledger, mirrors, logs, memory, scratch) and other clients' data stay out of reach, and a
+# path holding the home is refused as before.
+AGENT_DATA = "the client's data folder"
+
+
 def protected_folders(settings: Settings) -> tuple[tuple[str, str], ...]:
     """The runner's own folders and files, as (what, path): no spec path may be in one or hold one.
 
@@ -102,7 +110,8 @@ def protected_folders(settings: Settings) -> tuple[tuple[str, str], ...]:
     live elsewhere, and because "is in the state database" says more than "is in the home".
     """
     return (
-        ("the home (AGENT_ORCH_HOME)", str(settings.home)),
+        (AGENT_DATA, str(settings.home / "data" / settings.client_id)),
+        (HOME, str(settings.home)),
         ("the source mirrors", str(settings.home / "sources")),
         ("the state database", str(settings.state_path)),
         ("the log folder (AGENT_ORCH_LOG_DIR)", str(settings.logs_dir)),
@@ -125,10 +134,13 @@ def forbidden_overlap(path: str, settings: Settings) -> str | None:
 def overlap_reason(path: str, protected: Iterable[tuple[str, str]]) -> str | None:
     """``forbidden_overlap`` against any list of (what, folder)."""
     mine = _forms(path)
-    folders = [(what, folder, _forms(folder)) for what, folder in protected]
+    folders = [(what, folder, _forms(folder)) for what, folder in protected if what != AGENT_DATA]
+    exempt = [form for what, folder in protected if what == AGENT_DATA for form in _forms(folder)]
     # In one of them: name the narrowest (the memory folder, not the home that holds it).
     for what, folder, theirs in reversed(folders):
         for form in mine:
+            if what == HOME and any(_within(form, data) for data in exempt):
+                continue
             if form in theirs:
                 return f"{_shown(path, form)} is {what}: {WHY}; name a folder outside it"
             if any(_within(form, their) for their in theirs):

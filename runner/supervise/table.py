@@ -3,17 +3,14 @@
 ``submit`` applies the agent's overlap policy (forbid: a ``skipped`` run on record; queue: wait;
 replace: stop the runs in flight, then wait) and records the run as ``queued``. A dispatcher thread
 takes requests in order while fewer than MAX_AGENTS run, prepares each plan (the spec at its applied
-revision) and hands it to the fork server. The fork server's reader thread reports each end, which
-frees the slot. Nothing here waits on a run: a run's deadline and stop are its launcher's business.
+revision) and starts it (``launching.start``: the zygote forks it); a thread per run in flight then
+sees it to its end (``launching.wait``: events, deadline, stop, the final row) and frees the slot.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -21,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.agent.launching import prepare, request_stop
+from runner.agent.launching import Launch, prepare, request_stop, start, wait
 from runner.agent.recording import RunRow, end_in_flight, new_run_id, utcnow, write_run
+from runner.agent.spawning import Zygote
 from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
@@ -45,44 +43,6 @@ class Request:
     status: str = "queued"
 
 
-class ForkServer:
-    """The client side of runner.supervise.forkserver."""
-
-    def __init__(self, on_ended: Callable[[str, str, str | None], None]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.supervise.forkserver"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        assert self.proc.stdout is not None
-        hello = json.loads(self.proc.stdout.readline() or "{}")
-        if hello.get("op") != "ready":
-            raise OrchestratorError("the fork server did not start")
-        self.on_ended = on_ended
-        self._lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read, name="forkserver-reader", daemon=True)
-        self.reader.start()
-
-    def launch(self, plan: dict[str, Any], requested_by: str | None, queued_at: str) -> None:
-        line = json.dumps({"op": "run", "plan": plan, "requested_by": requested_by, "queued_at": queued_at})
-        with self._lock:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            message = json.loads(line)
-            if message.get("op") == "ended":
-                self.on_ended(message["run_id"], message["status"], message.get("error"))
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 class ProcessTable:
     def __init__(self, settings: Settings, source: GitSource) -> None:
         self.settings, self.source = settings, source
@@ -95,7 +55,7 @@ class ProcessTable:
         self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
         self._local = threading.local()
         self.on_dispatch: Callable[[float], None] | None = None
-        self.forkserver = ForkServer(self._ended)
+        self.zygote = Zygote()
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.dispatcher.start()
 
@@ -180,14 +140,29 @@ class ProcessTable:
         self.latencies.append(latency)
         if self.on_dispatch is not None:
             self.on_dispatch(latency)
-        self.forkserver.launch(plan.to_json(), request.requested_by, request.queued_at)
+        try:
+            launch = start(self.conn, plan, request.requested_by, request.queued_at, zygote=self.zygote)
+        except OrchestratorError as exc:
+            self._ended(request.run_id, "failed", f"the run could not start: {exc.message}")
+            return
         request.status = "running"
         self.dispatched += 1
+        threading.Thread(target=self._watch, args=(launch,), name=f"run-{request.run_id}", daemon=True).start()
+
+    def _watch(self, launch: Launch) -> None:
+        """One thread per run in flight: it applies the run's events and ends it (launching.wait)."""
+        try:
+            row = wait(self.conn, launch, kill_grace=self.settings.kill_grace)
+        except Exception as exc:  # a bug here must not leave the run 'running' or its slot taken
+            log.exception("supervising run %s failed", launch.plan.run_id)
+            self._ended(launch.plan.run_id, "failed", f"its supervisor failed: {type(exc).__name__}: {exc}")
+            return
+        self._ended(launch.plan.run_id, row.status)
 
     def _ended(self, run_id: str, status: str, error: str | None = None) -> None:
         with self.cond:
             request = self.running.pop(run_id, None)
-            if error is not None:  # its launcher could not write the final row: the table does
+            if error is not None:  # the run's final row was not written: the table does
                 row = self.conn.execute("SELECT * FROM run_progress WHERE run_id = ? AND status IN "
                                         "('queued', 'running')", (run_id,)).fetchone()
                 if row is not None:
@@ -225,7 +200,7 @@ class ProcessTable:
             deadline = time.monotonic() + kill_grace + 5
             while self.running and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)
-        self.forkserver.close()
+        self.zygote.close()
 
     def in_flight(self) -> dict[str, int]:
         with self.cond:

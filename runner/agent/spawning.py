@@ -1,0 +1,315 @@
+"""The warm parent that runs are forked from, and the first steps of every run process.
+
+Why a separate process: whatever a run's parent holds at the fork, the run holds too - its open
+descriptors (Landlock does not restrict those), its memory (settings, secrets, other runs' inputs)
+and the environment it was exec'd with (``/proc/self/environ``). So runs are never forked from the
+daemon or the CLI. They are forked from this one, which is exec'd with a clean environment, loads the
+code (LangChain's import and first-use costs are paid once here), opens nothing, reads no settings,
+and never sees a plan: each run receives its plan on its own channel, after the fork.
+
+Protocol on the control socket (SOCK_SEQPACKET, one JSON object per message):
+- supervisor -> zygote: ``{"op": "fork", "run_id": ID}`` with one descriptor, the run's channel;
+- zygote -> supervisor: ``{"op": "ready"}`` once warm; ``{"op": "started", "run_id", "pid"}`` with a
+  pidfd of the run process; ``{"op": "exited", "run_id", "status"}`` (a wait status) when it is reaped.
+EOF on the control socket ends the zygote; its runs die with it (PR_SET_PDEATHSIG).
+
+The run process (``run_child``) then, before any agent code:
+1. keeps only its channel, with /dev/null as its stdio, in a session of its own (no terminal);
+2. reads its plan from the channel;
+3. enters its namespaces (user where not root, PID, IPC, UTS, mount) and forks PID 1 of them, which
+   runs the agent; the outer process waits for it and passes its exit on;
+4. as PID 1: its process limit, its network namespace (the egress listener goes to the supervisor
+   over the channel), a size-capped tmpfs as its scratch folder; then ``confine`` (environment,
+   rlimits, output capture, capabilities, Landlock, seccomp) and ``execute``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from runner.errors import OrchestratorError
+
+CHILD_FAILED = 70
+CONTROL_MESSAGE = 4096
+READY_TIMEOUT = 120.0  # seconds for the zygote to import what runs need (LangChain: a few on a busy machine)
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when runs stop
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    from runner.agent.warming import warm
+    from runner.sandbox.confining import warm as warm_sandbox
+
+    warm()
+    warm_sandbox()
+    try:
+        control.sendall(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
+    except OSError:  # the supervisor is gone already
+        return
+    children: dict[int, str] = {}
+    while True:
+        ready, _, _ = select.select([control.fileno(), wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        _reap(control, children)
+        if control.fileno() not in ready:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(control, CONTROL_MESSAGE, 1)
+        except OSError:
+            break
+        if not data:
+            break
+        request = json.loads(data)
+        if request.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        run_id = str(request["run_id"])
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            run_child(fds[0])
+        os.close(fds[0])
+        children[pid] = run_id
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(control, [json.dumps({"op": "started", "run_id": run_id, "pid": pid}).encode()], [pidfd])
+        except OSError:
+            break
+        finally:
+            os.close(pidfd)
+    for pid in children:  # the supervisor is gone: so are its runs
+        _kill(pid)
+
+
+def _reap(control: socket.socket, children: dict[int, str]) -> None:
+    """Report each run process that has exited. Before reaping it, kill what is left of its process
+    group (a run without a PID namespace may leave some): until it is reaped its PID, and so the
+    group's id, cannot be reused, so the signal reaches nobody else."""
+    while children:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        _kill(info.si_pid)
+        pid, status = os.waitpid(info.si_pid, 0)
+        run_id = children.pop(pid, None)
+        if run_id is not None:
+            try:
+                control.sendall(json.dumps({"op": "exited", "run_id": run_id, "status": status}).encode())
+            except OSError:
+                pass
+
+
+def run_child(channel_fd: int) -> None:
+    """The run process: never returns."""
+    code = CHILD_FAILED
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        os.setsid()  # no controlling terminal, and a process group the supervisor signals as one
+        channel_fd = _keep_only(channel_fd)
+        channel = socket.socket(fileno=channel_fd)
+        plan = _receive_plan(channel)
+        code = _run(plan, channel)
+    except BaseException:
+        code = CHILD_FAILED
+    finally:
+        os._exit(code)
+
+
+def _keep_only(channel_fd: int) -> int:
+    """The channel as fd 3, /dev/null as stdin, stdout and stderr, and nothing else open. (The
+    zygote's own stdio is open, so the channel is never 0, 1 or 2.)"""
+    if channel_fd != 3:
+        os.dup2(channel_fd, 3)
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    os.closerange(4, _max_fd())
+    os.set_inheritable(3, False)
+    return 3
+
+
+def _max_fd() -> int:
+    try:
+        return max(int(name) for name in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return os.sysconf("SC_OPEN_MAX")
+
+
+def _receive_plan(channel: socket.socket) -> Any:
+    from runner.agent.running import RunPlan
+
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = channel.recv(1 << 20)
+        if not chunk:
+            raise EOFError("the supervisor closed the channel before sending the plan")
+        buf += chunk
+    return RunPlan.from_json(json.loads(bytes(buf)))
+
+
+def _run(plan: Any, channel: socket.socket) -> int:
+    from runner.sandbox import isolating
+
+    sandboxed = plan.settings.sandbox != "off"
+    namespaces = isolating.enter() if sandboxed else []
+    if namespaces:  # PID 1 of the new namespaces runs the agent; this process waits for it
+        inner = os.fork()
+        if inner:
+            channel.close()
+            signal.signal(signal.SIGTERM, lambda *_: os.kill(inner, signal.SIGKILL))
+            _pid, status = os.waitpid(inner, 0)
+            return os.waitstatus_to_exitcode(status) & 0xFF
+        _die_with_parent()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores signals it does not handle
+    return _agent(plan, channel, namespaces)
+
+
+def _agent(plan: Any, channel: socket.socket, namespaces: list[str]) -> int:
+    from runner.agent.running import RunResult, execute
+    from runner.errors import OrchestratorError
+    from runner.sandbox.confining import confine, isolate, output_tail
+
+    def sink(message: dict[str, Any]) -> None:
+        channel.sendall((json.dumps(message, default=str) + "\n").encode())
+
+    isolation = isolate(plan, namespaces, channel)
+    try:
+        sandbox = confine(plan, isolation)
+    except OrchestratorError as exc:
+        result = RunResult("failed", error=f"sandbox: {exc.message}")
+    else:
+        result = execute(isolation.get("plan", plan), sink, sandbox=sandbox)
+    tail = output_tail(plan)
+    if tail is not None:
+        sink({"t": "event", "kind": "log", "name": "output", "decision": None, "detail": tail})
+    sink({"t": "result", **json.loads(result.to_json())})
+    return 0
+
+
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Zygote:
+    """The supervisor's side: starts the zygote and asks it for run processes. Thread-safe."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runner.agent.spawning", str(theirs.fileno()), f"--supervisor={os.getpid()}"],
+            env=clean_environment(), pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL)
+        theirs.close()
+        self.control = ours
+        self._send = threading.Lock()
+        self._cond = threading.Condition()
+        self._started: dict[str, tuple[int, int]] = {}
+        self._exited: dict[str, int] = {}
+        self._gone = False
+        self._ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
+        self.reader.start()
+
+    def fork(self, run_id: str, channel: socket.socket) -> tuple[int, int]:
+        """A new run process with ``channel`` as its channel: (pid, pidfd)."""
+        if not self._ready.wait(READY_TIMEOUT) or self._gone:
+            raise OrchestratorError(self._why_gone())
+        with self._send:
+            socket.send_fds(self.control, [json.dumps({"op": "fork", "run_id": run_id}).encode()],
+                            [channel.fileno()])
+        with self._cond:
+            if not self._cond.wait_for(lambda: run_id in self._started or self._gone, READY_TIMEOUT):
+                raise OrchestratorError("the zygote did not fork the run in time")
+            if run_id not in self._started:
+                raise OrchestratorError(self._why_gone())
+            return self._started.pop(run_id)
+
+    def exit_status(self, run_id: str, timeout: float = 5.0) -> int | None:
+        """The run process's wait status, once the zygote has reaped it (None if it does not say)."""
+        with self._cond:
+            self._cond.wait_for(lambda: run_id in self._exited or self._gone, timeout)
+            return self._exited.pop(run_id, None)
+
+    def close(self) -> None:
+        try:
+            self.control.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=5)
+        self.control.close()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.control, CONTROL_MESSAGE, 1)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                break
+            message = json.loads(data)
+            with self._cond:
+                if message["op"] == "ready":
+                    self._ready.set()
+                elif message["op"] == "started" and fds:
+                    self._started[message["run_id"]] = (int(message["pid"]), fds[0])
+                elif message["op"] == "exited":
+                    self._exited[message["run_id"]] = int(message["status"])
+                self._cond.notify_all()
+        with self._cond:
+            self._gone = True
+            self._ready.set()
+            self._cond.notify_all()
+
+    def _why_gone(self) -> str:
+        code = self.proc.poll()
+        return f"the zygote that forks runs is not running (exit status {code}; the log above says why)"
+
+
+def clean_environment() -> dict[str, str]:
+    """What the zygote is exec'd with, and so what every run's /proc/self/environ shows: no secrets."""
+    keep = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    return {"PATH": os.defpath, "LANG": "C.UTF-8", **keep}
+
+
+if __name__ == "__main__":
+    main()
