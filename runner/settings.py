@@ -1,10 +1,28 @@
 """One settings object. Every field is documented here and in docs/configuration.md (a test checks).
 
-Precedence, highest first: command-line options, environment variables, then the settings file
-``$AGENT_ORCH_HOME/config/settings.json`` (keys are the environment variable names), then defaults.
-A client (``--client-id``) may override the source keys in the file's ``clients`` section::
+Precedence, highest first (``Settings.load``):
+
+1. command-line options (``--source``/``--ref``/``--path`` reach the source through ``SourceOverride``);
+2. the client's own section of the settings file ``$AGENT_ORCH_HOME/config/settings.json``;
+3. environment variables;
+4. the top level of the settings file (keys are the environment variable names);
+5. the defaults below.
+
+A client's section beats the environment because it is the more specific of the two: the environment
+speaks for every client a daemon serves, so ``AGENT_ORCH_SOURCE`` set for the default client must not
+pull client acme into default's repository. When both name a different value, the daemon warns at start
+(``shadowed_environment``)::
 
     {"MAX_AGENTS": 4, "clients": {"acme": {"AGENT_ORCH_SOURCE": "/srv/git/acme-agents.git"}}}
+
+INTERFACE.md puts one more level between the environment and the git checkout: the source recorded in
+the home by the last ``apply --source``. It is not kept yet; when it is, it belongs in
+``runner.reconcile.reconciling.location_of``, between ``settings.source`` and ``default_source_url()``
+(an empty ``source`` here means that no level from 1 to 3 named one).
+
+Settings travel to a run as ``model_dump(mode="json")`` and back through ``model_validate``, which reads
+nothing but the data it is given (no environment, no file): what a run gets is what its launcher had,
+with every secret masked.
 """
 
 from __future__ import annotations
@@ -15,8 +33,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from runner.errors import UsageError
 
@@ -95,6 +113,13 @@ class Settings(BaseSettings):
         "`model: openai:NAME`. LangChain itself runs in-process; this is where it sends requests.",
         "models",
     )
+    openai_api_key: SecretStr = _env(
+        "OPENAI_API_KEY",
+        SecretStr(""),
+        "Key for the OpenAI-compatible endpoint; it never enters a run: the egress proxy adds it to the run's "
+        "requests to the model endpoint. Empty means the endpoint needs no key.",
+        "models",
+    )
 
     # -- runs
     max_agents: int = _env(
@@ -160,9 +185,9 @@ class Settings(BaseSettings):
         "runs",
         ge=0,
     )
-    webhook_secret: str = _env(
+    webhook_secret: SecretStr = _env(
         "AGENT_ORCH_WEBHOOK_SECRET",
-        "",
+        SecretStr(""),
         "Secret of the push webhook (POST /agents/v1/hooks/git): GitHub and Gitea sign with it, GitLab sends "
         "it. Empty means the webhook needs an operator's bearer token instead.",
         "api",
@@ -199,8 +224,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # load() passes the settings file as init kwargs: the environment must win over it.
-        return (env_settings, init_settings)
+        # Only what the caller passes: load() reads the environment and the file itself, in the order the
+        # module docstring gives, and a run's model_validate() must not take its values from the environment.
+        return (init_settings,)
 
     # -- derived paths
     @property
@@ -228,22 +254,17 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, home: str | Path | None = None, client_id: str | None = None, **overrides: Any) -> Settings:
-        """Settings for one process: file < environment < explicit overrides (command-line options)."""
+        """Settings for one process and client: defaults < file < environment < client's section < overrides."""
         home_path = Path(home or os.environ.get("AGENT_ORCH_HOME") or "var").expanduser().absolute()
         client = client_id or os.environ.get("AGENT_ORCH_CLIENT_ID") or "default"
         if not re.match(CLIENT_ID_PATTERN, client):
             raise UsageError(f"client id {client!r} must match {CLIENT_ID_PATTERN}")
-        from_file = read_settings_file(home_path / "config" / "settings.json", client)
-        from_file.pop("AGENT_ORCH_HOME", None)
-        from_file.pop("AGENT_ORCH_CLIENT_ID", None)
-        # A client's own section is more specific than the environment (which speaks for every client).
-        own = client_section(home_path / "config" / "settings.json", client)
+        top, clients = settings_file(home_path / "config" / "settings.json")
+        data: dict[str, Any] = {}
+        for layer in (top, environment(), clients.get(client, {}), overrides):
+            data |= {_field_of(str(k).upper()) or str(k): v for k, v in layer.items() if v is not None}
+        data |= {"home": home_path, "client_id": client}
         try:
-            base = cls(**from_file)
-            update = {_field_of(k): v for k, v in own.items() if _field_of(k)}
-            update |= {k: v for k, v in overrides.items() if v is not None}
-            # Re-validate so overrides get the same checks as every other source.
-            data = base.model_dump() | update | {"home": home_path, "client_id": client}
             return cls.model_validate(data)
         except ValidationError as exc:
             problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
@@ -256,16 +277,43 @@ class Settings(BaseSettings):
             extra = field.json_schema_extra
             env = extra.get("env") if isinstance(extra, dict) else None
             value = getattr(self, name)
-            if name == "webhook_secret":
-                value = "(set)" if value else ""
+            if isinstance(value, SecretStr):
+                value = "(set)" if value.get_secret_value() else ""
             out[str(env or name)] = str(value) if isinstance(value, Path) else value
         return out
 
 
-def client_section(path: Path, client_id: str) -> dict[str, Any]:
-    """The client's own section of the settings file (its keys upper-cased)."""
+def environment() -> dict[str, Any]:
+    """The settings the environment sets, by their variable names (exactly as documented: ``HOME`` is not
+    ``AGENT_ORCH_HOME``, however a case-insensitive match would see it)."""
+    return EnvSettingsSource(Settings, case_sensitive=True)()
+
+
+def shadowed_environment(settings: Settings) -> list[str]:
+    """One line per variable that the client's own section of the settings file sets to another value
+    than the environment does. Both were set on purpose and they disagree: the daemon says so at start,
+    since whoever exported ``AGENT_ORCH_SOURCE`` may well expect it to win."""
+    path = settings.config_dir / "settings.json"
     _top, clients = settings_file(path)
-    return {k.upper(): v for k, v in clients.get(client_id, {}).items()}
+    env = {str(k).upper(): v for k, v in environment().items()}
+    lines = []
+    for key, value in clients.get(settings.client_id, {}).items():
+        name = _field_of(key.upper())
+        if name in ("", "home", "client_id") or key.upper() not in env:  # (load() ignores those two here)
+            continue
+        kind: TypeAdapter[Any] = TypeAdapter(Settings.model_fields[name].annotation or Any)
+        try:
+            if kind.validate_python(value) == kind.validate_python(env[key.upper()]):
+                continue
+        except ValidationError:
+            pass  # one of them is not even valid: they differ
+        where = f"client {settings.client_id}: clients.{settings.client_id} in {path} sets {key.upper()}"
+        if Settings.model_fields[name].annotation is SecretStr:
+            lines.append(f"{where}, and the environment sets it to another value; the settings file wins")
+        else:
+            lines.append(f"{where} to {value!r}, and the environment to {env[key.upper()]!r}; the settings "
+                         "file wins")
+    return lines
 
 
 def _field_of(env: str) -> str:
@@ -274,12 +322,6 @@ def _field_of(env: str) -> str:
         if isinstance(extra, dict) and extra.get("env") == env:
             return name
     return ""
-
-
-def read_settings_file(path: Path, client_id: str) -> dict[str, Any]:
-    """The settings file's keys, with the client's own section laid over the top level."""
-    top, clients = settings_file(path)
-    return {k.upper(): v for k, v in {**top, **clients.get(client_id, {})}.items()}
 
 
 def settings_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from typing import Any
 
 import falcon
@@ -61,11 +60,11 @@ class GitHook(Resource):
         client = principal.client_id if principal else (req.get_param("client_id") or "default")
         rt = self.api.runtimes.get(client)
         if rt is None:  # (no token here) answer as a served client would, so client ids cannot be probed
-            if os.environ.get("AGENT_ORCH_WEBHOOK_SECRET"):
+            if any(served.settings.webhook_secret.get_secret_value() for served in self.api.runtimes.values()):
                 raise Unauthorized(UNSIGNED)
             self.api.require(req, "operator")
             raise Unauthorized(UNSIGNED)  # not reached: without a token, require() refuses
-        secret = os.environ.get("AGENT_ORCH_WEBHOOK_SECRET", "") or rt.settings.webhook_secret
+        secret = rt.settings.webhook_secret.get_secret_value()
         if secret:
             if not _signed(req, body, secret):
                 raise Unauthorized(UNSIGNED)

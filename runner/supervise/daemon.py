@@ -31,7 +31,7 @@ from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied, set_suspended
 from runner.reconcile.reconciling import open_source, reconcile
 from runner.sandbox import capabilities
-from runner.settings import Settings, client_ids
+from runner.settings import Settings, client_ids, shadowed_environment
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
 from runner.state import connect
@@ -77,6 +77,8 @@ class Daemon:
             log.warning("this kernel lacks %s: runs will be refused (AGENT_ORCH_SANDBOX=permissive runs them "
                         "without; see docs/security.md)",
                         "Landlock" if caps["landlock_abi"] == 0 else "namespaces for runs")
+        for line in (shadowed for c in self.clients for shadowed in shadowed_environment(c.settings)):
+            log.warning("%s", line)  # a client's section of the settings file wins over the environment
         for client in self.clients:
             client.start()
         runtimes: dict[str, Any] = {c.settings.client_id: c.runtime for c in self.clients}
