@@ -4,6 +4,7 @@
   for every client; the command-line flags win over both. Checked with the real CLI, a real settings file,
   real repositories and a real environment; the daemon names the disagreement in its log at start.
 - Secrets in the settings are pydantic secrets: never shown, and masked when settings travel to a run.
+- Metrics: the open /metrics names no client, agent or tool; a token sees its own client's series only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from api_helpers import Served, make_repo, poll, scripted
 from conftest import agentctl
+from prometheus_client.parser import text_string_to_metric_families
 
 from runner.settings import Settings, shadowed_environment
 
@@ -163,3 +165,58 @@ def test_the_daemon_says_at_start_when_a_section_and_the_environment_disagree(
     assert len(warned) == 1, daemon.log()
     assert "client acme" in warned[0] and "repo-acme" in warned[0] and "repo-default" in warned[0]
     assert warned[0] in (daemon.home / "logs" / "agent_orchestrator.log").read_text()
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def counted(daemon: Served, token: str | None) -> str | None:
+    """The metrics text once the token's client's run (or, open, both clients' runs) is counted: its end,
+    read from the state database, and its duration, observed when the daemon moves its row to the ledger."""
+    reply = daemon.request("GET", "/metrics", token=token)
+    assert reply.status == 200, reply.body
+    found = families(reply.text)
+    ended = sum(s.value for s in found["agent_orch_runs"].samples if s.name == "agent_orch_runs_total")
+    timed = sum(s.value for s in found["agent_orch_run_duration_seconds"].samples if s.name.endswith("_count"))
+    return reply.text if min(ended, timed) >= (1 if token else 2) else None
+
+
+def test_the_open_metrics_name_no_client_agent_or_tool(two: tuple[Served, dict[str, str], dict[str, str]]) -> None:
+    daemon, _, _ = two
+    text = poll(lambda: counted(daemon, None), "both clients' runs to be counted")
+    for name in (OURS, THEIRS, THEIR_TOOL, "acme", "file_reader", 'client="default"'):
+        assert name not in text, (name, text)
+    found = families(text)
+    for family in found.values():
+        for s in family.samples:
+            assert not {"client", "agent", "tool", "revision"} & set(s.labels), s
+    assert "agent_orch_source" not in found  # an info metric: its labels are all it says
+    runs = {s.labels["status"]: s.value for s in found["agent_orch_runs"].samples if s.name == "agent_orch_runs_total"}
+    assert runs == {"succeeded": 2.0}  # one each, summed
+    calls = {s.labels["decision"]: s.value for s in found["agent_orch_tool_calls"].samples
+             if s.name == "agent_orch_tool_calls_total"}
+    assert calls == {"allowed": 2.0}
+    count = [s.value for s in found["agent_orch_run_duration_seconds"].samples
+             if s.name == "agent_orch_run_duration_seconds_count"]
+    assert count == [2.0]
+    assert daemon.request("GET", "/agents/v1/metrics").status == 401  # the API's own needs a token
+
+
+def test_a_token_sees_its_own_clients_metrics_and_none_of_anothers(
+        two: tuple[Served, dict[str, str], dict[str, str]]) -> None:
+    daemon, ours, theirs = two
+    for token, own, (other, other_client) in ((ours["viewer"], OURS, (THEIRS, "acme")),
+                                              (theirs["viewer"], THEIRS, (OURS, "default"))):
+        text = poll(lambda t=token: counted(daemon, t), "the client's run to be counted")  # type: ignore[misc]
+        scoped = daemon.api("GET", "/metrics", token=token)
+        assert scoped.status == 200
+        for shown in (text, scoped.text):
+            found = families(shown)
+            runs = [s for s in found["agent_orch_runs"].samples if s.name == "agent_orch_runs_total"]
+            assert [s.labels["agent"] for s in runs] == [own]
+            assert other not in shown and f'client="{other_client}"' not in shown
+            clients = {s.labels["client"] for f in found.values() for s in f.samples if "client" in s.labels}
+            assert clients == {"acme" if own == THEIRS else "default"}
+    their_text = daemon.api("GET", "/metrics", token=theirs["viewer"]).text
+    assert THEIR_TOOL in their_text and THEIR_TOOL not in daemon.api("GET", "/metrics", token=ours["viewer"]).text

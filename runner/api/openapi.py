@@ -91,8 +91,10 @@ def document() -> dict[str, Any]:
         f"{base}/metrics": {"get": {"responses": {"200": {"description": "Prometheus text", "content": {
             "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
         f"{base}/hooks/git": {"post": {"security": [], "responses": {**_ok(OBJ, 202), **_errors(401, 403, 413)}}},
-        "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus text", "content": {
-            "text/plain": {"schema": {"type": "string"}}}}}}},
+        # Open (totals over every client), or with a token (that client's own series).
+        "/metrics": {"get": {"security": [{}, *SECURED], "responses": {"200": {
+            "description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(401)}}},
         "/healthz": {"get": {"security": [], "responses": _ok(OBJ)}},
         "/openapi.json": {"get": {"security": [], "responses": _ok(OBJ)}},
     }

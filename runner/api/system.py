@@ -7,7 +7,7 @@ import hmac
 from typing import Any
 
 import falcon
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from runner.api.app import MAX_BODY, Resource
 from runner.api.errors import NotFound, TooLarge, Unauthorized, without_credentials
@@ -35,10 +35,14 @@ class Tools(Resource):
 
 class MetricsResource(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.path != "/metrics":  # the root one is for scrapers; the API's own needs a token
-            self.api.require(req, "viewer")
+        """The root one is open, for scrapers, and names no client, agent or tool: totals only. With a
+        token (the API's own always needs one), the token's client's series, labels and all."""
+        if req.path == "/metrics" and req.context.get("principal") is None:
+            shown = None
+        else:
+            shown = self.api.require(req, "viewer").client_id
         resp.content_type = CONTENT_TYPE_LATEST
-        resp.data = generate_latest(self.api.metrics.registry)
+        resp.data = self.api.metrics.exposition(shown)
 
 
 UNSIGNED = "the webhook signature is missing or does not match AGENT_ORCH_WEBHOOK_SECRET"

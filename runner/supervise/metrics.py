@@ -2,6 +2,10 @@
 scrape time by a collector, so no stale series outlive what they describe; events (runs ended, tool
 calls, requests) are counters fed as they happen. Labels take bounded values only: client, agent
 (bounded by the applied specs), status, tool, decision, route template.
+
+One registry holds every client's series; nobody is shown all of it. ``exposition(client)`` gives a
+client its own series (and the API's, which name no client); ``exposition(None)``, for the open
+endpoint, gives totals over every client, with the labels that name a client's things summed away.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -35,6 +39,10 @@ class Metrics:
         self.request_seconds = Histogram("agent_orch_api_request_duration_seconds", "API request duration.",
                                          ["route"], registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
         r.register(_StateCollector(self))
+
+    def exposition(self, client: str | None) -> bytes:
+        """Prometheus text: ``client``'s own series, or with ``None`` the totals that name nobody."""
+        return generate_latest(_View(self.registry, client))
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -114,3 +122,43 @@ class _StateCollector(Collector):
                     "SELECT tool, decision, count FROM tool_stats WHERE client_id = ?", (client,)):
                 tools.add_metric([client, tool, decision], n)
         yield from (running, queued, agents, invalid, revision, runs, tokens, tools)
+
+
+# Labels whose values are a client's own names: its id, its agents, its custom tools (a builtin tool's
+# name tells nothing, but a custom one is a file in the client's repository), its source revision.
+NAMING = frozenset({"client", "agent", "tool", "revision"})
+
+
+class _View(Collector):
+    """The registry as one client, or anyone, may see it.
+
+    For a client: the samples labelled with that client, and those with no client label at all (the
+    API's requests by route template and status). For anyone: every sample with the naming labels
+    dropped and the samples that then coincide summed (counts, sums and histogram buckets add up across
+    clients; so do the gauges here, which are all counts). ``_created`` samples do not add up and are
+    left out, and so are info metrics, whose labels are all they say.
+    """
+
+    def __init__(self, registry: CollectorRegistry, client: str | None) -> None:
+        self.registry, self.client = registry, client
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if self.client is None and family.type == "info":
+                continue
+            shown = Metric(family.name, family.documentation, family.type, family.unit)
+            if self.client is not None:
+                for s in family.samples:
+                    if s.labels.get("client", self.client) == self.client:
+                        shown.add_sample(s.name, s.labels, s.value, s.timestamp, s.exemplar)
+                yield shown
+                continue
+            totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for s in family.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (s.name, tuple((k, v) for k, v in s.labels.items() if k not in NAMING))
+                totals[key] = totals.get(key, 0.0) + s.value
+            for (name, labels), value in totals.items():
+                shown.add_sample(name, dict(labels), value)
+            yield shown
