@@ -68,7 +68,10 @@ CREATE TABLE IF NOT EXISTS tokens (         -- API tokens, by SHA-256 of the tok
     client_id TEXT NOT NULL,
     name TEXT NOT NULL,
     role TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,       -- UTC, ISO 8601 with Z (tokens of older homes: without the Z)
+    id TEXT,                        -- what users name a token by (list, revoke): never the token or its hash
+    expires_at TEXT,                -- UTC, ISO 8601 with Z; NULL: never
+    last_used_at TEXT               -- UTC, ISO 8601 with Z, to the minute or so (runner.api.tokens.lookup)
 );
 CREATE TABLE IF NOT EXISTS tool_stats (     -- tool calls by decision, counted as launchers record them (metrics)
     client_id TEXT NOT NULL,
@@ -100,7 +103,8 @@ def connect(path: Path) -> sqlite3.Connection:
 
 # Columns added after a table first shipped: (table, column, type). SQLite adds them in place.
 MIGRATIONS = [("sources", "invalid", "TEXT"), ("run_progress", "launcher_pid", "INTEGER"),
-              ("run_progress", "row", "TEXT")]
+              ("run_progress", "row", "TEXT"), ("tokens", "id", "TEXT"), ("tokens", "expires_at", "TEXT"),
+              ("tokens", "last_used_at", "TEXT")]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -108,6 +112,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    # Tokens made before they had an id get one, random like a new token's, so they too can be listed and
+    # revoked. Checked first: an UPDATE, even of no row, would take the write lock at every connect.
+    if conn.execute("SELECT 1 FROM tokens WHERE id IS NULL LIMIT 1").fetchone():
+        conn.execute("UPDATE tokens SET id = 'tok_' || lower(hex(randomblob(8))) WHERE id IS NULL")
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens (id)")
 
 
 class Transaction:

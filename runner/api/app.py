@@ -266,6 +266,8 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     app.add_route(f"{base}/runs/{{run_id}}/events", runs.Events(api))
     app.add_route(f"{base}/tools", system.Tools(api))
     app.add_route(f"{base}/metrics", system.MetricsResource(api))
+    app.add_route(f"{base}/tokens", system.TokenCollection(api))
+    app.add_route(f"{base}/tokens/{{token_id}}", system.TokenItem(api))
     app.add_route(f"{base}/hooks/git", system.GitHook(api))
     app.add_route("/metrics", system.MetricsResource(api))
     app.add_route("/healthz", system.Health(api))

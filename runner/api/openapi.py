@@ -19,6 +19,13 @@ AGENT = {"type": "object", "required": ["name", "state"], "properties": {
     "etag": {"type": ["string", "null"]}, "generation": {"type": "integer"},
     "conditions": {"type": "array"}, "next_run": {"type": ["string", "null"]},
     "last_run": {"type": ["object", "null"]}}}
+TOKEN = {"type": "object", "required": ["id", "name", "role", "created_at", "expires_at", "last_used_at", "expired"],
+         "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                        "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                        "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                        "expired": {"type": "boolean"}}}
 RUN = {"type": "object", "required": ["run_id", "status"], "properties": {
     "run_id": {"type": "string"}, "status": {"type": "string"}, "agent": {"type": "string"}}}
 
@@ -90,6 +97,13 @@ def document() -> dict[str, Any]:
         f"{base}/tools": {"get": {"responses": {**_ok(OBJ), **_errors(401)}}},
         f"{base}/metrics": {"get": {"responses": {"200": {"description": "Prometheus text", "content": {
             "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
+        f"{base}/tokens": {"get": {"responses": {
+            **_ok({"type": "object", "required": ["tokens"], "properties": {"tokens": {"type": "array",
+                                                                                       "items": TOKEN}}}),
+            **_errors(401, 403)}}},
+        f"{base}/tokens/{{token_id}}": {"parameters": _params(("token_id", "path", "string")), "delete": {
+            "responses": {**_ok({"type": "object", "required": ["id", "revoked"], "properties": {
+                "id": {"type": "string"}, "revoked": {"type": "boolean"}}}), **_errors(401, 403, 404)}}},
         f"{base}/hooks/git": {"post": {"security": [], "responses": {**_ok(OBJ, 202), **_errors(401, 403, 413)}}},
         # Open (totals over every client), or with a token (that client's own series).
         "/metrics": {"get": {"security": [{}, *SECURED], "responses": {"200": {

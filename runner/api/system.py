@@ -1,4 +1,4 @@
-"""Tools, metrics, the push webhook, health, the OpenAPI document, and the 404 for everything else."""
+"""Tools, metrics, tokens, the push webhook, health, the OpenAPI document, and the 404 for everything else."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from runner.api import tokens
 from runner.api.app import MAX_BODY, Resource
 from runner.api.errors import NotFound, TooLarge, Unauthorized, without_credentials
 from runner.api.openapi import document
@@ -43,6 +44,25 @@ class MetricsResource(Resource):
             shown = self.api.require(req, "viewer").client_id
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = self.api.metrics.exposition(shown)
+
+
+class TokenCollection(Resource):
+    """GET /agents/v1/tokens: the client's tokens (admin), never the tokens themselves or their hashes."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        principal = self.api.require(req, "admin")
+        resp.media = {"tokens": tokens.listed(self.api.runtime(req).conn(), principal.client_id)}
+
+
+class TokenItem(Resource):
+    """DELETE /agents/v1/tokens/{token_id}: revoke one of the client's tokens (admin). Another client's
+    token is 404, as one that does not exist. The token is refused from its next request on."""
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, token_id: str) -> None:
+        principal = self.api.require(req, "admin")
+        if not tokens.revoke(self.api.runtime(req).conn(), principal.client_id, token_id):
+            raise NotFound(f"no token with id '{token_id}'")
+        resp.media = {"id": token_id, "revoked": True}
 
 
 UNSIGNED = "the webhook signature is missing or does not match AGENT_ORCH_WEBHOOK_SECRET"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -234,18 +234,71 @@ def serve(app: App, host: str | None, port: int | None) -> None:
 
 @cli.group()
 def token() -> None:
-    """API tokens."""
+    """API tokens: create, list, revoke."""
+
+
+class Duration(click.ParamType[timedelta, "str | timedelta"]):
+    """A token's lifetime, like 30m, 12h, 7d or 90d; a bad one is a usage error (exit 2) naming the option."""
+
+    name = "duration"
+
+    def convert(self, value: str | timedelta, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        from runner.api.tokens import parse_duration
+
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 @token.command("create")
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True)
 @click.option("--name", help="Who or what uses it (the author of commits it makes); default: the role.")
+@click.option("--expires", type=Duration(), metavar="DURATION",
+              help="Lifetime: 30m, 12h, 7d, 2w (minutes, hours, days, weeks). Default: it never expires.")
 @pass_app
-def token_create(app: App, role: str, name: str | None) -> None:
+def token_create(app: App, role: str, name: str | None, expires: timedelta | None) -> None:
     """Create an API token for the client; it is shown once."""
-    from runner.agent.recording import utcnow
     from runner.api import tokens
 
-    made = tokens.create(app.conn, app.settings.client_id, role, name or role, utcnow())  # type: ignore[arg-type]
-    app.emit({"token": made, "name": name or role, "role": role, "client_id": app.settings.client_id},
-             lambda: click.echo(made))
+    made = tokens.create(app.conn, app.settings.client_id, role, name or role, expires)  # type: ignore[arg-type]
+    app.emit({"token": made.token, "id": made.id, "name": name or role, "role": role,
+              "client_id": app.settings.client_id, "expires_at": made.expires_at},
+             lambda: click.echo(made.token))
+
+
+@token.command("list")
+@pass_app
+def token_list(app: App) -> None:
+    """The client's tokens: id, name, role, created, expires, last used (never the token itself)."""
+    from runner.api import tokens
+
+    rows = tokens.listed(app.conn, app.settings.client_id)
+
+    def text() -> None:
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for c in ("ID", "NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"):
+            table.add_column(c, no_wrap=True)
+        for r in rows:
+            expires = (r["expires_at"] or "never") + (" (expired)" if r["expired"] else "")
+            table.add_row(r["id"], r["name"], r["role"], r["created_at"], expires, r["last_used_at"] or "-")
+        if rows:
+            Console(width=200 if not sys.stdout.isatty() else None).print(table)
+        else:
+            click.echo(f"no tokens for client '{app.settings.client_id}': agentctl token create --role ...")
+
+    app.emit(rows, text)
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="ID")
+@pass_app
+def token_revoke(app: App, token_id: str) -> None:
+    """Revoke a token by its id (from `agentctl token list`): it is refused from its next request on."""
+    from runner.api import tokens
+
+    if not tokens.revoke(app.conn, app.settings.client_id, token_id):
+        raise NotFoundError(f"no token with id '{token_id}' for client '{app.settings.client_id}'")
+    app.emit({"id": token_id, "revoked": True}, lambda: click.echo(f"revoked {token_id}"))
