@@ -75,6 +75,7 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
     _capture_output(plan)
     _clean_environment(plan, port)
     enforced["environment"] = "clean"
+    enforced["scratch"] = isolation.get("scratch", "on disk, removed when the run ends")
     enforced["limits"] = _limits(plan)
     enforced["processes"] = ({"pid_max": isolation["pid_max"]} if isolation.get("pid_max")
                              else {"RLIMIT_NPROC": enforced["limits"].get("RLIMIT_NPROC")})
