@@ -44,7 +44,7 @@ def detect() -> dict[str, Any]:
         "scoping": "landlock (abstract sockets, signals)" if abi >= 6 else "none",
         "process_limit": "pid_max of the run's PID namespace" if pid_max
         else "RLIMIT_NPROC (binds a non-root daemon user only)",
-        "seccomp": "no unix sockets, native ABI only" if seccomp.supported() else "none",
+        "seccomp": seccomp.describe() if seccomp.supported() else "none",
         "cgroups": _cgroups(),
         "rlimits": True,
         "no_new_privs": True,
