@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     max_processes: int = _env("AGENT_ORCH_MAX_PROCESSES", 512,
                               "Default process limit of a run (pid_max of its PID namespace on Linux 6.14+, and "
                               "RLIMIT_NPROC).", "sandbox", gt=0)
+    max_scratch_mb: int = _env("AGENT_ORCH_MAX_SCRATCH_MB", 256,
+                               "Size of a run's scratch folder (its HOME and TMPDIR), MiB: a tmpfs of its own, "
+                               "gone when the run ends, so no run can fill the home's disk through it.",
+                               "sandbox", gt=0)
     max_file_mb: int = _env("AGENT_ORCH_MAX_FILE_MB", 1024, "Default largest file a run may write, MiB.",
                             "sandbox", gt=0)
     shutdown_grace: float = _env(

@@ -22,6 +22,8 @@ from doubles import FakeOpenAIServer
 from test_daemon import daemons  # noqa: F401 (the fixture)
 from test_run import apply, call, ledger, run, scripted_agent, tool_events, turn
 
+from runner.sandbox import seccomp
+
 REACH = '''
 import os, socket, urllib.request
 from langchain_core.tools import tool
@@ -146,7 +148,8 @@ def test_the_model_is_reached_through_the_proxy_and_nothing_else(repo: SpecRepo,
     port = int(page.rsplit(":", 1)[1])
     repo.write("specs/tools/reach.py", REACH.replace('PERMISSIONS = ["network"]', 'PERMISSIONS = ["read"]'))
     repo.spec("chat", model="openai:tiny",
-              extra=f"tools:\n  - name: reach\n    permissions: [read]\n    paths: [{json.dumps(str(tmp_path / 'data'))}]\n")
+              extra="tools:\n  - name: reach\n    permissions: [read]\n"
+                    f"    paths: [{json.dumps(str(tmp_path / 'data'))}]\n")
     repo.commit()
     apply(repo, cli)
     with FakeOpenAIServer(tool_call={"name": "reach", "args": {"what": f"get:http://127.0.0.1:{port}/"}}) as model:
@@ -281,7 +284,7 @@ def test_no_unix_socket_is_reachable_by_its_path(repo: SpecRepo, cli, home: Path
     finally:
         listener.close()
     assert arrived == b""
-    assert sandbox_of(home, result["run_id"])["seccomp"] == "no unix sockets, native ABI only"
+    assert sandbox_of(home, result["run_id"])["seccomp"] == seccomp.describe()
 
 
 def test_without_namespaces_strict_refuses_and_permissive_runs_on_the_host_network(

@@ -1,9 +1,11 @@
-"""Import each custom tool module once, in a separate Python process, before agents may use it.
+"""Import each custom tool module once, in a sandboxed Python process, before agents may use it.
 
 Validation reads tool modules with ``ast`` only (the push hook must not run unreviewed code). The
 reconciler goes one step further, because a tool that cannot be imported would fail every run of
-every agent that uses it: it imports the module in a child process (never in the daemon) and marks
-the agents that use a failing module Invalid with the error. Results are cached by blob id, so a
+every agent that uses it: it imports the module in a child process (never in the daemon) confined as
+a run is, and more (``confining.confine_probe``: namespaces, no network, no capabilities, Landlock
+with nothing but reads of the runtime and the module, seccomp), and marks the agents that use a
+failing module Invalid with the error. Pushed code never runs outside a sandbox. Results are cached by blob id, so a
 module is probed once per content, not once per reconcile.
 """
 
@@ -23,8 +25,15 @@ from runner.specs.validating import SpecFile
 
 PROBE_TIMEOUT = 60.0
 _PROBE = """
-import importlib.util, sys
+import importlib.util, os, sys
 path, name = sys.argv[1], sys.argv[2]
+from runner.errors import DeniedError
+from runner.sandbox.confining import confine_probe
+try:
+    confine_probe(os.path.dirname(path))
+except DeniedError as exc:
+    print(f"not probed: {exc.message}", file=sys.stderr)
+    sys.exit(3)
 spec = importlib.util.spec_from_file_location("probe_" + name, path)
 module = importlib.util.module_from_spec(spec)
 try:
@@ -67,7 +76,7 @@ def probe(name: str, source: bytes) -> str | None:
                                   capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
             return f"importing tools/{name}.py took longer than {PROBE_TIMEOUT:.0f}s"
-    if done.returncode == 0:
+    if done.returncode in (0, 3):  # 3: this kernel cannot confine the probe, so it is not run (said on stderr)
         return None
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     return lines[-1] if lines else f"import exited with code {done.returncode}"

@@ -31,7 +31,7 @@ from typing import Any
 from runner.agent.memory import store_path
 from runner.agent.running import RunPlan
 from runner.errors import DeniedError
-from runner.sandbox import isolating, landlock, seccomp
+from runner.sandbox import isolating, landlock, privileges, seccomp
 from runner.sandbox.egress import MODEL_HOST, Upstream, proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand, forbidden_overlap
@@ -86,6 +86,8 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
             raise DeniedError("this kernel cannot enforce file access limits (no Landlock); the run is refused. "
                               "AGENT_ORCH_SANDBOX=permissive runs it unconfined (recorded as such)")
         enforced["landlock"] = "unavailable: unconfined (AGENT_ORCH_SANDBOX=permissive)"
+        enforced["capabilities"] = privileges.drop_capabilities()
+        enforced["seccomp"] = seccomp.describe() if seccomp.install() else "unavailable"
         return enforced
     # In its own namespace the run may connect to the proxy only; on the host's network (permissive),
     # to the model's port, or anywhere when it has network tools.
@@ -108,10 +110,11 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
         rules.allow_path(info, landlock.READ)
     ports = ({port} if port else set()) if isolated else {p for _host, p in model_endpoints(plan)}
     rules.allow_ports(ports)
+    enforced["capabilities"] = privileges.drop_capabilities()  # even a root daemon's run keeps none
     rules.enforce()  # with no_new_privs, which the seccomp filter needs too
     enforced["landlock"] = {"abi": abi, "read": sorted(readable), "write": sorted(writable | own),
                             "tcp_connect": sorted(ports) if rules.net else "not restricted (network tools)"}
-    enforced["seccomp"] = "no unix sockets, native ABI only" if seccomp.install() else "unavailable"
+    enforced["seccomp"] = seccomp.describe() if seccomp.install() else "unavailable"
     return enforced
 
 
@@ -175,6 +178,45 @@ def output_tail(plan: RunPlan, limit: int = 4096) -> dict[str, Any] | None:
             return {"bytes": size, "tail": handle.read().decode("utf-8", "replace")}
     except OSError:
         return None
+
+
+def confine_probe(module_dir: str) -> list[str]:
+    """Confine this process before it imports a pushed tool module to see whether it loads (reconcile):
+    pushed code never runs outside a sandbox. Namespaces (user where not root, PID, IPC, UTS, mount,
+    and a network namespace with nothing in it), no capabilities, rlimits, and Landlock allowing only
+    reads of the runtime and of ``module_dir``: no writes, no TCP. Forks once for the PID namespace:
+    returns in the child, PID 1 of it; the parent waits and exits with its status. Raises DeniedError
+    when Landlock is missing (the caller reports the tool as not probed)."""
+    namespaces = isolating.enter()
+    if namespaces:
+        child = os.fork()
+        if child:
+            _pid, status = os.waitpid(child, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    try:
+        isolating.enter_network(gateway=False)
+        namespaces.append("net")
+    except OSError:
+        pass
+    for name, value in (("RLIMIT_AS", 2048 * MiB), ("RLIMIT_CPU", 60), ("RLIMIT_FSIZE", 0), ("RLIMIT_CORE", 0),
+                        ("RLIMIT_NPROC", 64)):
+        kind = getattr(resource, name)
+        try:
+            resource.setrlimit(kind, (value, value))
+        except (ValueError, OSError):
+            pass
+    if landlock.abi_version() == 0:
+        raise DeniedError("no Landlock on this kernel: pushed tool modules are not imported before their first run")
+    rules = landlock.Ruleset(network=True)
+    for path in _runtime_paths():
+        rules.allow_path(path, landlock.READ_EXEC)
+    rules.allow_path(module_dir, landlock.READ)
+    for dev in DEVICES:
+        rules.allow_path(dev, landlock.READ | landlock.WRITE_FILE)
+    privileges.drop_capabilities()
+    rules.enforce()
+    seccomp.install()
+    return namespaces
 
 
 def _network(plan: RunPlan, isolated: bool, port: int | None) -> dict[str, Any]:
