@@ -126,7 +126,8 @@ class AuditWriter:
     """Audit rows are queued and written to the journal in batches, every 0.2 s, by one thread.
 
     One SQLite write per request would serialize the API's threads on the database lock. The cost of
-    batching: a kill -9 can lose the audit rows of the last 0.2 s of requests (never a run's record).
+    batching: a kill -9 can lose the audit rows of the last 0.2 s of requests (never a run's record), or,
+    while the disk is full and rows wait here, of the whole episode.
     """
 
     def __init__(self, runtimes: dict[str, Runtime]) -> None:
@@ -146,21 +147,24 @@ class AuditWriter:
         by_client: dict[str, list[dict[str, Any]]] = {}
         for client, row in batch:
             by_client.setdefault(client, []).append(row)
+        kept: list[tuple[str, dict[str, Any]]] = []
         for client, rows in by_client.items():
             runtime = self.runtimes.get(client)
             if runtime is None:
                 continue
-            with Transaction(runtime.conn()) as tx:
-                for row in rows:
-                    journal(tx, "audit", row)
+            try:
+                with Transaction(runtime.conn()) as tx:
+                    for row in rows:
+                        journal(tx, "audit", row)
+            except sqlite3.Error:  # a full disk, say: the rows go back in front of the queue for the next round
+                kept += [(client, row) for row in rows]
+        with self.lock:
+            self.pending[:0] = kept
 
     def _loop(self) -> None:
         while True:
             time.sleep(0.2)
-            try:
-                self.flush()
-            except sqlite3.Error:
-                pass  # kept for the next round: add() never fails a request
+            self.flush()  # rows it cannot write wait for the next round: add() never fails a request
 
 
 class PageCache:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+import time
 from http import HTTPStatus
 from typing import Any
 
 import falcon
 
-from runner.errors import ConflictError, DeniedError, NotFoundError, OrchestratorError, SpecError, TransientError
+from runner.errors import (
+    ConflictError,
+    DeniedError,
+    NotFoundError,
+    OrchestratorError,
+    SpecError,
+    StorageFullError,
+    TransientError,
+)
 
 log = logging.getLogger("runner.api")
 
@@ -93,6 +103,12 @@ def handle_any(req: falcon.Request, resp: falcon.Response, exc: Exception, param
     if isinstance(exc, ApiError):
         render(resp, exc.status, exc.code, exc.message, exc.details)
         return
+    full = StorageFullError.of(exc)  # SQLite, DuckDB or the OS out of space, wherever it was raised
+    if full is not None:
+        FULL_DISK.refused(req, full)
+        render(resp, Unavailable.status, full.code, full.message, full.details)
+        resp.set_header("Retry-After", str(int(full.delay)))
+        return
     if isinstance(exc, OrchestratorError):
         api = next(api for ours, api in STATUS_OF if isinstance(exc, ours))
         render(resp, api.status, exc.code, exc.message, exc.details)
@@ -106,3 +122,30 @@ def handle_any(req: falcon.Request, resp: falcon.Response, exc: Exception, param
         return
     log.exception("internal error on %s %s", req.method, req.path)
     render(resp, 500, "internal", "internal error (logged)")
+
+
+class FullDiskNotice:
+    """One log line for a full disk, not one per request: every request that needs to write fails while it
+    lasts, and each would otherwise log the same thing (on that same full disk). The first refusal is
+    logged, then at most one line a minute, with how many requests were refused in between."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.logged_at: float | None = None
+        self.unlogged = 0
+
+    def refused(self, req: falcon.Request, full: StorageFullError) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.unlogged += 1
+            if self.logged_at is not None and now - self.logged_at < self.EVERY:
+                return
+            self.logged_at, count, self.unlogged = now, self.unlogged, 0
+        log.warning("disk full (%s): answering 503 storage_full (%s %s%s) until space is freed on the disk "
+                    "holding the home", full.details[0] if full.details else "", req.method, req.path,
+                    f", and {count - 1} more request(s) since the last line" if count > 1 else "")
+
+
+FULL_DISK = FullDiskNotice()

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from runner.errors import OrchestratorError
+from runner.errors import OrchestratorError, StorageFullError
 from runner.settings import Settings
 
 
@@ -96,6 +96,10 @@ def main() -> None:
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:  # the last line of defence: a message, never a traceback
+        full = StorageFullError.of(exc)  # SQLite, DuckDB or the OS out of space: said as our own errors are
+        if full is not None:
+            click.echo(f"error: {full.message}\n  {full.details[0]}", err=True)
+            sys.exit(2)
         if os.environ.get("AGENT_ORCH_LOG_LEVEL", "").lower() == "debug":
             traceback.print_exc()
         click.echo(f"internal error: {type(exc).__name__}: {exc} (AGENT_ORCH_LOG_LEVEL=debug shows more)",

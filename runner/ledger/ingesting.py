@@ -7,26 +7,34 @@ file is busy the rows simply stay in the journal for the next flush; nothing is 
 
 Order matters (a run row is written when it starts and again when it ends), so flushes are
 serialized with a file lock and rows are applied in journal order, last write per key winning.
+
+A full disk (the home's, which holds both files) is a pause, not a failure: the batch stays in the
+journal, ``flush`` returns None as for a busy ledger, one warning says so for the whole episode, and the
+first flush that moves rows again says it resumed. A crash of DuckDB's commit or of the journal delete
+half-way leaves nothing to repair: the rows are upserted again by the next flush.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import duckdb
 
+from runner.errors import StorageFullError
 from runner.ledger.schema import TABLES, column_types, columns
 
 KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("reconcile_id",),
         "audit": ("audit_id",)}
 BATCH = 5000
+log = logging.getLogger("runner.ledger")
 
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -34,32 +42,83 @@ Observer = Callable[[str, dict[str, Any]], None]
 
 def flush(state: sqlite3.Connection, ledger_path: Path, *, wait: bool = False,
           observe: Observer | None = None) -> int | None:
-    """Ingest pending journal rows. Returns how many, or None when the ledger is busy right now."""
+    """Ingest pending journal rows. Returns how many, or None when the ledger is busy right now or the
+    disk is full (the rows wait in the journal either way)."""
     lock_path = ledger_path.with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
+            return _flush_locked(state, ledger_path, lock, wait, observe)
+    except OSError as exc:  # creating the lock file found the disk full (anything else is raised again)
+        return _paused(state, ledger_path, exc, 0)
+
+
+def _flush_locked(state: sqlite3.Connection, ledger_path: Path, lock: IO[str], wait: bool,
+                  observe: Observer | None) -> int | None:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return None  # another process is flushing; it will take our rows too
+    total = 0
+    while True:
+        rows = state.execute("SELECT id, tbl, row FROM journal ORDER BY id LIMIT ?", (BATCH,)).fetchall()
+        if not rows:
+            _resumed(ledger_path, total)
+            return total
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return None  # another process is flushing; it will take our rows too
-        total = 0
-        while True:
-            rows = state.execute("SELECT id, tbl, row FROM journal ORDER BY id LIMIT ?", (BATCH,)).fetchall()
-            if not rows:
-                return total
-            try:
-                ingested = _ingest(ledger_path, rows)
-            except duckdb.IOException as exc:
-                if not is_lock_error(exc):
-                    raise
-                return None if total == 0 else total  # a reader holds the file; try again later
-            except duckdb.Error:
-                ingested = _one_by_one(state, ledger_path, rows)
-            state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
-            total += len(rows)
-            if observe is not None:
-                for tbl, row in ingested:
-                    observe(tbl, row)
+            ingested = _move(state, ledger_path, rows)
+        except _Busy:
+            return None if total == 0 else total  # a reader holds the file; try again later
+        except Exception as exc:
+            return _paused(state, ledger_path, exc, total)
+        total += len(rows)
+        if observe is not None:
+            for tbl, row in ingested:
+                observe(tbl, row)
+
+
+class _Busy(Exception):
+    """A reader holds the ledger file."""
+
+
+def _move(state: sqlite3.Connection, ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[str, Any]]]:
+    """One batch into DuckDB, then out of the journal."""
+    try:
+        ingested = _ingest(ledger_path, rows)
+    except duckdb.Error as exc:
+        if StorageFullError.of(exc) is not None:
+            raise  # never taken for a bad row: the batch waits for space, whole
+        if isinstance(exc, duckdb.IOException):
+            if is_lock_error(exc):
+                raise _Busy() from exc
+            raise
+        ingested = _one_by_one(state, ledger_path, rows)
+    state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
+    return ingested
+
+
+# Ledgers whose last flush found the disk full: one warning per episode, one line when it ends.
+_FULL: set[str] = set()
+
+
+def _paused(state: sqlite3.Connection, ledger_path: Path, exc: Exception, total: int) -> int | None:
+    """A flush stopped by ``exc``: re-raised unless it says the disk is full."""
+    full = StorageFullError.of(exc)
+    if full is None:
+        raise exc
+    if str(ledger_path) not in _FULL:
+        _FULL.add(str(ledger_path))
+        log.warning("ledger flush paused: the disk holding %s is full (%s); %d row(s) wait in the journal and "
+                    "are retried at every flush until space is freed", ledger_path.parent, full.details[0],
+                    pending(state))
+    return None if total == 0 else total
+
+
+def _resumed(ledger_path: Path, total: int) -> None:
+    # Only a flush that wrote rows proves there is space again; an empty journal proves nothing.
+    if total and str(ledger_path) in _FULL:
+        _FULL.discard(str(ledger_path))
+        log.info("ledger flush resumed: %d row(s) moved to %s", total, ledger_path)
 
 
 def _one_by_one(state: sqlite3.Connection, ledger_path: Path, rows: list[sqlite3.Row]
@@ -72,9 +131,9 @@ def _one_by_one(state: sqlite3.Connection, ledger_path: Path, rows: list[sqlite3
     for row in rows:
         try:
             ingested += _ingest(ledger_path, [row])
-        except duckdb.IOException:
-            raise
         except duckdb.Error as exc:
+            if isinstance(exc, duckdb.IOException) or StorageFullError.of(exc) is not None:
+                raise
             state.execute("INSERT OR REPLACE INTO journal_rejected VALUES (?, ?, ?, ?)",
                           (row[0], row[1], row[2], str(exc)[:1000]))
     return ingested
@@ -112,7 +171,7 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[
         bucket = by_table.setdefault(tbl, {})
         bucket.pop(key, None)  # keep journal order for the last write of each key
         bucket[key] = row
-    con = duckdb.connect(str(ledger_path))
+    con = _connect(ledger_path)
     try:
         ensure_schema(con, ledger_path)
         con.execute("BEGIN")
@@ -122,6 +181,23 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[
     finally:
         con.close()
     return seen
+
+
+def _connect(ledger_path: Path) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(ledger_path))
+    except duckdb.IOException:
+        # DuckDB creating the file on a full disk leaves it empty, and from then on refuses it as "not a
+        # valid DuckDB database file". An empty file holds no rows: remove it and create the ledger again.
+        try:
+            empty = ledger_path.stat().st_size == 0
+        except OSError:
+            empty = False
+        if not empty:
+            raise
+        ledger_path.unlink(missing_ok=True)
+        _ENSURED.discard(str(ledger_path))
+        return duckdb.connect(str(ledger_path))
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]], folder: Path) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runner.errors import TransientError
+from runner.errors import StorageFullError, TransientError
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -54,7 +54,9 @@ class ControlServer:
                     refused = _from_a_sandbox(self.connection)
                     answer = {"ok": False, "error": refused} if refused else outer.handle(request)
                 except Exception as exc:  # one bad request must not take the daemon down
-                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                    full = StorageFullError.of(exc)
+                    answer = ({"ok": False, "code": full.code, "error": f"{full.message} ({full.details[0]})"}
+                              if full else {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
                 self.wfile.write((json.dumps(answer, default=str) + "\n").encode())
 
         class _Server(socketserver.ThreadingUnixStreamServer):

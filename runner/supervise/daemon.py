@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from runner.agent.recording import TERMINAL, progress
-from runner.errors import SourceError
+from runner.errors import SourceError, StorageFullError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied, set_suspended
 from runner.reconcile.reconciling import open_source, reconcile
@@ -189,7 +189,12 @@ class ClientDaemon:
         except Exception as exc:  # a bug or a broken ledger must not take the daemon down: retry later
             self._failures += 1
             backoff = min(MAX_BACKOFF, 2.0 ** self._failures)
-            log.exception("reconcile failed (%s); retry in %.0fs", exc, backoff)
+            full = StorageFullError.of(exc)
+            if full is not None:  # no bug to show a traceback of: say what to do
+                log.warning("reconcile failed, the disk holding the home is full (%s); retry in %.0fs",
+                            full.details[0], backoff)
+            else:
+                log.exception("reconcile failed (%s); retry in %.0fs", exc, backoff)
             return backoff
         self._failures = 0
         if self.metrics is not None:
@@ -379,8 +384,7 @@ class ApiServer:
 
 def setup_logging(settings: Settings) -> None:
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(settings.logs_dir / "agent_orchestrator.log",
-                                                   maxBytes=10 * 1024 * 1024, backupCount=5)
+    handler = _LogFile(settings.logs_dir / "agent_orchestrator.log", maxBytes=10 * 1024 * 1024, backupCount=5)
     stream = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter = (_JsonFormatter() if settings.log_format == "json" else
                                     logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -390,6 +394,32 @@ def setup_logging(settings: Settings) -> None:
     root.handlers[:] = [handler, stream]
     root.setLevel(settings.log_level.upper())
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" under any load
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The log file sits in the home. When that disk is full a line cannot be written: say so once on
+    stderr, which still gets every line, rather than print a traceback for each line; the file takes
+    lines again (and what was kept in its buffer) once there is space."""
+
+    full = False  # the last line that failed found the disk full (said once on stderr)
+    failed = False  # the line being written failed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.failed = False
+        super().emit(record)  # calls handleError on failure
+        if self.full and not self.failed:
+            self.full = False
+            sys.stderr.write(f"log file {self.baseFilename}: writable again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        exc = sys.exc_info()[1]
+        if exc is None or StorageFullError.of(exc) is None:
+            super().handleError(record)
+        elif not self.full:
+            self.full = True
+            sys.stderr.write(f"log file {self.baseFilename}: the disk is full, lines go to stderr only until "
+                             "space is freed\n")
 
 
 class _JsonFormatter(logging.Formatter):
