@@ -153,8 +153,10 @@ def test_the_model_is_reached_through_the_proxy_and_nothing_else(repo: SpecRepo,
     repo.commit()
     apply(repo, cli)
     with FakeOpenAIServer(tool_call={"name": "reach", "args": {"what": f"get:http://127.0.0.1:{port}/"}}) as model:
-        result = run(cli, "chat", env={"LANGCHAIN_API_URL": model.base})
+        result = run(cli, "chat", env={"LANGCHAIN_API_URL": model.base, "OPENAI_API_KEY": "sk-egress-test"})
         assert model.requests.count("/v1/chat/completions") == 2
+    # The key was added by the proxy, outside the run: the run itself holds a placeholder only.
+    assert model.authorizations == ["Bearer sk-egress-test"] * 3, model.authorizations
     assert result["status"] == "succeeded" and result["output"] == "All done.", result
     (output,) = _tool_outputs(home, result["run_id"])
     assert "403" in output and served == [], output  # the tool is not granted 'network'

@@ -78,7 +78,9 @@ def preflight(ref: ModelRef, *, ollama_host: str, openai_base: str) -> None:
             raise ModelUnavailable(f"model '{ref.name}' is not on Ollama at {ollama_host}: "
                                    f"run `ollama pull {ref.name}`{have}")
         return
-    models = _get_json(f"{openai_base.rstrip('/')}/models", f"the OpenAI-compatible server at {openai_base}",
+    # Inside the sandbox the base URL is the egress proxy's name for the endpoint (it adds the key).
+    where = "the OpenAI-compatible server" + ("" if "://model.egress.internal" in openai_base else f" at {openai_base}")
+    models = _get_json(f"{openai_base.rstrip('/')}/models", where,
                        "start it, or set LANGCHAIN_API_URL to its base URL (ending in /v1)")
     ids = {m.get("id", "") for m in models.get("data", [])}
     if ids and ref.name not in ids and len(ids) > 1:

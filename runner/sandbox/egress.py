@@ -187,7 +187,7 @@ class EgressProxy:
                 up_reader, upstream = await _connect(addresses, port, tls)
             except Unreachable as exc:
                 self._record({**detail, "decision": "allowed", "reason": reason, "error": str(exc)})
-                await _answer(writer, 502, "Bad Gateway", f"{host}:{port}: {exc}")
+                await _answer(writer, 502, "Bad Gateway", f"{detail['host']}:{port}: {exc}")
                 return
             self._record({**detail, "decision": "allowed", "reason": reason})
             if method == "CONNECT":
