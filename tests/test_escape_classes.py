@@ -155,6 +155,8 @@ def _probe(kind, arg):
     if kind == "channel":  # the run's own channel to its supervisor, fd 3
         if arg == "garbage":
             os.write(3, b"this is not json\n")
+        elif arg == "many":  # valid, small, and endless
+            os.write(3, b'{"t": "tool"}\n' * 25000)
         elif arg == "flood":
             chunk = b"z" * (1 << 16)
             for _ in range(64):  # 4 MiB, no newline
@@ -316,7 +318,8 @@ def test_a_symlink_planted_by_one_run_is_refused_to_the_next(repo: SpecRepo, cli
                                                        "kind = 'tool_call'", [result["run_id"]])}
 
 
-@pytest.mark.parametrize("attack, reason", [("garbage", "not JSON"), ("flood", "over 1048576 bytes")])
+@pytest.mark.parametrize("attack, reason", [("garbage", "not JSON"), ("flood", "over 1048576 bytes"),
+                                            ("many", "more than 20000 messages")])
 def test_a_run_that_breaks_its_channel_fails_with_the_reason(repo: SpecRepo, cli, home: Path, tmp_path: Path,
                                                              attack: str, reason: str) -> None:
     _agent(repo, "breaker", [f"channel:{attack}"], [str(tmp_path / "data")])

@@ -50,6 +50,9 @@ from runner.source.git import GitSource
 from runner.state import Transaction, connect, journal
 
 MAX_MESSAGE = 1 << 20  # bytes of one line on a run's channel; events are capped far below it
+MAX_MESSAGES = 20_000  # lines from one run: a flood of small ones would fill the journal and the log
+MAX_BYTES = 64 << 20  # bytes from one run in all
+MAX_DETAIL = 64 << 10  # bytes of one event as recorded; a larger one keeps its size, not its content
 
 
 @dataclass
@@ -185,6 +188,8 @@ class _Channel:
         self.scanned = 0  # bytes of buf known to hold no newline
         self.result: dict[str, Any] | None = None
         self.fault: str | None = None
+        self.count = 0
+        self.total = 0
         self.closed = False
         s = launch.plan.settings
         self.log = AgentLog(agent_log_path(s.logs_dir, launch.plan.client_id, launch.plan.agent), launch.plan.run_id)
@@ -219,6 +224,10 @@ class _Channel:
     def feed(self, chunk: bytes) -> None:
         if self.fault:
             return
+        self.total += len(chunk)
+        if self.total > MAX_BYTES:
+            self._broken(f"the run sent more than {MAX_BYTES >> 20} MiB on its channel")
+            return
         self.buf += chunk
         while True:
             end = self.buf.find(b"\n", self.scanned)
@@ -239,6 +248,10 @@ class _Channel:
                 return
 
     def _line(self, line: bytes) -> None:
+        self.count += 1
+        if self.count > MAX_MESSAGES:
+            self._broken(f"the run sent more than {MAX_MESSAGES} messages on its channel")
+            return
         try:
             message = json.loads(line)
         except ValueError:
@@ -249,6 +262,8 @@ class _Channel:
         elif message.get("t") == "result":
             self.result = message
         elif message.get("t") != "egress":
+            if len(line) > MAX_DETAIL and message.get("t") == "event":
+                message["detail"] = {"truncated": True, "bytes": len(line)}
             try:
                 self.apply(message)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
