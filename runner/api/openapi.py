@@ -1,4 +1,9 @@
-"""The OpenAPI 3.1 document of the REST API. The agent spec schema comes from the pydantic models.
+"""The OpenAPI 3.1 document of the REST API, and what each operation accepts.
+
+The agent spec schema comes from the pydantic models. The query parameters and body fields of each
+operation are declared once, here: the document lists them, and ``check_query`` and ``check_fields``
+refuse anything else, naming it (with a did-you-mean), instead of ignoring a typo such as
+``{"inptu": "x"}`` and running with no input.
 
 3.1, not 3.0: its schemas are JSON Schema 2020-12, which is what pydantic writes (``type: null``,
 ``const``, numeric ``exclusiveMinimum``); in a 3.0 document those are invalid.
@@ -6,9 +11,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import falcon
+
+from runner.api.errors import BadRequest, Unprocessable
+from runner.specs.checking import did_you_mean
 from runner.specs.models import AgentSpec
+
+# Query parameters by operation, with their JSON types; an operation not named here takes none.
+QUERY: dict[str, tuple[tuple[str, str], ...]] = {
+    "agents": (("limit", "integer"), ("cursor", "string")),
+    "logs": (("offset", "integer"), ("limit", "integer"), ("run", "string")),
+    "runs": (("agent", "string"), ("status", "string"), ("since", "string"), ("limit", "integer"),
+             ("cursor", "string")),
+    "events": (("after", "integer"), ("limit", "integer")),
+}
+# Body fields of the agent operations (start and stop take none). A spec's own fields are the spec
+# model's; the wrapped form {"spec": {...}} may repeat the rest of what GET /agents/{id} shows, which is
+# read-only and ignored, so GET, edit, PUT of the whole answer works.
+RUN_FIELDS = ("input",)
+AGENT_FIELDS = ("name", "state", "spec", "path", "etag", "generation", "applied_revision", "attempted_revision",
+                "conditions", "suspended", "message", "next_run", "last_run")
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+def check_query(req: falcon.Request, operation: str) -> None:
+    """400 for a query parameter ``operation`` does not take (``?stauts=failed`` filters nothing)."""
+    known = [name for name, _kind in QUERY.get(operation, ())]
+    for name in req.params:
+        if name not in known:
+            takes = f" (it takes {', '.join(known)})" if known else " (it takes none)"
+            raise BadRequest(f"unknown query parameter '{name}'{did_you_mean(name, known)}{takes}",
+                             details=[name], code="unknown_parameter")
+
+
+def check_fields(body: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """422 naming every field of ``body`` that ``where`` does not take."""
+    known = list(known)
+    unknown = [str(k) for k in body if k not in known]
+    if not unknown:
+        return
+    details = [{"field": k, "message": f"unknown field{did_you_mean(k, known)}"} for k in unknown]
+    takes = f"; it takes {', '.join(known)}" if known else "; it takes no fields"
+    raise Unprocessable(f"{where}: unknown field '{unknown[0]}'{did_you_mean(unknown[0], known)}{takes}",
+                        details=details, code="unknown_field")
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["code", "message", "details"],
@@ -44,9 +92,16 @@ def _params(*names: tuple[str, str, str]) -> list[dict[str, Any]]:
             for n, where, kind in names]
 
 
+def _query(operation: str) -> list[dict[str, Any]]:
+    return _params(*((name, "query", kind) for name, kind in QUERY[operation]))
+
+
 NAME = ("name", "path", "string")
 RUN_ID = ("run_id", "path", "string")
-SPEC_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AgentSpec"}}}}
+SPEC_REF = {"schema": {"$ref": "#/components/schemas/AgentSpec"}}
+SPEC_BODY = {"required": True, "content": {"application/json": SPEC_REF, "application/yaml": SPEC_REF}}
+NO_BODY_FIELDS = {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "additionalProperties": False, "maxProperties": 0}}}}
 SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -56,7 +111,7 @@ def document() -> dict[str, Any]:
     defs = spec_schema.pop("$defs", {})
     paths: dict[str, Any] = {
         f"{base}/agents": {
-            "get": {"parameters": _params(("limit", "query", "integer"), ("cursor", "query", "string")),
+            "get": {"parameters": _query("agents"),
                     "responses": {**_ok({"type": "object", "properties": {"agents": {"type": "array",
                                                                                      "items": AGENT}}}),
                                   **_errors(400, 401)}},
@@ -65,34 +120,35 @@ def document() -> dict[str, Any]:
         },
         f"{base}/agents/{{name}}": {
             "parameters": _params(NAME),
-            "get": {"responses": {**_ok(AGENT), **_errors(401, 404)}},
+            "get": {"responses": {"200": {"description": "ok; with Accept: application/yaml, the spec file as it is",
+                                          "content": {"application/json": {"schema": AGENT},
+                                                      "application/yaml": {"schema": {"type": "string"}}}},
+                                  **_errors(400, 401, 404)}},
             "put": {"parameters": _params(("If-Match", "header", "string")), "requestBody": SPEC_BODY,
                     "responses": {**_ok(OBJ), **_errors(400, 401, 403, 404, 409, 413, 422, 428, 503)}},
             "delete": {"parameters": _params(("If-Match", "header", "string")),
                        "responses": {**_ok(OBJ), **_errors(401, 403, 404, 409, 428, 503)}},
         },
-        f"{base}/agents/{{name}}/start": {"parameters": _params(NAME), "post": {
-            "responses": {**_ok(OBJ, 202), **_errors(400, 401, 403, 404)}}},
-        f"{base}/agents/{{name}}/stop": {"parameters": _params(NAME), "post": {
-            "responses": {**_ok(OBJ), **_errors(401, 403, 404)}}},
+        f"{base}/agents/{{name}}/start": {"parameters": _params(NAME), "post": {"requestBody": NO_BODY_FIELDS,
+            "responses": {**_ok(OBJ, 202), **_errors(400, 401, 403, 404, 413, 422)}}},
+        f"{base}/agents/{{name}}/stop": {"parameters": _params(NAME), "post": {"requestBody": NO_BODY_FIELDS,
+            "responses": {**_ok(OBJ), **_errors(400, 401, 403, 404, 413, 422)}}},
         f"{base}/agents/{{name}}/runs": {"parameters": _params(NAME), "post": {
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"input": {"type": "string"}}}}}},
-            "responses": {**_ok(OBJ, 202), **_errors(400, 401, 403, 404, 413)}}},
+            "requestBody": {"required": False, "content": {media: {"schema": {
+                "type": "object", "additionalProperties": False, "properties": {"input": {"type": "string"}}}}
+                for media in ("application/json", "application/yaml")}},
+            "responses": {**_ok(OBJ, 202), **_errors(400, 401, 403, 404, 413, 422)}}},
         f"{base}/agents/{{name}}/logs": {"parameters": _params(NAME), "get": {
-            "parameters": _params(("offset", "query", "integer"), ("limit", "query", "integer"),
-                                  ("run", "query", "string")),
+            "parameters": _query("logs"),
             "responses": {**_ok(OBJ), **_errors(400, 401, 404)}}},
         f"{base}/runs": {"get": {
-            "parameters": _params(("agent", "query", "string"), ("status", "query", "string"),
-                                  ("since", "query", "string"), ("limit", "query", "integer"),
-                                  ("cursor", "query", "string")),
+            "parameters": _query("runs"),
             "responses": {**_ok({"type": "object", "properties": {"runs": {"type": "array", "items": RUN}}}),
                           **_errors(400, 401)}}},
         f"{base}/runs/{{run_id}}": {"parameters": _params(RUN_ID), "get": {
-            "responses": {**_ok(RUN), **_errors(401, 404)}}},
+            "responses": {**_ok(RUN), **_errors(400, 401, 404)}}},
         f"{base}/runs/{{run_id}}/events": {"parameters": _params(RUN_ID), "get": {
-            "parameters": _params(("after", "query", "integer"), ("limit", "query", "integer")),
+            "parameters": _query("events"),
             "responses": {**_ok(OBJ), **_errors(400, 401, 404)}}},
         f"{base}/tools": {"get": {"responses": {**_ok(OBJ), **_errors(401)}}},
         f"{base}/metrics": {"get": {"responses": {"200": {"description": "Prometheus text", "content": {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import falcon
@@ -16,12 +18,18 @@ import falcon
 from runner.agent.recording import TERMINAL, agent_log_path
 from runner.api.app import MAX_PAGE, Resource, int_param
 from runner.api.errors import BadRequest, NotFound
+from runner.api.openapi import check_query
 from runner.ledger.ingesting import flush
 from runner.ledger.reading import query
 from runner.reconcile.applied import load_applied
+from runner.specs.checking import did_you_mean
+from runner.specs.models import NAME_PATTERN
 
 STATUSES = ("queued", "running", *TERMINAL)
 MAX_LOG_PAGE = 1024 * 1024
+RUN_ID = re.compile(r"[0-9a-f]{1,64}")  # run ids are hex (recording.new_run_id)
+AGO = re.compile(r"(\d{1,6})([smhdw])")
+UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def run_json(row: Any) -> dict[str, Any]:
@@ -37,25 +45,33 @@ def run_json(row: Any) -> dict[str, Any]:
 class Collection(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         rt = self.client(req, "viewer")
+        check_query(req, "runs")
         limit = int_param(req, "limit", 50, 1, MAX_PAGE)
         where, params = ["client_id = ?"], [rt.settings.client_id]
         agent, status, since, cursor = (req.get_param(k) for k in ("agent", "status", "since", "cursor"))
         if agent:
+            if not re.fullmatch(NAME_PATTERN, agent):
+                raise BadRequest("'agent' must be an agent name (lowercase letters, digits, '-' and '_')",
+                                 details=["agent"], code="bad_param")
             where.append("agent = ?")
             params.append(agent)
         if status:
             if status not in STATUSES:
-                raise BadRequest(f"'status' must be one of {', '.join(STATUSES)}", details=["status"],
-                                 code="bad_param")
+                raise BadRequest(f"'status' must be one of {', '.join(STATUSES)}{did_you_mean(status, STATUSES)}",
+                                 details=["status"], code="bad_param")
             where.append("status = ?")
             params.append(status)
         if since:
+            since = since_param(since)
             # run_progress.started_at keeps the value of the run's first write (None while queued: see
             # recording.write_run), so the start time is read from the row as the run last wrote it.
             where.append("coalesce(json_extract(row, '$.started_at'), json_extract(row, '$.queued_at'), "
                          "started_at, updated_at) >= ?")
             params.append(since)
         if cursor:
+            if not RUN_ID.fullmatch(cursor):
+                raise BadRequest("'cursor' must be a run id, as next_cursor gives it", details=["cursor"],
+                                 code="bad_param")
             where.append("run_id < ?")
             params.append(cursor)
 
@@ -75,9 +91,26 @@ class Collection(Resource):
         resp.data = self.api.cache.get(key, build)
 
 
+def since_param(raw: str, now: datetime | None = None) -> str:
+    """``since`` as the ledger writes times (UTC, to the millisecond, compared as text): an ISO 8601 date
+    or time (no offset means UTC), or an age such as ``30m``, ``12h``, ``7d``."""
+    ago = AGO.fullmatch(raw)
+    try:
+        if ago:
+            moment = (now or datetime.now(UTC)) - timedelta(**{UNIT[ago.group(2)]: int(ago.group(1))})
+        else:
+            moment = datetime.fromisoformat(raw)
+            moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"'since' must be an ISO 8601 date or time (2025-01-31, 2025-01-31T08:00:00Z) or an "
+                         f"age (30m, 12h, 7d), not {raw[:40]!r}", details=["since"], code="bad_param") from None
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds")
+
+
 class Item(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
         rt = self.client(req, "viewer")
+        check_query(req, "run")
         row = rt.conn().execute("SELECT * FROM run_progress WHERE client_id = ? AND run_id = ?",
                                 (rt.settings.client_id, run_id)).fetchone()
         if row is None:
@@ -88,6 +121,7 @@ class Item(Resource):
 class Events(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
         rt = self.client(req, "viewer")
+        check_query(req, "events")
         known = rt.conn().execute("SELECT 1 FROM run_progress WHERE client_id = ? AND run_id = ?",
                                   (rt.settings.client_id, run_id)).fetchone()
         if known is None:
@@ -114,11 +148,14 @@ class Logs(Resource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         rt = self.client(req, "viewer")
+        check_query(req, "logs")
         if name not in load_applied(rt.conn(), rt.settings.client_id, name):
             raise NotFound(f"no agent named '{name}'")
         offset = int_param(req, "offset", 0, 0, 2**62)
         limit = int_param(req, "limit", 64 * 1024, 1, MAX_LOG_PAGE)
         run = req.get_param("run")
+        if run and not RUN_ID.fullmatch(run):
+            raise BadRequest("'run' must be a run id", details=["run"], code="bad_param")
         path = agent_log_path(rt.settings.logs_dir, rt.settings.client_id, name)
         size = os.path.getsize(path) if path.exists() else 0
         data = b""
