@@ -2,21 +2,28 @@
 
 A write is validated exactly as the reconciler will validate it (the same tree, the new file in
 place) before anything is committed: an invalid spec is 422 with every problem and no commit.
+
+A PUT keeps the user's file: only the fields whose meaning changed are written into it (see
+``runner.source.writing.rewrite_spec``), so comments, key order and the defaults it leaves unset stay.
+A POST commits a YAML body as it was sent, comments and all. Bodies are JSON or YAML
+(``Content-Type: application/yaml``), with the same limits.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from typing import Any
 
 import falcon
-import yaml
 
-from runner.api.app import MAX_PAGE, Api, Resource, int_param, read_json
-from runner.api.errors import BadRequest, NotFound, PreconditionRequired, Unprocessable
+from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, _bounded, int_param, read_json
+from runner.api.errors import BadRequest, NotFound, PreconditionRequired, TooLarge, Unprocessable
+from runner.api.openapi import AGENT_FIELDS, RUN_FIELDS, YAML_TYPES, check_fields, check_query
 from runner.reconcile.applied import AppliedAgent, load_applied
-from runner.source.writing import commit_file
+from runner.source.writing import commit_file, dump_spec, rewrite_spec
+from runner.specs.loading import load_document
 from runner.specs.models import NAME_PATTERN
 from runner.specs.validating import SpecFile, blob_id, validate_tree
 
@@ -42,8 +49,12 @@ def last_runs(conn: sqlite3.Connection, client_id: str) -> dict[str, dict[str, A
 class Collection(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         rt = self.client(req, "viewer")
+        check_query(req, "agents")
         limit = int_param(req, "limit", 50, 1, MAX_PAGE)
         after = req.get_param("cursor") or ""
+        if after and not re.fullmatch(NAME_PATTERN, after):
+            raise BadRequest("'cursor' must be an agent name, as next_cursor gives it", details=["cursor"],
+                             code="bad_param")
 
         def build() -> bytes:
             conn = rt.conn()
@@ -60,11 +71,13 @@ class Collection(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = self.api.require(req, "admin")
         rt = self.api.runtime(req)
-        spec = _spec_body(read_json(req))
+        body, raw = read_body(req)
+        spec = _spec_body(body)
         name = _name(spec)
         if name in load_applied(rt.conn(), rt.settings.client_id, name):
             raise falcon_conflict(f"agent '{name}' exists; PUT /agents/{name} changes it")
-        result = _write(self.api, req, spec, f"{name}.yaml", expect_absent=True,
+        text = raw if raw is not None and spec is body else dump_spec(spec)  # a YAML spec lands as it was sent
+        result = _write(self.api, req, text, f"{name}.yaml", expect_absent=True,
                         message=f"API: create agent {name}\n\nby {principal.name} ({principal.role})")
         resp.status = 201
         resp.media = result
@@ -72,21 +85,35 @@ class Collection(Resource):
 
 class Item(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        """The agent as JSON; with ``Accept: application/yaml``, its spec file as it is in git."""
         rt = self.client(req, "viewer")
+        check_query(req, "agent")
         agent = _agent(rt.conn(), rt.settings.client_id, name)
-        resp.media = agent_json(agent, rt.next_runs().get(name), last_runs(rt.conn(), rt.settings.client_id).get(name))
         if agent.blob:
             resp.etag = agent.blob
+        if req.client_prefers(["application/json", *YAML_TYPES]) in YAML_TYPES:
+            text = rt.source.read_blob(agent.blob) if agent.blob else None
+            if text is None:
+                raise NotFound(f"agent '{name}' has no spec file in the repository now")
+            resp.content_type = "application/yaml"
+            resp.data = text
+            return
+        resp.media = agent_json(agent, rt.next_runs().get(name), last_runs(rt.conn(), rt.settings.client_id).get(name))
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         principal = self.api.require(req, "admin")
         rt = self.api.runtime(req)
         agent = _agent(rt.conn(), rt.settings.client_id, name)
-        spec = _spec_body(read_json(req))
+        spec = _spec_body(read_body(req)[0])
         if _name(spec) != name:
             raise BadRequest(f"the spec's name '{spec.get('name')}' is not '{name}' (renaming is delete + create)",
                              details=["name"], code="bad_name")
-        resp.media = _write(self.api, req, spec, agent.path or f"{name}.yaml", expect_blob=_if_match(req),
+        etag = _if_match(req)
+        # The file the ETag names, by its id: what the user read is what the change is made in. If the
+        # branch moved since, commit_file refuses (409) whatever this says.
+        current = rt.source.read_blob(etag)
+        text = rewrite_spec(current, spec) if current is not None else dump_spec(spec)
+        resp.media = _write(self.api, req, text, agent.path or f"{name}.yaml", expect_blob=etag,
                             message=f"API: update agent {name}\n\nby {principal.name} ({principal.role})")
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
@@ -110,10 +137,11 @@ class Operation(Resource):
         rt = self.api.runtime(req)
         _agent(rt.conn(), rt.settings.client_id, name)
         who = f"api:{principal.name}"
+        body = read_body(req)[0] if req.content_length else {}
+        check_fields(body, RUN_FIELDS if self.op == "run" else (), f"POST /agents/{{id}}/{self.op}")
         if self.op == "stop":
             resp.media = {"name": name, "suspended": True, "stopping_runs": rt.stop_agent(name, who)}
             return
-        body = read_json(req) if req.content_length else {}
         run_input = body.get("input")
         if run_input is not None and not isinstance(run_input, str):
             raise BadRequest("'input' must be a string", details=["input"], code="bad_input")
@@ -130,16 +158,39 @@ def _agent(conn: sqlite3.Connection, client_id: str, name: str) -> AppliedAgent:
     return agent
 
 
+def read_body(req: falcon.Request) -> tuple[dict[str, Any], bytes | None]:
+    """The body as an object, and its text when it is YAML. JSON unless the Content-Type says YAML
+    (curl -d sends form-urlencoded: that is read as JSON, as it always was). A YAML body is parsed as
+    spec files are (safe, bounded in size, depth and aliases) and bounded as JSON bodies are."""
+    media = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media not in YAML_TYPES:
+        return read_json(req), None
+    raw = req.bounded_stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise TooLarge(f"the body is over {MAX_BODY} bytes")
+    doc, problems = load_document(raw, "body")
+    if doc is None:
+        first = problems[0]
+        raise BadRequest(f"the YAML body, line {first.line}, column {first.col}: {first.message}",
+                         details=[p.as_json() for p in problems], code="bad_yaml")
+    if not isinstance(doc.data, dict):
+        raise BadRequest("the body must be a YAML mapping", code="bad_yaml")
+    _bounded(doc.data, 0)
+    return doc.data, raw
+
+
 def _spec_body(body: dict[str, Any]) -> dict[str, Any]:
-    spec = body.get("spec", body)
+    """The spec: the body itself, or its ``spec`` (beside which only what GET shows may come, unread)."""
+    if "spec" not in body:
+        return body
+    check_fields(body, AGENT_FIELDS, "the agent")
+    spec = body["spec"]
     if not isinstance(spec, dict):
-        raise BadRequest("send the spec as a JSON object (or {\"spec\": {...}})", code="bad_spec")
+        raise BadRequest("send the spec as an object (or {\"spec\": {...}})", details=["spec"], code="bad_spec")
     return spec
 
 
 def _name(spec: dict[str, Any]) -> str:
-    import re
-
     name = spec.get("name")
     if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):  # match() lets 'abc\n' through
         raise Unprocessable("the spec needs a valid 'name'", details=[{"field": "name", "message":
@@ -154,11 +205,10 @@ def _if_match(req: falcon.Request) -> str:
     return etag
 
 
-def _write(api: Api, req: falcon.Request, spec: dict[str, Any], rel_path: str, *, message: str,
+def _write(api: Api, req: falcon.Request, text: bytes, rel_path: str, *, message: str,
            expect_blob: str | None = None, expect_absent: bool = False) -> dict[str, Any]:
     rt = api.runtime(req)
     principal = req.context.principal
-    text = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True).encode()
     source = rt.source
     revision = source.revision(fetch=False)
     files = [f for f in source.files(revision) if f.rel_path != rel_path]

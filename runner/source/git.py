@@ -43,7 +43,7 @@ class FolderMissing(SourceError):
 class GitSource:
     def __init__(self, location: Location, mirror_root: Path) -> None:
         self.location = location
-        self.remote = bool(_REMOTE.match(location.url))
+        self.remote = is_remote(location.url)
         self._repo_path = _mirror_path(mirror_root, location.url) if self.remote else Path(location.url)
         self._repo: git.Repo | None = None
         self._files: dict[tuple[str, str], bytes] = {}
@@ -102,6 +102,15 @@ class GitSource:
             self._files.clear()
         self._files[key] = data
         return data
+
+    def read_blob(self, blob: str) -> bytes | None:
+        """A blob by its id (an ETag the API gave out), or None when the repository has no such blob."""
+        if not re.fullmatch(r"[0-9a-f]{40}", blob):
+            return None
+        try:
+            return bytes(self._open(fetch=False).odb.stream(bytes.fromhex(blob)).read())
+        except (ValueError, git.BadObject, git.BadName):
+            return None
 
     @property
     def repo_path(self) -> Path:
@@ -181,6 +190,11 @@ def default_source_url(cwd: Path | None = None) -> str:
     top = repo.working_tree_dir or repo.git_dir
     repo.close()
     return str(top)
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` names a repository to mirror (file://, ssh, https, scp-like) rather than a local path."""
+    return bool(_REMOTE.match(url))
 
 
 def _folder(path: str) -> str:
