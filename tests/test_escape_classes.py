@@ -173,12 +173,13 @@ def _probe(kind, arg):
         except OSError as exc:
             return json.dumps({"written_mb": written, "error": errno.errorcode.get(exc.errno)})
         return json.dumps({"written_mb": written})
-    if kind == "plant":  # swap a folder in the write path for a symlink to /etc
-        target = os.path.join(arg, "sub")
+    if kind == "plant":  # swap a folder in the write path for a symlink to a folder the next run may not read
+        folder, _, elsewhere = arg.partition("|")
+        target = os.path.join(folder, "sub")
         for name in os.listdir(target):
             os.unlink(os.path.join(target, name))
         os.rmdir(target)
-        os.symlink("/etc", target)
+        os.symlink(elsewhere, target)
         return "planted"
     if kind == "read":
         return open(arg).read()[:200]
@@ -297,10 +298,12 @@ def test_the_kernel_offers_a_run_nothing_beside_the_filters(repo: SpecRepo, cli,
 
 def test_a_symlink_planted_by_one_run_is_refused_to_the_next(repo: SpecRepo, cli, home: Path,
                                                              tmp_path: Path) -> None:
-    data = tmp_path / "data"
+    data, secret = tmp_path / "data", tmp_path / "secret"
     (data / "sub").mkdir(parents=True)
     (data / "sub" / "note.txt").write_text("fine")
-    _agent(repo, "planter", [f"plant:{data}"], [str(data)])
+    secret.mkdir()
+    (secret / "passwd").write_text("root:TOP-SECRET")
+    _agent(repo, "planter", [f"plant:{data}|{secret}"], [str(data)])
     repo.spec("reader", model="scripted:_scripts/reader.yaml",
               extra=f"tools:\n  - name: file_reader\n    paths: [{json.dumps(str(data / 'sub'))}]\n")
     repo.write("specs/_scripts/reader.yaml",

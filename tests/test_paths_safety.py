@@ -27,7 +27,7 @@ from runner.specs.checking import Context, check_document, forbidden_overlap
 from runner.specs.loading import load_document
 from runner.specs.problems import Problem
 
-WHY = "a run sees nothing of the runner's own files"
+WHY = "a run sees nothing of the runner's own files or the system's"
 
 
 def _spec(root: Path, name: str, tool: str, paths: list[str]) -> None:

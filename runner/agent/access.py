@@ -105,8 +105,8 @@ class HostRule:
             raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(self.allowed_domains) or 'none'})")
         elif not self.remote_enabled:
             raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
-        if addresses is None:
-            addresses = lookup(host)
+        if addresses is None:  # a local name is not looked up: *.localhost would go to the DNS server
+            addresses = [literal] if literal else ["127.0.0.1"] if local else lookup(host)
         kinds = {_loopback(a) for a in addresses}
         if local and False in kinds:
             raise DeniedError(f"'{host}' resolves beyond this machine; refused")

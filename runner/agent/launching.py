@@ -47,6 +47,7 @@ from runner.sandbox.confining import model_endpoints, model_upstream, needs_netw
 from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.source.git import GitSource
+from runner.specs.checking import private_folders, protected_folders
 from runner.state import Transaction, connect, journal
 
 MAX_MESSAGE = 1 << 20  # bytes of one line on a run's channel; events are capped far below it
@@ -95,7 +96,8 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
             custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
     return RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name,
                    revision=agent.applied_revision, spec=spec, settings=settings, trigger=trigger, input=input,
-                   script=script, custom_sources=custom)
+                   script=script, custom_sources=custom, protected=list(protected_folders(settings)),
+                   private=list(private_folders(settings)))
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
@@ -138,6 +140,29 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
     channel); write its final row. Meanwhile, apply what the run reports on its channel, in order."""
     reader = _Channel(conn, launch)
     ended_by: str | None = None
+    try:
+        ended_by = _watch(conn, launch, reader, should_stop)
+    except Exception as exc:  # the database, say: the run must not go on unsupervised
+        reader.fault = reader.fault or f"its supervisor failed: {type(exc).__name__}: {exc}"
+        ended_by = "fault"
+    if ended_by:
+        _terminate(launch, kill_grace)
+    try:
+        reader.drain()
+        if reader.fault:  # found in what the run sent before it ended
+            ended_by = "fault"
+    finally:
+        launch.channel.close()
+        decisions = launch.proxy.close() if launch.proxy is not None else []
+        os.close(launch.pidfd)
+        shutil.rmtree(launch.plan.scratch, ignore_errors=True)
+    _journal_egress(reader, decisions)
+    status = launch.zygote.exit_status(launch.plan.run_id)
+    return finish(conn, launch, _result(reader, ended_by, launch, status))
+
+
+def _watch(conn: sqlite3.Connection, launch: Launch, reader: _Channel, should_stop: Any) -> str | None:
+    """Until the run exits (None) or must be ended: why ("fault", "timed_out", "stopped")."""
     while True:
         timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
         wake = launch.proxy.wake_fd if launch.proxy else None
@@ -147,25 +172,14 @@ def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_
             _journal_egress(reader, launch.proxy.decisions())
         if launch.channel.fileno() in ready:
             reader.receive()
-        if launch.pidfd in ready:
-            break
         if reader.fault:
-            ended_by = "fault"
-        elif time.monotonic() >= launch.deadline:
-            ended_by = "timed_out"
-        elif _stop_requested(conn, launch.row.run_id) or (should_stop is not None and should_stop()):
-            ended_by = "stopped"
-        if ended_by:
-            _terminate(launch, kill_grace)
-            break
-    reader.drain()
-    launch.channel.close()
-    if launch.proxy is not None:
-        _journal_egress(reader, launch.proxy.close())
-    os.close(launch.pidfd)
-    status = launch.zygote.exit_status(launch.plan.run_id)
-    shutil.rmtree(launch.plan.scratch, ignore_errors=True)
-    return finish(conn, launch, _result(reader, ended_by, launch, status))
+            return "fault"
+        if launch.pidfd in ready:
+            return None
+        if time.monotonic() >= launch.deadline:
+            return "timed_out"
+        if _stop_requested(conn, launch.row.run_id) or (should_stop is not None and should_stop()):
+            return "stopped"
 
 
 def _journal_egress(reader: _Channel, decisions: list[dict[str, Any]]) -> None:
@@ -194,13 +208,14 @@ class _Channel:
         s = launch.plan.settings
         self.log = AgentLog(agent_log_path(s.logs_dir, launch.plan.client_id, launch.plan.agent), launch.plan.run_id)
 
-    def receive(self) -> None:
+    def receive(self) -> bool:
+        """Read what is there; False when nothing was (the run has sent all, or nothing yet)."""
         if self.closed:
-            return
+            return False
         try:
             data, fds, _flags, _addr = socket.recv_fds(self.launch.channel, 1 << 16, 1)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data, fds = b"", []
         for fd in fds:
@@ -211,15 +226,14 @@ class _Channel:
                 os.close(fd)
         if not data:
             self.closed = True
-            return
+            return False
         self.feed(data)
+        return True
 
     def drain(self) -> None:
-        while not self.closed and not self.fault:
-            before = len(self.buf)
-            self.receive()
-            if len(self.buf) == before and not self.closed:
-                break
+        """Everything the run sent before it ended."""
+        while not self.fault and self.receive():
+            pass
 
     def feed(self, chunk: bytes) -> None:
         if self.fault:
@@ -254,19 +268,20 @@ class _Channel:
             return
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             self._broken("the run sent a line on its channel that is not JSON")
             return
-        if not isinstance(message, dict):
-            self._broken("the run sent a message on its channel that is not a JSON object")
-        elif message.get("t") == "result":
+        try:
+            message = checked(message, len(line))
+        except ValueError as exc:
+            self._broken(f"the run sent a message its supervisor refuses: {exc}")
+            return
+        if message["t"] == "result":
             self.result = message
-        elif message.get("t") != "egress":
-            if len(line) > MAX_DETAIL and message.get("t") == "event":
-                message["detail"] = {"truncated": True, "bytes": len(line)}
+        elif message["t"] != "egress":
             try:
                 self.apply(message)
-            except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
                 self._broken(f"the run sent a message its supervisor cannot apply ({type(exc).__name__})")
 
     def _broken(self, reason: str) -> None:
@@ -275,6 +290,49 @@ class _Channel:
 
     def apply(self, message: dict[str, Any]) -> None:
         apply(self.conn, self.launch.plan.run_id, self.log, message)
+
+
+EVENT_KINDS = ("llm_call", "tool_call", "memory", "log")  # 'status' rows are the supervisor's alone
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_COUNT = 10_000_000  # tokens one model call may report
+
+
+def checked(message: Any, size: int) -> dict[str, Any]:
+    """A message from a run, in the shapes the run process sends, or ValueError. The run's code holds
+    its channel, so nothing in a message is trusted: kinds and levels come from fixed lists, counts
+    are bounded, and times are the supervisor's (a run cannot backdate its record)."""
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    kind = message.get("t")
+    if kind == "event":
+        detail = message.get("detail")
+        if message.get("kind") not in EVENT_KINDS:
+            raise ValueError(f"an event of kind {str(message.get('kind'))[:40]!r}")
+        if message.get("decision") not in (None, "allowed", "denied"):
+            raise ValueError("an event with a decision other than allowed or denied")
+        if not isinstance(detail, dict) and detail is not None:
+            raise ValueError("an event whose detail is not an object")
+        name = message.get("name")
+        return {"t": "event", "ts": utcnow(), "kind": message["kind"], "decision": message.get("decision"),
+                "name": None if name is None else str(name)[:200],
+                "detail": {"truncated": True, "bytes": size} if size > MAX_DETAIL else (detail or {})}
+    if kind == "usage":
+        counts = [message.get("input"), message.get("output")]
+        if not all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts):
+            raise ValueError("token counts that are not whole numbers from 0 to 10,000,000")
+        return {"t": "usage", "input": counts[0], "output": counts[1]}
+    if kind == "log":
+        level = message.get("level", "INFO")
+        if level not in LOG_LEVELS:
+            raise ValueError("a log line of an unknown level")
+        return {"t": "log", "level": level, "message": str(message.get("message", ""))[:4000]}
+    if kind in ("tool", "egress"):
+        return {"t": kind}
+    if kind == "result":  # timed_out, stopped, interrupted and skipped are the supervisor's to say
+        if message.get("status") not in ("succeeded", "failed", "budget_exceeded"):
+            raise ValueError("a result with a status a run cannot end with")
+        return message
+    raise ValueError(f"a message of type {str(kind)[:40]!r}")
 
 
 def finish(conn: sqlite3.Connection, launch: Launch, result: RunResult) -> RunRow:

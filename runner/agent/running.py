@@ -47,19 +47,26 @@ class RunPlan:
     input: str | None = None
     script: str | None = None  # scripted model turns, read from the source at the revision
     custom_sources: dict[str, str] = field(default_factory=dict)
+    # (what, folder) no spec path may overlap, and those of them the runtime may not either; worked
+    # out by the supervisor, which may read the settings file (the run may not).
+    protected: list[tuple[str, str]] = field(default_factory=list)
+    private: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "client_id": self.client_id, "agent": self.agent,
                 "revision": self.revision, "spec": self.spec.model_dump(mode="json"),
                 "settings": self.settings.model_dump(mode="json"), "trigger": self.trigger, "input": self.input,
-                "script": self.script, "custom_sources": self.custom_sources}
+                "script": self.script, "custom_sources": self.custom_sources, "protected": self.protected,
+                "private": self.private}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunPlan:
         return cls(run_id=data["run_id"], client_id=data["client_id"], agent=data["agent"],
                    revision=data["revision"], spec=AgentSpec.model_validate(data["spec"]),
                    settings=Settings.model_validate(data["settings"]), trigger=data["trigger"],
-                   input=data["input"], script=data["script"], custom_sources=data["custom_sources"])
+                   input=data["input"], script=data["script"], custom_sources=data["custom_sources"],
+                   protected=[(str(w), str(p)) for w, p in data.get("protected", [])],
+                   private=[(str(w), str(p)) for w, p in data.get("private", [])])
 
     @property
     def variables(self) -> dict[str, str]:

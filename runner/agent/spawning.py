@@ -230,10 +230,14 @@ class Zygote:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        raise_open_files_limit()
+        # -I: no working directory (nor PYTHON* variables) on the zygote's path, and so none in what a
+        # run may read; cwd "/": a run starts nowhere in particular.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runner.agent.spawning", str(theirs.fileno()), f"--supervisor={os.getpid()}"],
+            [sys.executable, "-I", "-m", "runner.agent.spawning", str(theirs.fileno()),
+             f"--supervisor={os.getpid()}"],
             env=clean_environment(), pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, cwd="/")
         theirs.close()
         self.control = ours
         self._send = threading.Lock()
@@ -305,10 +309,22 @@ class Zygote:
         return f"the zygote that forks runs is not running (exit status {code}; the log above says why)"
 
 
+def raise_open_files_limit() -> None:
+    """A supervisor serves every run's channel and egress proxy: let it have the descriptors its hard
+    limit allows (systemd's soft default is 1,024). Runs set their own, lower, limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def clean_environment() -> dict[str, str]:
     """What the zygote is exec'd with, and so what every run's /proc/self/environ shows: no secrets."""
-    keep = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
-    return {"PATH": os.defpath, "LANG": "C.UTF-8", **keep}
+    return {"PATH": os.defpath, "LANG": "C.UTF-8"}
 
 
 if __name__ == "__main__":

@@ -68,11 +68,14 @@ def probe_tools(tools: dict[str, ToolInfo], files: list[SpecFile], cache: Mutabl
 
 def probe(name: str, source: bytes) -> str | None:
     with tempfile.TemporaryDirectory(prefix="agent-tool-probe-") as tmp:
-        path = Path(tmp) / f"{name}.py"
+        # The module in a folder of its own, and -I: nothing pushed can shadow a module the probe
+        # imports before it is confined (a tool named runner.py, json.py, ...).
+        (Path(tmp) / "module").mkdir()
+        path = Path(tmp) / "module" / f"{name}.py"
         path.write_bytes(source)
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "LANG": "C.UTF-8"}
         try:
-            done = subprocess.run([sys.executable, "-c", _PROBE, str(path), name], cwd=tmp, env=env,
+            done = subprocess.run([sys.executable, "-I", "-c", _PROBE, str(path), name], cwd="/", env=env,
                                   capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
             return f"importing tools/{name}.py took longer than {PROBE_TIMEOUT:.0f}s"

@@ -34,7 +34,7 @@ from runner.errors import DeniedError
 from runner.sandbox import isolating, landlock, privileges, seccomp
 from runner.sandbox.egress import MODEL_HOST, Upstream, proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS
-from runner.specs.checking import expand, forbidden_overlap
+from runner.specs.checking import expand, overlap_reason
 from runner.specs.custom_tools import describe_module
 
 ETC_FILES = ("ssl", "ca-certificates", "pki", "localtime", "timezone", "hosts", "resolv.conf", "nsswitch.conf",
@@ -94,7 +94,7 @@ def confine(plan: RunPlan, isolation: dict[str, Any] | None = None) -> dict[str,
     rules = landlock.Ruleset(network=isolated or not network_tools(plan))
     readable, writable = _paths(plan)
     own = _own_folders(plan)
-    for path in _runtime_paths():
+    for path in runtime_paths(plan):
         rules.allow_path(path, landlock.READ_EXEC)
     for path in readable:
         rules.allow_path(path, landlock.READ, follow=False)
@@ -296,7 +296,7 @@ def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
         perms = set(tool.permissions or (info.needs if info else []))
         for raw in tool.paths:
             path = os.path.normpath(os.path.abspath(expand(raw, variables)))
-            reason = forbidden_overlap(path, plan.settings)
+            reason = overlap_reason(path, plan.protected)
             if reason:
                 raise DeniedError(f"tool {tool.name}: {reason}")
             if "write" in perms:
@@ -321,13 +321,26 @@ def _own_folders(plan: RunPlan) -> set[str]:
 
 @functools.cache
 def _runtime_paths() -> frozenset[str]:
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    """What a run reads and executes: the interpreter and its libraries, the runner's own package, the
+    system's libraries and programs, a few /etc files. Not sys.path's other entries: an interpreter
+    started with ``-m`` puts its working directory there (a daemon's is often its home)."""
+    import runner
+
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+             os.path.dirname(os.path.realpath(runner.__file__))}
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         paths.add(sysconfig.get_paths()[key])
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    paths.update(p for p in sys.path if p and os.path.isdir(p) and os.path.isabs(p)
+                 and os.path.realpath(p) != os.path.realpath(os.getcwd()))
     paths.update(SYSTEM)
     paths.update(f"/etc/{name}" for name in ETC_FILES)
     return frozenset(p for p in paths if os.path.exists(p))
+
+
+def runtime_paths(plan: RunPlan) -> list[str]:
+    """``_runtime_paths`` without any that overlaps the runner's own files (a venv that holds the home,
+    say): those a run does without."""
+    return sorted(p for p in _runtime_paths() if overlap_reason(p, plan.private) is None)
 
 
 def model_endpoints(plan: RunPlan) -> set[tuple[str, int]]:

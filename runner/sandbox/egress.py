@@ -33,6 +33,9 @@ from runner.errors import DeniedError
 
 HEAD_LIMIT = 64 * 1024
 CONNECT_TIMEOUT = 10.0
+# Connections one run may hold open through its proxy at once (each costs the supervisor two
+# descriptors): past it, a new one is closed at once and the refusal recorded once per burst.
+MAX_CONNECTIONS = 32
 HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
                b"te", b"trailer", b"upgrade"}
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
@@ -98,6 +101,8 @@ class EgressProxy:
         self.wake_fd, self._wake_write = os.pipe()  # a byte arrives here with each decision
         os.set_blocking(self.wake_fd, False)
         os.set_blocking(self._wake_write, False)
+        self.open = 0  # connections being served (on the proxy's thread only)
+        self.refusing = False
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="egress-proxy", daemon=True)
         self.thread.start()
@@ -151,6 +156,21 @@ class EgressProxy:
             self.loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= MAX_CONNECTIONS:
+            if not self.refusing:
+                self.refusing = True
+                self._record({"method": "-", "host": "-", "port": 0, "decision": "denied",
+                              "reason": f"more than {MAX_CONNECTIONS} connections open through the proxy at once"})
+            writer.transport.abort()
+            return
+        self.refusing = False
+        self.open += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: asyncio.StreamWriter | None = None
         try:
             try:

@@ -13,6 +13,7 @@ import difflib
 import functools
 import os
 import re
+import sys
 import types
 import typing
 import zoneinfo
@@ -25,7 +26,7 @@ from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import UsageError
-from runner.settings import Settings
+from runner.settings import Settings, client_ids
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
 from runner.specs.loading import Document, Loc
 from runner.specs.models import AgentSpec
@@ -33,7 +34,7 @@ from runner.specs.problems import Problem, Severity, field_path
 
 VARIABLE = re.compile(r"\$\{([^}]*)\}")
 HOSTNAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-WHY = "a run sees nothing of the runner's own files"
+WHY = "a run sees nothing of the runner's own files or the system's"
 CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 
 FIELD_HINTS = {
@@ -104,29 +105,76 @@ AGENT_DATA = "the client's data folder"
 
 
 def protected_folders(settings: Settings) -> tuple[tuple[str, str], ...]:
-    """The runner's own folders and files, as (what, path): no spec path may be in one or hold one.
+    """What no spec path may be in or hold, as (what, path): the runner's own files for every client
+    of the home (``private_folders``), the runner's installation (a write there would run in every
+    later run), and the system's folders (a root daemon's run is still uid 0 on files it owns)."""
+    import runner
 
-    The home holds the others by default; they are named too because the log and memory folders can
-    live elsewhere, and because "is in the state database" says more than "is in the home".
-    """
-    return (
-        (AGENT_DATA, str(settings.home / "data" / settings.client_id)),
-        (HOME, str(settings.home)),
-        ("the source mirrors", str(settings.home / "sources")),
-        ("the state database", str(settings.state_path)),
-        ("the log folder (AGENT_ORCH_LOG_DIR)", str(settings.logs_dir)),
-        ("the memory folder (VECTOR_DB_URL)", str(settings.memory_dir)),
-    )
+    install = (("the runner's installation", os.path.dirname(os.path.realpath(runner.__file__))),
+               ("the runner's Python (sys.prefix)", sys.prefix), ("the runner's Python", sys.base_prefix))
+    return private_folders(settings) + install + tuple(("a system folder", p) for p in SYSTEM_FOLDERS)
+
+
+SYSTEM_FOLDERS = ("/etc", "/boot", "/root", "/proc", "/sys", "/dev", "/run", "/var/run", "/var/lib", "/var/spool",
+                  "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+
+
+def private_folders(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """The runner's own folders and files: the home (but for this client's data folder), the source
+    mirrors, the state database, and every client's source repository, log and memory folders (one
+    client's spec must not write another's spec repository, or its own). The home holds most of them
+    by default; they are named too because they can live elsewhere."""
+    folders = [(AGENT_DATA, str(settings.home / "data" / settings.client_id)), (HOME, str(settings.home)),
+               ("the source mirrors", str(settings.home / "sources")), ("the state database", str(settings.state_path))]
+    clients = [settings]
+    for cid in client_ids(settings.home):
+        if cid != settings.client_id:
+            try:
+                clients.append(Settings.load(home=settings.home, client_id=cid))
+            except UsageError:
+                continue
+    for c in clients:
+        who = "" if c.client_id == settings.client_id else f" of client {c.client_id}"
+        folders += [(f"the log folder{who} (AGENT_ORCH_LOG_DIR)", str(c.logs_dir)),
+                    (f"the memory folder{who} (VECTOR_DB_URL)", str(c.memory_dir))]
+        folders += [(f"the spec repository{who} (AGENT_ORCH_SOURCE)", f) for f in _source_folders(c)]
+    return tuple(folders)
+
+
+def _source_folders(settings: Settings) -> list[str]:
+    """A spec repository on this machine, as what a run must not touch: a bare repository whole; a
+    checkout's .git (refs, objects, hooks) and its spec folder. Nothing for a remote repository (its
+    mirror is in the home). An empty source is the git checkout around the working directory."""
+    source = settings.source
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    elif "://" in source or (":" in source and not source.startswith("/")):  # ssh, https, git@host:path
+        return []
+    top = os.path.abspath(os.path.expanduser(source)) if source else _checkout_of(os.getcwd())
+    if not top:
+        return []
+    if not os.path.exists(os.path.join(top, ".git")):
+        return [top]  # a bare repository
+    return [os.path.join(top, ".git"), os.path.normpath(os.path.join(top, settings.source_path))]
+
+
+def _checkout_of(here: str) -> str | None:
+    while not os.path.exists(os.path.join(here, ".git")):
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+    return here
 
 
 def forbidden_overlap(path: str, settings: Settings) -> str | None:
     """Why ``path`` (absolute, variables expanded) must not be given to a run, or None.
 
-    A run sees nothing of the runner's own files (settings, state, ledger, mirrors, logs, memory), so a
-    spec path may neither lie in one of the ``protected_folders`` nor contain one (``/``, or ``/srv``
-    when the home is /srv/agents/var). Validation says this of every tool path; the sandbox asks again
-    at run time, since the settings, or a symbolic link on the way, may have changed since the spec was
-    applied. Only for spec paths: the run's scratch folder and memory store are in the home on purpose.
+    A run sees nothing of the runner's own files (settings, state, ledger, mirrors, sources, logs,
+    memory), so a spec path may neither lie in one of the ``protected_folders`` nor contain one (``/``,
+    or ``/srv`` when the home is /srv/agents/var). Validation says this of every tool path; the run is
+    given the list again at run time (``RunPlan.protected``), since the settings, or a symbolic link on
+    the way, may have changed since the spec was applied.
     """
     return overlap_reason(path, protected_folders(settings))
 
