@@ -15,10 +15,17 @@ pull client acme into default's repository. When both name a different value, th
 
     {"MAX_AGENTS": 4, "clients": {"acme": {"AGENT_ORCH_SOURCE": "/srv/git/acme-agents.git"}}}
 
-INTERFACE.md puts one more level between the environment and the git checkout: the source recorded in
-the home by the last ``apply --source``. It is not kept yet; when it is, it belongs in
-``runner.reconcile.reconciling.location_of``, between ``settings.source`` and ``default_source_url()``
-(an empty ``source`` here means that no level from 1 to 3 named one).
+The spec source has two more levels below these (INTERFACE.md): 4. the source recorded in the home by
+the last ``agentctl apply --source`` (``remember_source``), and 5. the git checkout the command runs in.
+``load`` fills level 4 in: when no level above names a repository, ``source`` and, where no level above
+sets them, ``source_ref`` and ``source_path`` come from ``$AGENT_ORCH_HOME/config/sources/CLIENT.json``.
+An empty ``source`` after that means the checkout (``runner.source.git.default_source_url``).
+``Settings.source_origin`` says which level gave the repository, for ``agentctl status``.
+
+The record is a small JSON file beside the settings file rather than a table in state.sqlite: it is
+configuration, read here at the bottom layer by every process that loads settings (the CLI in any
+folder, the daemon, the hook), before any database is opened; an operator can read, edit or delete it;
+and it is written whole by an atomic rename, one file per client, so two clients never contend.
 
 Settings travel to a run as ``model_dump(mode="json")`` and back through ``model_validate``, which reads
 nothing but the data it is given (no environment, no file): what a run gets is what its launcher had,
@@ -30,16 +37,34 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
+import typing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from runner.errors import UsageError
 
 CLIENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 SOURCE_KEYS = ("AGENT_ORCH_SOURCE", "AGENT_ORCH_SOURCE_REF", "AGENT_ORCH_SOURCE_PATH")
+SOURCE_FIELDS = {"AGENT_ORCH_SOURCE": "source", "AGENT_ORCH_SOURCE_REF": "source_ref",
+                 "AGENT_ORCH_SOURCE_PATH": "source_path"}
+# Where the spec source in force came from, highest level first (INTERFACE.md's order; the top level of
+# the settings file counts with the environment, whose values it supplies).
+ORIGINS = ("flag", "client section", "environment", "home", "checkout")
 
 
 def _env(name: str, default: Any, description: str, group: str, **kwargs: Any) -> Any:
@@ -73,8 +98,9 @@ class Settings(BaseSettings):
     source: str = _env(
         "AGENT_ORCH_SOURCE",
         "",
-        "Git repository of agent specs: a local path, file://, ssh or https URL. Empty means the git "
-        "repository that contains the current directory (so `make run` serves this checkout's specs).",
+        "Git repository of agent specs: a local path, file://, ssh or https URL. Empty means the source "
+        "the last `agentctl apply --source` recorded in the home, else the git repository that contains the "
+        "current directory (so `make run` serves this checkout's specs).",
         "source",
     )
     source_ref: str = _env(
@@ -96,7 +122,7 @@ class Settings(BaseSettings):
     host: str = _env("AGENT_ORCH_HOST", "127.0.0.1", "Address the API listens on.", "api")
     port: int = _env("AGENT_ORCH_PORT", 3031, "Port for API access.", "api", ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = _env(
-        "AGENT_ORCH_LOG_LEVEL", "info", "Logging level: debug, info, warning or error.", "api"
+        "AGENT_ORCH_LOG_LEVEL", "info", "Logging level: debug, info, warning or error (any case: INFO is info).", "api"
     )
 
     # -- models
@@ -144,7 +170,8 @@ class Settings(BaseSettings):
         "VECTOR_DB_URL",
         "",
         "Where agent memory (sqlite-vec files) lives: a folder path or file:// URL. Empty means "
-        "`$AGENT_ORCH_HOME/memory/`.",
+        "`$AGENT_ORCH_HOME/memory/`. A server URL (the seed's http://vector_db:8000) is refused at start: "
+        "there is no vector database server.",
         "memory",
     )
 
@@ -214,10 +241,43 @@ class Settings(BaseSettings):
         gt=0,
     )
 
+    # Which level gave each source setting ("flag", "client section", "environment", "home"), as load()
+    # found them; not a setting itself, so it never travels to a run.
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _any_case_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        """A choice (log level, sandbox mode, log format) in any case: INFO is info, as for most tools."""
+        field = cls.model_fields[info.field_name] if info.field_name else None
+        if isinstance(value, str) and field is not None and typing.get_origin(field.annotation) is Literal:
+            return value.strip().lower()
+        return value
+
+    @field_validator("vector_db_url", mode="after")
+    @classmethod
+    def _memory_folder_only(cls, value: str) -> str:
+        """Memory is sqlite-vec files: a folder or file:// URL. A server URL (the seed's own default was
+        http://vector_db:8000) would otherwise become a folder named 'http:' wherever the daemon starts."""
+        scheme = _URL_SCHEME.match(value)
+        if not scheme:
+            return value
+        problem, kind = "", scheme.group(1).lower()
+        if kind in ("http", "https", "grpc", "grpcs", "tcp", "redis", "postgres", "postgresql"):
+            problem = "a vector database server is not supported"
+        elif kind != "file":
+            problem = f"a {kind}:// URL is not supported"
+        elif urlsplit(value).netloc not in ("", "localhost"):
+            problem = "a file:// URL of another host is not supported"
+        if problem:
+            raise ValueError(f"{problem}; memory is sqlite-vec files: leave it empty or give a folder path or "
+                             "file:// URL")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -254,7 +314,20 @@ class Settings(BaseSettings):
         url = self.vector_db_url
         if not url:
             return self.home / "memory"
-        return Path(url.removeprefix("file://")).expanduser().absolute()
+        if _URL_SCHEME.match(url):  # file:///srv/memory, file://localhost/srv/memory, %20 for a space
+            return Path(unquote(urlsplit(url).path)).absolute()
+        return Path(url).expanduser().absolute()
+
+    @property
+    def source_origin(self) -> str:
+        """Where the spec source in force comes from: "flag", "client section", "environment", "home" (the
+        last ``apply --source``) or "checkout" (the git repository the command runs in). ``plan`` and
+        ``apply`` given ``--source`` say "flag" themselves: their flags never reach the settings."""
+        return self._origins.get("source") or ("environment" if self.source else "checkout")
+
+    def source_origin_of(self, key: str) -> str:
+        """The level that gave ``source``, ``source_ref`` or ``source_path`` ("default" when none did)."""
+        return self._origins.get(key) or ("checkout" if key == "source" and not self.source else "default")
 
     @classmethod
     def load(cls, home: str | Path | None = None, client_id: str | None = None, **overrides: Any) -> Settings:
@@ -265,14 +338,30 @@ class Settings(BaseSettings):
             raise UsageError(f"client id {client!r} must match {CLIENT_ID_PATTERN}")
         top, clients = settings_file(home_path / "config" / "settings.json")
         data: dict[str, Any] = {}
-        for layer in (top, environment(), clients.get(client, {}), overrides):
-            data |= {_field_of(str(k).upper()) or str(k): v for k, v in layer.items() if v is not None}
+        origins: dict[str, str] = {}
+        levels = (("environment", top), ("environment", environment()), ("client section", clients.get(client, {})),
+                  ("flag", overrides))
+        for level, layer in levels:
+            fields = {_field_of(str(k).upper()) or str(k): v for k, v in layer.items() if v is not None}
+            data |= fields
+            origins |= {name: level for name in SOURCE_FIELDS.values() if name in fields}
+        if not data.get("source"):  # level 4: no level above names a repository
+            recorded = recorded_source(home_path, client)
+            if recorded:
+                origins["source"] = "home"
+                data["source"] = recorded["source"]
+                for name in ("source_ref", "source_path"):
+                    if name not in origins and name in recorded:
+                        data[name], origins[name] = recorded[name], "home"
         data |= {"home": home_path, "client_id": client}
         try:
-            return cls.model_validate(data)
+            settings = cls.model_validate(data)
         except ValidationError as exc:
-            problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-            raise UsageError("invalid settings", details=problems) from None
+            problems = [_problem(e) for e in exc.errors()]
+            raise UsageError(problems[0] if len(problems) == 1 else "invalid settings",
+                             details=problems if len(problems) > 1 else []) from None
+        settings._origins = {k: v for k, v in origins.items() if k != "source" or settings.source}
+        return settings
 
     def public(self) -> dict[str, Any]:
         """Settings as shown to users (`agentctl status`, /healthz): env names, no secrets."""
@@ -285,6 +374,56 @@ class Settings(BaseSettings):
                 value = "(set)" if value.get_secret_value() else ""
             out[str(env or name)] = str(value) if isinstance(value, Path) else value
         return out
+
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _problem(error: Any) -> str:
+    """One invalid setting, named as users set it: ``VECTOR_DB_URL=http://vector_db:8000: why``."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    field = Settings.model_fields.get(name)
+    extra = field.json_schema_extra if field is not None else None
+    env = str(extra.get("env")) if isinstance(extra, dict) else name
+    shown = "(secret)" if field is not None and field.annotation is SecretStr else error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{env}={shown}: {message}" if isinstance(shown, (str, int, float)) else f"{env}: {message}"
+
+
+# -- the source recorded in the home (level 4) -----------------------------------------------------------
+
+
+def source_record_path(home: Path, client_id: str) -> Path:
+    return Path(home) / "config" / "sources" / f"{client_id}.json"
+
+
+def recorded_source(home: Path, client_id: str) -> dict[str, str]:
+    """The source the last ``apply --source`` recorded for the client: ``source``, ``source_ref``,
+    ``source_path``; empty when none was (or the record is unreadable: the checkout is used then)."""
+    path = source_record_path(home, client_id)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("source"), str) or not data["source"]:
+        return {}
+    return {k: v for k in ("source", "source_ref", "source_path") if isinstance(v := data.get(k), str)}
+
+
+def remember_source(home: Path, client_id: str, source: str, ref: str, path: str) -> Path:
+    """Record the client's source in the home, written whole (a reader sees the old file or the new one).
+    ``source`` should be absolute when it is a local path: the record is used from any folder."""
+    target = source_record_path(home, client_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {"source": source, "source_ref": ref, "source_path": path,
+              "recorded_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+              "recorded_by": "agentctl apply --source"}
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{client_id}.", delete=False,
+                                     encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+    os.replace(handle.name, target)
+    return target
 
 
 def environment() -> dict[str, Any]:

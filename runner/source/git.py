@@ -186,7 +186,8 @@ def default_source_url(cwd: Path | None = None) -> str:
     try:
         repo = git.Repo(cwd or Path.cwd(), search_parent_directories=True)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise UsageError("no spec source: set AGENT_ORCH_SOURCE or run inside a git repository") from None
+        raise UsageError("no spec source: run `agentctl apply --source URL_OR_PATH` once (the home remembers it), "
+                         "set AGENT_ORCH_SOURCE, or run inside a git repository") from None
     top = repo.working_tree_dir or repo.git_dir
     repo.close()
     return str(top)
