@@ -60,9 +60,60 @@ class App:
 
 pass_app = click.make_pass_decorator(App)
 
+GLOBAL_OPTIONS = ("--home", "--client-id", "--output")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--home", envvar="AGENT_ORCH_HOME", help="State folder (default ./var).")
+
+class Agentctl(click.Group):
+    """The root group. Its options may also come after the subcommand, as kubectl's and argocd's do
+    (`agentctl status --output json`): they are moved in front of it before click parses anything."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(self, ctx, args))
+
+
+def hoist_global_options(root: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with every global option, and its value, moved to the front in the order given: the last one
+    given wins, as for any repeated option. The walk follows the subcommands and steps over their options'
+    values (so `run x --input --home` runs x with the input '--home'); a subcommand's own option of the same
+    name stays its own, and everything from `--` on stays where it is."""
+    hoisted: list[str] = []
+    kept: list[str] = []
+    command: click.Command = root
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            kept.extend(args[i:])
+            break
+        name, has_value = token.split("=", 1)[0], "=" in token
+        option = _option_named(command, ctx, name) if token.startswith("-") else None
+        if name in GLOBAL_OPTIONS and (command is root or option is None):
+            if not has_value and i + 1 >= len(args):
+                raise click.BadOptionUsage(name, f"Option '{name}' requires an argument.")
+            take = 1 if has_value else 2
+            hoisted.extend(args[i:i + take])
+            i += take
+            continue
+        kept.append(token)
+        i += 1
+        if option is not None and not has_value and not option.is_flag and not option.count:
+            kept.extend(args[i:i + option.nargs])
+            i += option.nargs
+        elif not token.startswith("-") and isinstance(command, click.Group):
+            command = command.get_command(ctx, token) or command
+    return hoisted + kept
+
+
+def _option_named(command: click.Command, ctx: click.Context, name: str) -> click.Option | None:
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option) and name in (*param.opts, *param.secondary_opts):
+            return param
+    return None
+
+
+@click.group(cls=Agentctl, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--home", envvar="AGENT_ORCH_HOME", help="State folder (default ./var). Like --client-id and --output, "
+              "it may also follow the subcommand.")
 @click.option("--client-id", envvar="AGENT_ORCH_CLIENT_ID", help="Client (tenant) to act for (default 'default').")
 @click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Output format.")
