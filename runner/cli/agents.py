@@ -11,12 +11,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from runner.agent.recording import TERMINAL
 from runner.cli.main import App, cli, pass_app
-from runner.errors import NotFoundError
+from runner.errors import NotFoundError, TransientError, UsageError
 from runner.ledger.ingesting import flush
-from runner.ledger.reading import query
+from runner.ledger.reading import query, user_query
 from runner.reconcile.applied import AppliedAgent, load_applied, set_suspended
+from runner.settings import Settings
 from runner.specs.catalog import BUILTIN_TOOLS
+from runner.specs.checking import did_you_mean
 from runner.supervise.scheduling import next_fire
 
 
@@ -24,18 +27,68 @@ from runner.supervise.scheduling import next_fire
 @click.argument("name", required=False)
 @pass_app
 def status(app: App, name: str | None) -> None:
-    """Agents with their state, revision, last and next run."""
+    """Whether a daemon runs for the home, the source in force, and the agents with their state, revision,
+    last and next run."""
     agents = load_applied(app.conn, app.settings.client_id, name)
     if name and not agents:
         raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
     last = last_runs(app)
-    source = app.conn.execute("SELECT * FROM sources WHERE client_id = ?", (app.settings.client_id,)).fetchone()
+    record = app.conn.execute("SELECT * FROM sources WHERE client_id = ?", (app.settings.client_id,)).fetchone()
     rows = [agent_row(a, last.get(a.name)) for a in agents.values()]
     from runner.sandbox import capabilities
 
-    data = {"client_id": app.settings.client_id, "source": dict(source) if source else None, "agents": rows,
-            "sandbox": {"mode": app.settings.sandbox, **capabilities.detect()}}
+    data = {"daemon": daemon_of(app), "source": source_of(app, dict(record) if record else None), "agents": rows,
+            "client_id": app.settings.client_id, "sandbox": {"mode": app.settings.sandbox, **capabilities.detect()}}
     app.emit(data, lambda: _print_status(data))
+
+
+def daemon_of(app: App) -> dict[str, Any]:
+    """The daemon serving this home and client, or ``running: false``: who it is from the home's lock, and
+    what it does (runs in flight, the settings it runs with) from its control socket."""
+    from runner.supervise.control import call, socket_path
+    from runner.supervise.owning import running_daemon
+
+    holder = running_daemon(app.settings.home) or {}
+    problem = None
+    try:
+        about = call(socket_path(app.settings.home, app.settings.client_id), {"op": "ping"}, timeout=10) or {}
+    except (OSError, TransientError) as exc:
+        about, problem = {}, exc.message if isinstance(exc, TransientError) else str(exc)
+    if not holder and not about and problem is None:
+        return {"running": False}
+    found = {"running": True, "pid": holder.get("pid") or about.get("pid"),
+             "version": holder.get("version") or about.get("version"), "api": holder.get("api") or about.get("api"),
+             "started_at": holder.get("started_at"),
+             "runs": {"running": about.get("running"), "queued": about.get("queued")},
+             "settings": about.get("settings")}
+    if problem is not None:
+        found["error"] = f"its control socket does not answer: {problem}"
+    return found
+
+
+def source_of(app: App, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The source in force for this client, which level of INTERFACE.md's precedence gave each of its parts
+    ("client section", "environment", "home", "checkout", "default"; ``status`` has no --source flag), and
+    the record of the last reconcile (its revision, time, error and invalid files)."""
+    from runner.reconcile.reconciling import location_of
+
+    s = app.settings
+    last = {k: v for k, v in (record or {}).items() if k != "client_id"}
+    found: dict[str, Any] = {**last, "reconciled_location": last.get("location"),
+                             "from": {"source": s.source_origin_of("source"), "ref": s.source_origin_of("source_ref"),
+                                      "path": s.source_origin_of("source_path")}}
+    try:
+        found["location"] = location_of(s).describe()
+    except UsageError as exc:  # no level names a source and the command runs outside a git checkout
+        found |= {"location": None, "problem": exc.message}
+    return found
+
+
+def origin_text(origin: str) -> str:
+    """A level of the source's precedence in words (as `plan` says it)."""
+    return {"flag": "from --source", "client section": "from the client's section of the settings file",
+            "environment": "from AGENT_ORCH_SOURCE", "home": "recorded in the home by apply --source",
+            "checkout": "the git checkout here"}.get(origin, origin)
 
 
 def agent_row(a: AppliedAgent, last: dict[str, Any] | None) -> dict[str, Any]:
@@ -67,12 +120,29 @@ def last_runs(app: App) -> dict[str, dict[str, Any]]:
 
 def _print_status(data: dict[str, Any]) -> None:
     console = Console(width=160 if not sys.stdout.isatty() else None)
+    d = data["daemon"]
+    if d.get("error"):
+        console.print(f"[red]daemon[/red] pid {d['pid'] or '?'}: {d['error']}", highlight=False)
+    elif d["running"]:
+        runs = d["runs"]
+        console.print(f"daemon pid {d['pid']}, version {d['version']}, API {d['api'] or 'address unknown'}; "
+                      f"{runs['running'] or 0} run(s) running, {runs['queued'] or 0} queued", highlight=False)
+    else:
+        console.print("no daemon runs for this home: 'agentctl serve' starts one; runs start in the foreground",
+                      highlight=False)
     src = data["source"]
-    if src:
-        line = f"source {src['location']} at {(src['revision'] or '-')[:12]}, reconciled {src['reconciled_at']}"
-        console.print(line, highlight=False)
-        if src.get("error"):
-            console.print(f"[red]last source error:[/red] {src['error']}", highlight=False)
+    origin = origin_text(src["from"]["source"])
+    if src["location"] is None:
+        console.print(f"[red]no source:[/red] {src['problem']}", highlight=False)
+    elif src.get("revision") or src.get("reconciled_at"):
+        console.print(f"source {src['location']} ({origin}) at {(src['revision'] or '-')[:12]}, reconciled "
+                      f"{src['reconciled_at']}", highlight=False)
+        if src.get("reconciled_location") not in (None, src["location"]):
+            console.print(f"  last reconciled from {src['reconciled_location']}", highlight=False)
+    else:
+        console.print(f"source {src['location']} ({origin}), not reconciled yet", highlight=False)
+    if src.get("error"):
+        console.print(f"[red]last source error:[/red] {src['error']}", highlight=False)
     sb = data["sandbox"]
     console.print(f"sandbox {sb['mode']}: files {sb['filesystem']}, network {sb['network']}, "
                   f"processes {sb['process_limit']}", highlight=False)
@@ -88,7 +158,7 @@ def _print_status(data: dict[str, Any]) -> None:
         console.print("no agents applied yet: run 'agentctl apply'")
     else:
         console.print(table)
-    for bad in json.loads(src["invalid"] or "[]") if src else []:
+    for bad in json.loads(src.get("invalid") or "[]"):
         console.print(f"[red]invalid file[/red] {bad['file']}: {'; '.join(bad['problems'][:1])}", highlight=False)
 
 
@@ -141,9 +211,20 @@ def _suspend(app: App, name: str, suspended: bool, quiet: bool = False) -> None:
                   lambda: click.echo(f"{name} {word}{extra}"))
 
 
+class RunState(click.Choice[str]):
+    """A run state; a misspelt one is a usage error with the nearest state."""
+
+    def __init__(self) -> None:
+        super().__init__(["queued", "running", *TERMINAL])
+
+    def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
+        return (f"'{value}' is not a run state ({', '.join(map(str, self.choices))})"
+                f"{did_you_mean(str(value), map(str, self.choices))}")
+
+
 @cli.command()
 @click.option("--agent", help="Only this agent's runs.")
-@click.option("--status", "status_", help="Only runs with this status.")
+@click.option("--status", "status_", type=RunState(), metavar="STATE", help="Only runs in this state.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--sql", help="Any read-only SQL over the ledger (tables runs, run_events, reconciles, audit).")
 @click.option("--reconciles", is_flag=True, help="List reconciles instead of runs.")
@@ -153,7 +234,7 @@ def history(app: App, agent: str | None, status_: str | None, limit: int, sql: s
     """Run history from the DuckDB ledger."""
     flush(app.conn, app.settings.ledger_path)
     if sql:
-        cols, rows = query(app.settings.ledger_path, sql)
+        cols, rows = user_query(app.settings.ledger_path, sql)
     elif reconciles:
         cols, rows = query(app.settings.ledger_path,
                            "SELECT revision, started_at, created, updated, deleted, invalid, initiator, error "
@@ -224,7 +305,6 @@ def custom_tool_rows(app: App) -> list[dict[str, Any]]:
 def serve(app: App, host: str | None, port: int | None) -> None:
     """The daemon: follows the spec source and keeps the applied state in step."""
     from runner.api.app import create_app
-    from runner.settings import Settings
     from runner.supervise.daemon import Daemon, setup_logging
 
     settings = Settings.load(app.home, app.client_id, host=host, port=port)

@@ -8,12 +8,28 @@ from typing import Any
 
 import duckdb
 
-from runner.errors import OrchestratorError, TransientError
+from runner.errors import OrchestratorError, TransientError, UsageError
 from runner.ledger.ingesting import ensure_schema, is_lock_error
 
 
 class LedgerError(OrchestratorError):
     code = "ledger"
+
+
+class SqlError(UsageError):
+    """A query someone wrote did not run: DuckDB's own words, which name what is wrong."""
+
+    code = "sql"
+
+
+def user_query(ledger_path: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run a query a user wrote (``agentctl history --sql``): its errors are theirs, said as SQL errors.
+    The ledger is opened read-only, so a statement that writes is one of them."""
+    try:
+        return query(ledger_path, sql)
+    except duckdb.Error as exc:
+        first, *rest = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise SqlError(f"SQL: {first}", details=rest) from None
 
 
 def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeout: float = 10.0
