@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS trigger_state (   -- the last schedule slot fired, so
     last_slot TEXT NOT NULL,
     PRIMARY KEY (client_id, agent, trigger_key)
 );
+CREATE TABLE IF NOT EXISTS applied_changes ( -- bumped with every change to a client's applied agents (any process)
+    client_id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0,   -- the daemon re-arms its triggers when it moves
+    changed_at TEXT
+);
 CREATE TABLE IF NOT EXISTS spec_cache (key TEXT PRIMARY KEY, entry TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS run_progress (   -- runs in flight (and just ended), shared by launcher and run
     run_id TEXT PRIMARY KEY,
@@ -104,7 +109,7 @@ def connect(path: Path) -> sqlite3.Connection:
 # Columns added after a table first shipped: (table, column, type). SQLite adds them in place.
 MIGRATIONS = [("sources", "invalid", "TEXT"), ("run_progress", "launcher_pid", "INTEGER"),
               ("run_progress", "row", "TEXT"), ("tokens", "id", "TEXT"), ("tokens", "expires_at", "TEXT"),
-              ("tokens", "last_used_at", "TEXT")]
+              ("tokens", "last_used_at", "TEXT"), ("run_progress", "retry_of", "TEXT")]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -4,6 +4,13 @@ Each agent carries two conditions, after Kubernetes' habit:
 - ``Ready``: it has a valid applied spec and can run (False when it was never valid).
 - ``Synced``: its applied spec is what the source says at the last reconciled revision (False with
   reason Invalid when the newer spec is broken: the agent keeps its last good version meanwhile).
+
+The daemon adds a third when one of its triggers cannot be armed yet:
+- ``Triggered``: False with reason WaitingForPath while a watched folder does not exist.
+
+Every change to a client's applied agents (an apply, a suspension) bumps that client's generation in
+``applied_changes``, in the same transaction, whichever process makes it: the daemon follows the
+generation and re-arms its triggers when it moves (``runner.supervise.daemon``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runner.specs.models import AgentSpec
+from runner.state import Transaction
 
 
 @dataclass
@@ -68,9 +76,10 @@ class AppliedAgent:
 
     @property
     def message(self) -> str:
-        synced = self.condition("Synced")
-        if synced.get("status") == "False":
-            return str(synced.get("message", ""))
+        for kind in ("Synced", "Triggered"):
+            cond = self.condition(kind)
+            if cond.get("status") == "False":
+                return str(cond.get("message", ""))
         return str(self.condition("Ready").get("message", ""))
 
 
@@ -81,9 +90,48 @@ def load_applied(conn: sqlite3.Connection, client_id: str, name: str | None = No
 
 
 def set_suspended(conn: sqlite3.Connection, client_id: str, name: str, suspended: bool) -> bool:
-    cur = conn.execute("UPDATE agents SET suspended = ?, updated_at = ? WHERE client_id = ? AND name = ?",
-                       (int(suspended), now(), client_id, name))
+    with Transaction(conn) as tx:
+        cur = tx.execute("UPDATE agents SET suspended = ?, updated_at = ? WHERE client_id = ? AND name = ?",
+                         (int(suspended), now(), client_id, name))
+        if cur.rowcount > 0:
+            bump_generation(tx, client_id)
     return cur.rowcount > 0
+
+
+def bump_generation(tx: sqlite3.Connection, client_id: str) -> None:
+    """Say the client's applied agents changed (call inside the transaction that changes them)."""
+    tx.execute("INSERT INTO applied_changes (client_id, generation, changed_at) VALUES (?, 1, ?) "
+               "ON CONFLICT(client_id) DO UPDATE SET generation = generation + 1, changed_at = excluded.changed_at",
+               (client_id, now()))
+
+
+def applied_generations(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each client's generation of applied agents: one cheap read, made a few times a second by the daemon."""
+    return {r[0]: int(r[1]) for r in conn.execute("SELECT client_id, generation FROM applied_changes")}
+
+
+def set_trigger_condition(conn: sqlite3.Connection, client_id: str, name: str, waiting: list[str]) -> bool:
+    """Record on the agent whether its triggers wait for folders to exist (``waiting``); True if it changed.
+
+    Not a change of the applied agent: the generation stays (the daemon writes this after re-arming).
+    """
+    with Transaction(conn) as tx:
+        row = tx.execute("SELECT conditions FROM agents WHERE client_id = ? AND name = ?", (client_id, name)).fetchone()
+        if row is None:
+            return False
+        conditions = [c for c in json.loads(row[0]) if c.get("type") != "Triggered"]
+        old = next((c for c in json.loads(row[0]) if c.get("type") == "Triggered"), None)
+        if waiting:
+            message = "; ".join(f"waiting for {path} to exist" for path in waiting)
+            if old and old.get("message") == message:
+                return False
+            conditions.append({"type": "Triggered", "status": "False", "reason": "WaitingForPath",
+                               "message": message, "since": now()})
+        elif old is None:
+            return False
+        tx.execute("UPDATE agents SET conditions = ? WHERE client_id = ? AND name = ?",
+                   (json.dumps(conditions), client_id, name))
+    return True
 
 
 def now() -> str:

@@ -2,7 +2,9 @@
 
 One bad spec never blocks the others: valid changes apply; an invalid agent keeps its last good
 spec and gets ``Synced=False`` with the problems as its message. Either the whole plan and its
-reconcile record commit, or nothing does.
+reconcile record commit, or nothing does; a plan that changes anything also bumps the client's
+generation of applied agents in that transaction, which is how a running daemon learns of an apply
+made by any process (it re-arms its triggers within a fraction of a second).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from runner.reconcile.applied import now
+from runner.reconcile.applied import bump_generation, now
 from runner.reconcile.planning import Change, Plan
 from runner.specs.problems import errors_in
 from runner.state import Transaction, journal
@@ -42,6 +44,8 @@ def apply_plan(conn: sqlite3.Connection, plan: Plan, *, initiator: str, started_
             if change not in unnamed:
                 _apply(tx, plan, change, stamp)
         _refresh_unchanged(tx, plan)
+        if plan.changes:
+            bump_generation(tx, plan.client_id)
         tx.execute("UPDATE agents SET attempted_revision = ? WHERE client_id = ?", (rev, plan.client_id))
         invalid_files = [{"file": c.name, "problems": [str(p) for p in errors_in(c.problems)[:5]]} for c in unnamed]
         tx.execute(
@@ -91,6 +95,9 @@ def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> No
     r = change.result
     if change.action == "delete":
         tx.execute("DELETE FROM agents WHERE client_id = ? AND name = ?", key)
+        # Its schedules' history goes with it: an agent made again under this name starts afresh, and is
+        # not caught up on a slot its namesake missed.
+        tx.execute("DELETE FROM trigger_state WHERE client_id = ? AND agent = ?", key)
         return
     if change.action in ("create", "update") and r is not None and r.spec is not None:
         ready = _condition("Ready", True, "Applied", f"generation applied from {plan.revision[:12]}", stamp)
