@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 # Each table has a primary key so ingesting the same journal row twice (after a crash between the
-# DuckDB commit and the journal delete) replaces instead of duplicating.
+# DuckDB commit and the journal delete) replaces instead of duplicating. A column added after a table
+# first shipped is in its CREATE and in an ALTER ... IF NOT EXISTS after it (ensure_schema runs both), so
+# ledgers made before it get it too; the column parsers below read the CREATE only.
 TABLES: dict[str, str] = {
     "runs": """
         CREATE TABLE IF NOT EXISTS runs (
@@ -24,8 +26,10 @@ TABLES: dict[str, str] = {
             input VARCHAR,
             output VARCHAR,
             requested_by VARCHAR,
-            pid INTEGER
-        )""",
+            pid INTEGER,
+            retry_of VARCHAR
+        );
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS retry_of VARCHAR""",
     "run_events": """
         CREATE TABLE IF NOT EXISTS run_events (
             run_id VARCHAR NOT NULL,

@@ -110,6 +110,22 @@ class Constraints(Strict):
     )
 
 
+RetryOn = Literal["failed", "timed_out", "interrupted"]
+
+
+def _every_end() -> list[RetryOn]:
+    return ["failed", "timed_out", "interrupted"]
+
+
+class Retry(Strict):
+    limit: int = Field(ge=1, le=100, description="Retries of one run at most (the first attempt not counted).")
+    backoff: float = Field(0, ge=0, le=24 * 3600, description="Seconds between a run's end and its retry.")
+    on: list[RetryOn] = Field(
+        default_factory=_every_end, min_length=1,
+        description="End states that are retried: failed, timed_out, interrupted (the daemon died while it ran).",
+    )
+
+
 class AgentSpec(Strict):
     name: str = Field(
         pattern=NAME_PATTERN,
@@ -132,6 +148,10 @@ class AgentSpec(Strict):
     memory: MemorySpec | None = Field(None, description="The agent's memory; none when omitted.")
     triggers: list[Trigger] = Field(default_factory=list, description="What starts a run besides a user.")
     constraints: Constraints = Field(default_factory=Constraints, description="Limits of each run.")
+    retry: Retry | None = Field(
+        None, description="Retry runs started by a trigger that end in one of the 'on' states; each retry is "
+        "a new run whose retry_of names the run it retries. Runs started by a user are not retried.",
+    )
 
     @property
     def task(self) -> str:
