@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from bench import api, daemon, memory, overhead, plan, sandbox
+from bench import api, daemon, memory, overhead, plan, rearm, sandbox
 
 BENCHES = {"plan": plan.main, "memory": memory.main, "overhead": overhead.main, "daemon": daemon.main,
-           "api": api.main, "sandbox": sandbox.main}
+           "api": api.main, "sandbox": sandbox.main, "rearm": rearm.main}
 
 
 def main() -> None:

@@ -1,9 +1,22 @@
-"""The daemon: follow the git source, fire triggers, run agents as supervised processes.
+"""The daemon: the one owner of a home's live state. It follows the git source, fires triggers, and
+runs agents as supervised processes forked by a zygote (``runner.agent.spawning``).
 
-Start order matters: the fork server first (it is exec'd, so our threads do not leak into it), then
-the sweep of runs a previous daemon left in flight, the first reconcile, the triggers, the control
-socket, and the flusher. Stop order is the reverse: triggers stop firing, the control socket closes,
-the process table gives runs in flight their grace and then stops them, the ledger is flushed.
+Who owns what. The daemon holds the home's lock (``owning``: one daemon per home) and owns what is
+live: the process table (runs queued and in flight), the armed triggers, the control sockets, the API.
+The applied state in ``state.sqlite`` is shared: any process may apply (``agentctl apply``, an API
+write, a push, the daemon's own poll), and every apply bumps the client's generation of applied agents
+in its own transaction. The daemon follows that generation a few times a second and re-arms the
+client's schedules and watches from the applied state when it moves: one mechanism, whoever applied.
+
+Start order matters: the home's lock first, before anything of the home is touched (a second daemon
+leaves at once, with the first one's pid and API address). Then per client: the process table (its
+zygote is exec'd, so our threads do not leak into it), the sweep of runs a previous daemon left
+(running ones become interrupted, queued ones go back on the queue), the first reconcile, the
+triggers (catch-up of missed slots is decided then, from trigger_state, before anything else arms the
+schedule), the control socket. Then the API (its address goes into the lock file), the flusher and the
+follower. Stop order is the reverse: triggers stop firing, the control sockets and the API close, the
+process tables give runs in flight their grace and then stop them, the ledger is flushed, the lock is
+dropped (the kernel drops it too, however the process ends).
 
 Between reconciles the loop waits for the next poll (sync_interval with jitter) or a reconcile
 request (the post-receive hook or the webhook touches a file). A source that cannot be read keeps the
@@ -14,11 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,16 +39,25 @@ from typing import Any
 from runner.agent.recording import TERMINAL, progress
 from runner.errors import SourceError, StorageFullError
 from runner.ledger.ingesting import flush
-from runner.reconcile.applied import load_applied, set_suspended
+from runner.reconcile.applied import (
+    AppliedAgent,
+    applied_generations,
+    load_applied,
+    set_suspended,
+    set_trigger_condition,
+)
 from runner.reconcile.reconciling import open_source, reconcile
 from runner.sandbox import capabilities
 from runner.settings import Settings, client_ids, shadowed_environment
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
+from runner.specs.models import AgentSpec
 from runner.state import connect
 from runner.supervise.control import ControlServer, socket_path
+from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
-from runner.supervise.recovery import sweep_interrupted
+from runner.supervise.owning import HomeLock
+from runner.supervise.recovery import sweep
 from runner.supervise.table import ProcessTable
 from runner.supervise.triggers import Scheduler, Watcher
 
@@ -46,6 +66,7 @@ log = logging.getLogger("runner.daemon")
 # is a layer above supervision, so the daemon is handed it rather than importing it).
 AppFactory = Callable[[dict[str, Any], Metrics], Any]
 MAX_BACKOFF = 300.0
+FOLLOW_INTERVAL = 0.2  # seconds between two reads of the applied generations: a re-arm lags an apply by about this
 
 
 class Daemon:
@@ -57,6 +78,7 @@ class Daemon:
     """
 
     def __init__(self, settings: Settings, app_factory: AppFactory | None = None) -> None:
+        self.lock = HomeLock(settings.home).acquire()  # first: DaemonRunningError while another daemon holds it
         self.settings = settings
         self.app_factory = app_factory
         self.stopping = threading.Event()
@@ -89,9 +111,14 @@ class Daemon:
         self.api: ApiServer | None = None
         if self.app_factory is not None:
             self.api = ApiServer(self.app_factory(runtimes, self.metrics), s.host, s.port)
-            log.info("API on http://%s:%d/agents/v1 (health: /healthz)", s.host, self.api.port)
+            address = f"[{s.host}]:{self.api.port}" if ":" in s.host else f"{s.host}:{self.api.port}"
+            self.lock.record(api=address)
+            for client in self.clients:
+                client.api_address = address
+            log.info("API on http://%s/agents/v1 (health: /healthz)", address)
         flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
         flusher.start()
+        threading.Thread(target=self._follow_loop, name="follower", daemon=True).start()
         loops = [threading.Thread(target=c.loop, name=f"reconcile-{c.settings.client_id}", daemon=True)
                  for c in self.clients]
         for t in loops:
@@ -107,6 +134,7 @@ class Daemon:
             client.shutdown(now=self.signals > 1)
         flush(self.clients[0].conn, s.ledger_path, wait=True, observe=self.metrics.observe_row)
         log.info("stopped")
+        self.lock.release()
 
     def _flush_loop(self) -> None:
         conn = connect(self.settings.state_path)
@@ -115,6 +143,18 @@ class Daemon:
                 flush(conn, self.settings.ledger_path, observe=self.metrics.observe_row)
             except Exception as exc:  # the ledger must never take the daemon down; rows wait in the journal
                 log.error("ledger flush failed: %s", exc)
+
+    def _follow_loop(self) -> None:
+        """Re-arm a client's triggers when its applied agents changed, whichever process changed them."""
+        conn = connect(self.settings.state_path)
+        while not self.stopping.wait(FOLLOW_INTERVAL):
+            try:
+                generations = applied_generations(conn)
+                for client in self.clients:
+                    if generations.get(client.settings.client_id, 0) != client.armed_generation:
+                        client.refresh_triggers()
+            except Exception as exc:  # a locked or full database must not end the following: try again
+                log.error("re-arming triggers failed: %s", exc)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.signals += 1
@@ -137,6 +177,10 @@ class ClientDaemon:
         self._request_mtime = self._mtime()
         self._failures = 0
         self._request_now = threading.Event()
+        self._arming = threading.Lock()
+        self.armed_generation = -1  # the generation of applied agents the triggers were last armed from
+        self._armed_agents: set[str] = set()
+        self.api_address: str | None = None
 
     @property
     def conn(self) -> Any:
@@ -148,13 +192,22 @@ class ClientDaemon:
         s = self.settings
         log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
         self.table = ProcessTable(s, open_source(s))
-        swept = sweep_interrupted(self.conn, s.client_id)
-        if swept:
-            log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s", len(swept),
-                        ", ".join(swept))
-        self.scheduler = Scheduler(lambda: self.conn, s.client_id, self.submit)
-        self.watcher = Watcher(self.submit)
+        left = sweep(self.conn, s.client_id)
+        if left.interrupted:
+            log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
+                        len(left.interrupted), ", ".join(r["run_id"] for r in left.interrupted))
         self.reconcile_once("daemon:start")
+        if left.queued:
+            log.warning("put %d run(s) back on the queue (queued, not started, when the last daemon stopped): %s",
+                        len(left.queued), ", ".join(r["run_id"] for r in left.queued))
+        for row in left.queued:
+            self.table.requeue(row)
+        for row in left.interrupted:
+            self.table.interrupted(row)  # queues its retry, if its spec asks for one
+        # The triggers are armed only now, after the first reconcile: the catch-up of missed slots must see an
+        # empty schedule, whatever the reconcile applied.
+        self.scheduler = Scheduler(lambda: self.conn, s.client_id, self.submit)
+        self.watcher = Watcher(self.submit, on_waiting=self.sync_waiting)
         self.refresh_triggers(catch_up=True)
         self.control = ControlServer(socket_path(s.home, s.client_id), self.handle)
         self.runtime = DaemonRuntime(self)
@@ -203,8 +256,6 @@ class ClientDaemon:
             log.error("reconcile refused: %s", plan.refused)
         for change in plan.changes:
             log.info("%s", change)
-            if change.action == "delete" and hasattr(self, "table"):
-                self.table.stop_agent(change.name, "agent deleted from the source")
         if outcome and plan.changes:
             log.info("applied %s: %d created, %d updated, %d deleted, %d invalid", plan.revision[:12],
                      outcome.created, outcome.updated, outcome.deleted, outcome.invalid)
@@ -223,11 +274,42 @@ class ClientDaemon:
         return out
 
     def refresh_triggers(self, *, catch_up: bool = False) -> None:
-        agents = self.applied_specs(runnable=True)
-        self.scheduler.update(agents, catch_up=catch_up)
-        s = self.settings
-        self.watcher.update(agents, lambda name: {"CLIENT_ID": s.client_id, "AGENT_NAME": name,
-                                                  "AGENT_ORCH_HOME": str(s.home)})
+        """Arm schedules and watches from the applied state as it is now; stop the runs of deleted agents.
+
+        Called after any change of the applied agents (the follower sees their generation move), and at
+        once by whoever changed them in this process. The generation is read first: a change that lands
+        while this runs moves it again, and the follower comes back.
+        """
+        with self._arming:
+            cid = self.settings.client_id
+            generation = applied_generations(self.conn).get(cid, 0)
+            applied = load_applied(self.conn, cid)
+            present = {name for name, a in applied.items() if a.spec_json is not None}
+            for name in sorted(self._armed_agents - present):
+                self.table.stop_agent(name, "agent deleted from the source")
+            agents = {name: spec for name, a in applied.items() if (spec := _runnable(a)) is not None}
+            self.scheduler.update(agents, catch_up=catch_up)
+            s = self.settings
+            self.watcher.update(agents, lambda name: {"CLIENT_ID": s.client_id, "AGENT_NAME": name,
+                                                      "AGENT_ORCH_HOME": str(s.home)})
+            if generation != self.armed_generation:
+                log.info("triggers armed from generation %d of the applied agents: %d schedule(s), %d watch(es)",
+                         generation, len(self.scheduler.heap), len(self.watcher.watches))
+            self._armed_agents, self.armed_generation = present, generation
+            self._sync_waiting(applied)
+
+    def sync_waiting(self) -> None:
+        """Say in each agent's status which watched folders it waits for (the watcher saw one come or go)."""
+        with self._arming:
+            self._sync_waiting(load_applied(self.conn, self.settings.client_id))
+
+    def _sync_waiting(self, applied: dict[str, AppliedAgent]) -> None:
+        waiting = self.watcher.waiting()
+        for name, agent in applied.items():
+            want = "; ".join(f"waiting for {path} to exist" for path in waiting.get(name, [])) or None
+            have = agent.condition("Triggered")
+            if want != (have.get("message") if have.get("status") == "False" else None):
+                set_trigger_condition(self.conn, self.settings.client_id, name, waiting.get(name, []))
 
     # -- runs ---------------------------------------------------------------------------------------
 
@@ -240,7 +322,8 @@ class ClientDaemon:
         op, agent = request.get("op"), request.get("agent")
         client = self.settings.client_id
         if op == "ping":
-            return {"ok": True, "pid": os.getpid(), **self.table.in_flight()}
+            return {"ok": True, "pid": os.getpid(), **self.table.in_flight(), "armed_generation": self.armed_generation,
+                    **({"api": self.api_address} if self.api_address else {})}
         if op == "reconcile":
             self._request_now.set()
             return {"ok": True}
@@ -306,6 +389,12 @@ class ClientDaemon:
     def shutdown(self, *, now: bool) -> None:
         s = self.settings
         self.table.shutdown(grace=0 if now else s.shutdown_grace, kill_grace=s.kill_grace)
+
+
+def _runnable(agent: AppliedAgent) -> AgentSpec | None:
+    """The agent's spec when its triggers should fire (a valid spec, enabled, not suspended), else None."""
+    spec = agent.spec
+    return None if spec is None or agent.suspended or not spec.enabled else spec
 
 
 class DaemonRuntime:
@@ -380,52 +469,6 @@ class ApiServer:
 
     def close(self) -> None:
         self.server.close()
-
-
-def setup_logging(settings: Settings) -> None:
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = _LogFile(settings.logs_dir / "agent_orchestrator.log", maxBytes=10 * 1024 * 1024, backupCount=5)
-    stream = logging.StreamHandler(sys.stderr)
-    formatter: logging.Formatter = (_JsonFormatter() if settings.log_format == "json" else
-                                    logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for h in (handler, stream):
-        h.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler, stream]
-    root.setLevel(settings.log_level.upper())
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth" under any load
-
-
-class _LogFile(logging.handlers.RotatingFileHandler):
-    """The log file sits in the home. When that disk is full a line cannot be written: say so once on
-    stderr, which still gets every line, rather than print a traceback for each line; the file takes
-    lines again (and what was kept in its buffer) once there is space."""
-
-    full = False  # the last line that failed found the disk full (said once on stderr)
-    failed = False  # the line being written failed
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.failed = False
-        super().emit(record)  # calls handleError on failure
-        if self.full and not self.failed:
-            self.full = False
-            sys.stderr.write(f"log file {self.baseFilename}: writable again\n")
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self.failed = True
-        exc = sys.exc_info()[1]
-        if exc is None or StorageFullError.of(exc) is None:
-            super().handleError(record)
-        elif not self.full:
-            self.full = True
-            sys.stderr.write(f"log file {self.baseFilename}: the disk is full, lines go to stderr only until "
-                             "space is freed\n")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                           "message": record.getMessage()})
 
 
 __all__ = ["TERMINAL", "Daemon", "setup_logging"]

@@ -1,8 +1,11 @@
-"""After a crash: runs on record as queued or running whose launcher is gone become ``interrupted``.
+"""After a crash: what a dead daemon (or foreground launcher) left on record as queued or running.
 
 The launcher (the daemon's, or a foreground ``agentctl run``) owns a run's row. If it died (kill -9,
-power loss), nobody will write the final row, so the next daemon start does, and kills whatever is
-left of the run's process group.
+power loss), nobody will write the final row, so the next daemon start sorts its runs in two:
+- a run that was ``running`` (its process had started) is ``interrupted``, and whatever is left of its
+  process group is killed: part of it ran, and running it again is the spec's choice (``retry``);
+- a run that was still ``queued`` had not started: nothing of it ran, so it goes back on the queue,
+  under its own run id, ahead of anything new.
 """
 
 from __future__ import annotations
@@ -10,23 +13,33 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+from dataclasses import dataclass, field
 
 from runner.agent.recording import end_in_flight
 from runner.supervise.table import pid_alive
 
 
-def sweep_interrupted(conn: sqlite3.Connection, client_id: str) -> list[str]:
-    rows = conn.execute("SELECT * FROM run_progress WHERE client_id = ? AND status IN ('queued', 'running')",
-                        (client_id,)).fetchall()
-    swept = []
+@dataclass
+class Recovered:
+    interrupted: list[sqlite3.Row] = field(default_factory=list)  # now 'interrupted'
+    queued: list[sqlite3.Row] = field(default_factory=list)  # to put back on the queue, oldest first
+
+
+def sweep(conn: sqlite3.Connection, client_id: str) -> Recovered:
+    rows = conn.execute("SELECT * FROM run_progress WHERE client_id = ? AND status IN ('queued', 'running') "
+                        "ORDER BY run_id", (client_id,)).fetchall()
+    found = Recovered()
     for r in rows:
         if pid_alive(r["launcher_pid"]) and r["launcher_pid"] != os.getpid():
             continue  # a foreground run still in its launcher's care
+        if r["status"] == "queued" and not r["pid"]:
+            found.queued.append(r)
+            continue
         if r["pid"]:
             try:
                 os.killpg(int(r["pid"]), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         end_in_flight(conn, r, "interrupted", "the daemon or launcher died while the run was in flight")
-        swept.append(r["run_id"])
-    return swept
+        found.interrupted.append(r)
+    return found

@@ -5,10 +5,17 @@ replace: stop the runs in flight, then wait) and records the run as ``queued``. 
 takes requests in order while fewer than MAX_AGENTS run, prepares each plan (the spec at its applied
 revision) and starts it (``launching.start``: the zygote forks it); a thread per run in flight then
 sees it to its end (``launching.wait``: events, deadline, stop, the final row) and frees the slot.
+
+A run's end is handled in one place (``_ended``, or ``_record`` for a run that never started): the
+slot is freed, and when the agent opted into retries (``retry: {limit, backoff, on}``) and the run was
+started by a trigger and ended in one of the ``on`` states, a new run is queued, ``backoff`` seconds
+later, whose ``retry_of`` is the run that ended. Such a run waits in the queue like any other (so a
+kill -9 during its backoff keeps it), but is not handed off before its time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -25,9 +32,10 @@ from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
 from runner.source.git import GitSource
-from runner.state import connect
+from runner.state import connect, journal
 
 log = logging.getLogger("runner.supervise")
+RETRIABLE = ("failed", "timed_out", "interrupted")  # the states a spec's retry.on may name
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     status: str = "queued"
+    retry_of: str | None = None  # the run this one retries
+    not_before: float = 0.0  # monotonic time before which it is not handed off (a retry's backoff)
 
 
 class ProcessTable:
@@ -68,9 +78,10 @@ class ProcessTable:
     # -- submitting ---------------------------------------------------------------------------------
 
     def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
-               overlap: str | None = None) -> Request:
+               overlap: str | None = None, retry_of: str | None = None, delay: float = 0.0) -> Request:
         """Queue a run of ``agent`` (or record it skipped, per its overlap policy)."""
-        request = Request(new_run_id(), agent, trigger, input, requested_by, utcnow())
+        request = Request(new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
+                          not_before=time.monotonic() + delay)
         with self.cond:
             if not self.accepting:
                 return self._record(request, "skipped", "the daemon is shutting down")
@@ -85,6 +96,23 @@ class ProcessTable:
                 request_stop(self.conn, self.settings.client_id, agent)
             write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
                                         queued_at=request.queued_at, input=input, requested_by=requested_by))
+            if retry_of is not None:
+                self.conn.execute("UPDATE run_progress SET retry_of = ? WHERE run_id = ?", (retry_of, request.run_id))
+                self._ledger_retry_of(request.run_id, retry_of)
+            self.queue.append(request)
+            self.cond.notify_all()
+        return request
+
+    def requeue(self, progress_row: Any) -> Request:
+        """Put back on the queue a run a previous daemon had queued but not started when it died (same run id;
+        nothing of it ran). From now on this daemon is its launcher."""
+        data = json.loads(progress_row["row"]) if progress_row["row"] else {}
+        request = Request(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
+                          data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
+                          retry_of=progress_row["retry_of"])
+        with self.cond:
+            self.conn.execute("UPDATE run_progress SET launcher_pid = ? WHERE run_id = ?",
+                              (os.getpid(), request.run_id))
             self.queue.append(request)
             self.cond.notify_all()
         return request
@@ -102,7 +130,54 @@ class ProcessTable:
         request.status = status
         request.done.set()
         log.info("run %s of %s %s: %s", request.run_id, request.agent, status, error)
+        if request.retry_of is not None:
+            self._ledger_retry_of(request.run_id, request.retry_of)
         return request
+
+    def interrupted(self, progress_row: Any) -> Request | None:
+        """A run a previous daemon left running, now on record as interrupted (recovery.sweep): its retry."""
+        data = json.loads(progress_row["row"]) if progress_row["row"] else {}
+        if progress_row["retry_of"]:
+            self._ledger_retry_of(progress_row["run_id"], progress_row["retry_of"])
+        return self.retry(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
+                          data.get("input"), "interrupted")
+
+    def _ledger_retry_of(self, run_id: str, retry_of: str) -> None:
+        """The ledger row of a retry says which run it retries. RunRow has no field for it, so its latest row
+        (as written to run_progress) goes to the journal again with ``retry_of`` added; the ledger keeps the
+        last write of a run, so its final row has it (a row written while it runs, by launching, does not)."""
+        row = self.conn.execute("SELECT row FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
+        if row is not None and row[0]:
+            journal(self.conn, "runs", {**json.loads(row[0]), "retry_of": retry_of})
+
+    # -- retrying -----------------------------------------------------------------------------------
+
+    def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str) -> Request | None:
+        """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one."""
+        if trigger == "manual" or status not in RETRIABLE or not self.accepting:
+            return None
+        applied = load_applied(self.conn, self.settings.client_id, agent).get(agent)
+        policy = (applied.spec_dict or {}).get("retry") if applied is not None else None
+        if not policy or status not in policy.get("on", []):
+            return None
+        attempts = self._retries_before(run_id)
+        if attempts >= int(policy.get("limit", 0)):
+            log.info("run %s of %s %s: no retry left (%d of %d made)", run_id, agent, status, attempts,
+                     policy.get("limit", 0))
+            return None
+        delay = float(policy.get("backoff", 0))
+        log.info("run %s of %s %s: retry %d of %d in %gs", run_id, agent, status, attempts + 1, policy["limit"], delay)
+        return self.submit(agent, trigger=trigger, input=input, overlap="queue", retry_of=run_id, delay=delay)
+
+    def _retries_before(self, run_id: str) -> int:
+        """How many retries led to ``run_id`` (0 for a first attempt), along the retry_of chain."""
+        count, current = 0, run_id
+        while count < 1000:
+            row = self.conn.execute("SELECT retry_of FROM run_progress WHERE run_id = ?", (current,)).fetchone()
+            if row is None or row[0] is None:
+                return count
+            count, current = count + 1, row[0]
+        return count
 
     # -- dispatching --------------------------------------------------------------------------------
 
@@ -111,7 +186,7 @@ class ProcessTable:
             with self.cond:
                 request = self._next()
                 while request is None:
-                    self.cond.wait()
+                    self.cond.wait(timeout=self._until_due())
                     request = self._next()
                 self.queue.remove(request)
                 self.running[request.run_id] = request
@@ -124,7 +199,14 @@ class ProcessTable:
         if len(self.running) >= self.settings.max_agents:
             return None
         busy = {r.agent for r in self.running.values()}
-        return next((r for r in self.queue if r.agent not in busy), None)
+        now = time.monotonic()
+        return next((r for r in self.queue if r.agent not in busy and r.not_before <= now), None)
+
+    def _until_due(self) -> float | None:
+        """Seconds until the first queued retry's backoff is over (None: nothing waits for its time)."""
+        now = time.monotonic()
+        waits = [r.not_before - now for r in self.queue if r.not_before > now]
+        return max(0.01, min(waits)) if waits else None
 
     def _hand_off(self, request: Request) -> None:
         try:
@@ -172,6 +254,9 @@ class ProcessTable:
             request.status = status
             request.done.set()
             log.info("run %s of %s ended: %s", run_id, request.agent, status)
+            if request.retry_of is not None:
+                self._ledger_retry_of(request.run_id, request.retry_of)
+            self.retry(run_id, request.agent, request.trigger, request.input, status)
 
     # -- stopping -----------------------------------------------------------------------------------
 

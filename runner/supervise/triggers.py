@@ -2,11 +2,15 @@
 
 Schedules keep a heap of (next slot, agent, trigger). Before a slot's run is queued, the slot is
 written to ``trigger_state``: after a crash the next start knows it fired, so no slot fires twice.
-At start, a ``persistent`` trigger whose latest slot passed while the daemon was down fires once.
+At start, a ``persistent`` trigger whose latest slot passed while the daemon was down fires once. That
+catch-up is decided from ``trigger_state`` alone, by the first ``update`` (the daemon makes it with
+``catch_up=True`` before anything else arms the heap), never from what the heap already holds.
 
 File changes: one watchdog observer. Events are filtered by the trigger's patterns and gathered
 until ``debounce`` seconds pass without a new one; then one run gets the list of files as input.
-A watched folder that disappears is watched for again (every tick) until it is back. Its watch is known
+A watched folder that does not exist (yet, or any more) is looked for at every tick until it is
+there; meanwhile the log says so once, and ``waiting()`` names it (the daemon shows it in the agent's
+status: "waiting for PATH to exist"). Its watch is known
 to be dead when the folder's inode changed or when watchdog's emitter for it stopped (it stops itself
 when the folder is deleted; a folder made again at once can get the same inode back). Files already in
 a folder that comes back were made before its new watch was, so they count as changes.
@@ -81,14 +85,14 @@ class Scheduler:
                     if not isinstance(trig, ScheduleTrigger):
                         continue
                     key = schedule_key(i, trig)
-                    if (name, key) in pending:
-                        heap.append(_Slot(pending[(name, key)], name, key, trig))
-                        continue
                     previous = last.get((name, key))
                     if catch_up and trig.persistent and previous is not None:
                         missed = last_fire(trig.cron, trig.timezone, now)
                         if missed is not None and missed > previous:
                             due.append(_Slot(missed, name, key, trig))
+                    if (name, key) in pending:
+                        heap.append(_Slot(pending[(name, key)], name, key, trig))
+                        continue
                     after = max(now, previous) if previous else now
                     heap.append(_Slot(next_fire(trig.cron, trig.timezone, after), name, key, trig))
             heapq.heapify(heap)
@@ -153,8 +157,9 @@ class _Watch:
 
 
 class Watcher(FileSystemEventHandler):
-    def __init__(self, submit: Submit) -> None:
+    def __init__(self, submit: Submit, on_waiting: Callable[[], None] | None = None) -> None:
         self.submit = submit
+        self.on_waiting = on_waiting  # called (from the tick thread) when a watched folder appears or goes away
         self.lock = threading.Lock()
         self.watches: dict[tuple[str, int], _Watch] = {}
         self.polling = False
@@ -190,6 +195,15 @@ class Watcher(FileSystemEventHandler):
                     self.watches[key] = _Watch(key[0], path, trig)
                     self._schedule(self.watches[key])
 
+    def waiting(self) -> dict[str, list[str]]:
+        """Folders each agent's triggers wait for: they do not exist, so nothing watches them yet."""
+        with self.lock:
+            out: dict[str, list[str]] = {}
+            for w in self.watches.values():
+                if w.absent and w.path not in out.get(w.agent, []):
+                    out.setdefault(w.agent, []).append(w.path)
+            return out
+
     def stop(self) -> None:
         self.stopping.set()
         self.observer.stop()
@@ -213,11 +227,15 @@ class Watcher(FileSystemEventHandler):
             now = time.monotonic()
             fire: list[tuple[str, list[str]]] = []
             with self.lock:
+                before = [w.absent for w in self.watches.values()]
                 for w in self.watches.values():
                     if w.pending and now - max(w.pending.values()) >= w.trigger.debounce:
                         fire.append((w.agent, sorted(w.pending)))
                         w.pending.clear()
                     self._rearm(w)
+                changed = before != [w.absent for w in self.watches.values()]
+            if changed and self.on_waiting is not None:
+                self.on_waiting()
             for agent, files in fire:
                 shown = "\n".join(f"- {f}" for f in files[:200])
                 more = f"\n... and {len(files) - 200} more" if len(files) > 200 else ""
@@ -234,6 +252,7 @@ class Watcher(FileSystemEventHandler):
             if w.inode is not None:  # it went away: watch for it to come back
                 self._unschedule(w)
                 w.absent = True
+                log.warning("%s: %s went away; waiting for it to exist again", w.agent, w.path)
             return
         emitter = self._emitter(w)
         if inode == w.inode and emitter == "alive":
@@ -270,6 +289,9 @@ class Watcher(FileSystemEventHandler):
         try:
             st = os.stat(w.path)
         except OSError:
+            if not w.absent:
+                log.warning("%s: the file_change trigger's folder %s does not exist; waiting for it to exist",
+                            w.agent, w.path)
             w.inode = None
             w.absent = True
             return  # not there (yet): _rearm tries again
@@ -285,6 +307,8 @@ class Watcher(FileSystemEventHandler):
                 for other in self.watches.values():
                     other.inode = None  # re-schedule everything on the new observer
             w.handle = self.observer.schedule(self, w.path, recursive=w.trigger.recursive)
+        if w.absent:
+            log.info("%s: %s exists now; watching it", w.agent, w.path)
         w.inode, w.absent = (st.st_dev, st.st_ino), False
 
     def _unschedule(self, w: _Watch) -> None:
