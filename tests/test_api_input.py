@@ -189,6 +189,15 @@ def test_get_edit_put_changes_the_edited_line_and_nothing_else(api: Served) -> N
         "/reports\n", f"/reports\n      - {api.source.parent / 'data' / 'archive'}\n")
     assert file_at_head(api, "reporter") == expected
 
+    # Removing the first tool removes its lines, not the last tool's.
+    shown = applied(api, "reporter", reply.json["etag"])
+    del shown["spec"]["tools"][0]
+    reply = api.api("PUT", "/agents/reporter", role="admin", body=shown["spec"], headers={"If-Match": shown["etag"]})
+    assert reply.status == 200, reply.body
+    first_tool = f'  - name: file_reader\n    paths: ["{api.source.parent / "data"}/inbox"]   # only the inbox\n'
+    assert first_tool in expected
+    assert file_at_head(api, "reporter") == expected.replace(first_tool, "")
+
 
 def test_yaml_bodies_and_the_file_as_yaml(api: Served) -> None:
     # GET with Accept: application/yaml is the file, byte for byte; PUT it back edited, as YAML.

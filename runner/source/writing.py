@@ -102,29 +102,31 @@ def rewrite_spec(current: bytes, spec: dict[str, Any]) -> bytes:
     changed is removed. What comes out must mean exactly ``spec``; when the current file cannot be
     round-tripped (not YAML, not a valid spec) or the result would mean anything else, it is
     ``dump_spec(spec, current)``.
+
+    ruamel.yaml writes again what it read, with three known differences on the lines it does not
+    change: one indentation for the whole file (the file's first), one space after a colon, and
+    ``true``/``false`` for ``True``/``False``. A file that changes in no meaning is returned as it is.
     """
     wanted = _meaning(spec)
     bom = "\ufeff" if current.startswith(b"\xef\xbb\xbf") else ""
     was = _meaning(_data(current))  # (bounded: the file at the branch may be anything anyone pushed)
+    if was is not None and was == wanted:
+        return current  # nothing to change: not even ruamel.yaml's own spelling of the rest
     if was is None or wanted is None:
         return dump_spec(spec, current)
     text = current.decode("utf-8-sig")
     rt = _round_trip(text)
-    try:
-        document = rt.load(text)
-    except RuamelError:
-        return dump_spec(spec, current)
-    if not isinstance(document, CommentedMap):
-        return dump_spec(spec, current)
-    rest = _take(_end(document, list(document)[-1])) if document else ""  # the lines that end the file
-    _merge(document, spec, was, wanted)
-    if document:
-        _give(_end(document, list(document)[-1]), rest)
     out = io.StringIO()
     try:
+        document = rt.load(text)
+        if not isinstance(document, CommentedMap):
+            return dump_spec(spec, current)
+        rest = _take(_end(document, list(document)[-1]))  # the lines that end the file stay at its end
+        _merge(document, spec, was, wanted)
+        _give(_end(document, list(document)[-1]), rest)
         rt.dump(document, out)
         same = _meaning(_data(out.getvalue().encode())) == wanted
-    except (RuamelError, AttributeError, TypeError, ValueError):  # a comment ruamel cannot place
+    except (RuamelError, AttributeError, KeyError, IndexError, TypeError, ValueError):  # what ruamel cannot place
         same = False
     if not same:  # never commit a file that means anything but what was asked
         return dump_spec(spec, current)
