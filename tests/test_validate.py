@@ -212,7 +212,7 @@ CORPUS: dict[str, str] = {
             paths: ["/tmp/out"]
         triggers:
           - type: file_change
-            path: "${AGENT_ORCH_HOME}/inbox/${AGENT_NAME}"
+            path: "${AGENT_ORCH_HOME}/data/${CLIENT_ID}/inbox/${AGENT_NAME}"
             patterns: ["*.csv"]
             debounce: 0.5
         """,

@@ -43,7 +43,7 @@ from runner.agent.spawning import Zygote
 from runner.errors import NotFoundError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
-from runner.sandbox.confining import model_endpoints, model_upstream, needs_network, network_tools
+from runner.sandbox.confining import model_endpoints, model_upstream, needs_network, network_tools, run_view
 from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.source.git import GitSource
@@ -121,8 +121,8 @@ def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = No
         theirs.close()
     row.pid = pid
     conn.execute("UPDATE run_progress SET pid = ? WHERE run_id = ?", (pid, plan.run_id))
-    # The plan carries the settings with their secrets masked: the run never needs them.
-    ours.sendall((json.dumps(plan.to_json()) + "\n").encode())
+    # The run's view of its plan: secrets masked, no spec source, no credentials in URLs.
+    ours.sendall((json.dumps(run_view(plan).to_json()) + "\n").encode())
     ours.setblocking(False)
     return Launch(plan, row, pid, pidfd, ours, time.monotonic() + plan.deadline_seconds, zygote, proxy)
 
@@ -132,7 +132,8 @@ def _egress_proxy(plan: RunPlan) -> EgressProxy:
     sees), and its allowed domains when a tool is granted 'network'."""
     hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), plan.settings.enable_remote_tools) \
         if network_tools(plan) else None
-    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts, model_upstream(plan)))
+    return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts, model_upstream(plan),
+                                    frozenset(model_endpoints(plan, tls=True))))
 
 
 def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
@@ -297,6 +298,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_COUNT = 10_000_000  # tokens one model call may report
 
 
+def printable(text: str) -> str:
+    """Text with its control characters shown, not obeyed: a log line reaches operators' terminals
+    (`agentctl logs`), where an escape sequence could rewrite the screen or the clipboard."""
+    return "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in text)
+
+
 def checked(message: Any, size: int) -> dict[str, Any]:
     """A message from a run, in the shapes the run process sends, or ValueError. The run's code holds
     its channel, so nothing in a message is trusted: kinds and levels come from fixed lists, counts
@@ -314,7 +321,7 @@ def checked(message: Any, size: int) -> dict[str, Any]:
             raise ValueError("an event whose detail is not an object")
         name = message.get("name")
         return {"t": "event", "ts": utcnow(), "kind": message["kind"], "decision": message.get("decision"),
-                "name": None if name is None else str(name)[:200],
+                "name": None if name is None else printable(str(name)[:200]),
                 "detail": {"truncated": True, "bytes": size} if size > MAX_DETAIL else (detail or {})}
     if kind == "usage":
         counts = [message.get("input"), message.get("output")]
@@ -325,7 +332,7 @@ def checked(message: Any, size: int) -> dict[str, Any]:
         level = message.get("level", "INFO")
         if level not in LOG_LEVELS:
             raise ValueError("a log line of an unknown level")
-        return {"t": "log", "level": level, "message": str(message.get("message", ""))[:4000]}
+        return {"t": "log", "level": level, "message": printable(str(message.get("message", ""))[:4000])}
     if kind in ("tool", "egress"):
         return {"t": kind}
     if kind == "result":  # timed_out, stopped, interrupted and skipped are the supervisor's to say

@@ -145,12 +145,35 @@ def isolate(plan: RunPlan, namespaces: list[str], channel: socket.socket) -> dic
     if "mnt" in namespaces:
         isolation["scratch"] = isolating.mount_scratch(str(plan.scratch), plan.settings.max_scratch_mb)
     port = isolation.get("egress_port")
-    if port and model_upstream(plan) is not None:  # the model through the proxy, which adds the credentials
-        base = urllib.parse.urlsplit(plan.settings.langchain_api_url)
-        url = urllib.parse.urlunsplit(("http", MODEL_HOST, base.path, "", ""))
+    url = plan.settings.langchain_api_url
+    if port and plan.spec.model.startswith("openai:") and MODEL_HOST not in url:  # permissive, yet isolated
         isolation["plan"] = dataclasses.replace(plan, settings=plan.settings.model_copy(
-            update={"langchain_api_url": url}))
+            update={"langchain_api_url": proxied_model_url(url)}))
     return isolation
+
+
+def run_view(plan: RunPlan) -> RunPlan:
+    """The plan as the run receives it (on the supervisor's side): no spec source, no credentials in
+    the model servers' URLs, and, where the run is sure to reach its proxy (strict: no namespace, no
+    run), the OpenAI-compatible endpoint by the proxy's name, so the run never learns where it is
+    or how to log in there. Secret settings are masked by their type already."""
+    s = plan.settings
+    update: dict[str, Any] = {"source": "", "langchain_api_url": _without_userinfo(s.langchain_api_url),
+                              "ollama_host": _without_userinfo(s.ollama_host)}
+    if plan.spec.model.startswith("openai:") and s.sandbox == "strict":
+        update["langchain_api_url"] = proxied_model_url(s.langchain_api_url)
+    return dataclasses.replace(plan, settings=s.model_copy(update=update))
+
+
+def proxied_model_url(url: str) -> str:
+    return urllib.parse.urlunsplit(("http", MODEL_HOST, urllib.parse.urlsplit(url).path, "", ""))
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def model_upstream(plan: RunPlan) -> Upstream | None:
@@ -343,16 +366,17 @@ def runtime_paths(plan: RunPlan) -> list[str]:
     return sorted(p for p in _runtime_paths() if overlap_reason(p, plan.private) is None)
 
 
-def model_endpoints(plan: RunPlan) -> set[tuple[str, int]]:
+def model_endpoints(plan: RunPlan, *, tls: bool = False) -> set[tuple[str, int]]:
     """(host, port) of the model servers the run talks to: its chat model's (none for a scripted
-    model), and Ollama's when memory embeds with an Ollama model (EMBED_MODEL)."""
+    model), and Ollama's when memory embeds with an Ollama model (EMBED_MODEL). ``tls``: only those
+    on https."""
     s = plan.settings
     urls = []
     if not plan.spec.model.startswith("scripted:"):
         urls.append(s.langchain_api_url if plan.spec.model.startswith("openai:") else s.ollama_host)
     if s.embed_model and plan.spec.memory and plan.spec.memory.type != "none":
         urls.append(s.ollama_host)
-    return {_host_port(url) for url in urls}
+    return {_host_port(url) for url in urls if not tls or url.startswith("https://")}
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import re
 import socket
 import ssl
 import threading
@@ -61,6 +62,14 @@ class Upstream:
     authorization: str | None = field(default=None, repr=False)
 
 
+# What a run may ask of a model server: the inference and listing calls of Ollama and of the
+# OpenAI-compatible API, nothing else (not Ollama's create, pull, push or delete, not a provider's
+# files, batches or admin calls, which the key the proxy adds would otherwise open).
+MODEL_METHODS = frozenset({"GET", "POST", "HEAD"})
+MODEL_PATHS = re.compile(r"^(?:/[A-Za-z0-9._-]+)*/(?:models(?:/[A-Za-z0-9._:/-]+)?|chat/completions|completions|"
+                         r"embeddings|api/(?:chat|generate|embed|embeddings|tags|show|version|ps))/?$")
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """Where a run may connect: its model endpoints, and (with network tools) its allowed domains."""
@@ -68,17 +77,32 @@ class EgressPolicy:
     models: frozenset[tuple[str, int]]  # (host, port) of the model servers
     hosts: HostRule | None  # None: no tool of the run is granted 'network'
     upstream: Upstream | None = None  # the OpenAI-compatible endpoint, reached as http://MODEL_HOST
+    tunnels: frozenset[tuple[str, int]] = frozenset()  # model servers on https: reached by CONNECT
 
-    def decide(self, host: str, port: int) -> tuple[list[str], str]:
+    def decide(self, host: str, port: int, method: str = "CONNECT", path: str = "") -> tuple[list[str], str]:
         """The addresses to connect to and why; raises DeniedError. Nothing is resolved before the
-        name is allowed (see HostRule.check)."""
+        name is allowed (see HostRule.check). A model server gets model calls only: by CONNECT when it
+        is on https (the tunnel is opaque), else in absolute form, method and path checked."""
         host = host.lower().rstrip(".")
         if (host, port) in self.models:
+            if method == "CONNECT" and (host, port) not in self.tunnels:
+                raise DeniedError(f"{host}:{port} is the model server, on plain http: ask it in absolute form, "
+                                  "not through a tunnel")
+            if method != "CONNECT":
+                model_call(method, path)
             return lookup(host), "the model endpoint"
         if self.hosts is None:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
                               "'network'")
         return self.hosts.check(host), "allowed_domains"
+
+
+def model_call(method: str, path: str) -> None:
+    """Raises DeniedError unless this is an inference or listing call to a model server."""
+    bare = path.split("?", 1)[0]
+    if method not in MODEL_METHODS or ".." in bare or not MODEL_PATHS.match(bare):
+        raise DeniedError(f"{method} {bare[:200]} is not a model call (chat, completions, embeddings, models, or "
+                          "Ollama's chat, generate, embed, tags, show, version)")
 
 
 class Unreachable(Exception):
@@ -194,10 +218,11 @@ class EgressProxy:
                 if host == MODEL_HOST:
                     if model is None or method == "CONNECT":
                         raise DeniedError(f"{MODEL_HOST} is the model endpoint of an openai: model, in plain http")
-                    addresses, reason, port = lookup(model.host), "the model endpoint", model.port
                     detail.update(host=model.host, port=model.port, via=MODEL_HOST)
+                    model_call(method, path)
+                    addresses, reason, port = lookup(model.host), "the model endpoint", model.port
                 else:
-                    addresses, reason = self.policy.decide(host, port)
+                    addresses, reason = self.policy.decide(host, port, method, path)
             except DeniedError as exc:
                 self._record({**detail, "decision": "denied", "reason": exc.message})
                 await _answer(writer, 403, "Forbidden", exc.message)

@@ -430,8 +430,8 @@ class _Semantics:
             self._add(("tools", i, "commands"), "only the shell tool takes 'commands'")
 
     def _path(self, loc: Loc, value: str, given_to_run: bool = False) -> None:
-        """A path a spec names; ``given_to_run`` when the run itself gets access to it (tool paths, not
-        a trigger's watched folder)."""
+        """A path a spec names (``given_to_run``: a tool's, which the run itself gets access to; else a
+        trigger's watched folder). Neither may overlap the runner's or the system's folders."""
         try:
             expanded = expand(value, self.variables)
         except KeyError as exc:
@@ -440,7 +440,7 @@ class _Semantics:
             return
         if not os.path.isabs(expanded):
             self._add(loc, f"'{expanded}' is not an absolute path")
-        elif given_to_run:
+        else:  # a watched folder too: the names of its files become a run's input
             reason = overlap_reason(expanded, self.ctx.protected_paths)
             if reason:
                 self._add(loc, reason)
