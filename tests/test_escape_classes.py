@@ -152,6 +152,13 @@ def _probe(kind, arg):
         return json.dumps(scan(arg.split(",")))
     if kind == "kernel":
         return json.dumps(kernel())
+    if kind == "channel-file":  # what a file holds, on the channel; then stay, to be killed or not
+        path, _, linger = arg.partition("|")
+        os.write(3, open(path, "rb").read())
+        if linger:
+            import time
+            time.sleep(float(linger))
+        return "sent"
     if kind == "channel":  # the run's own channel to its supervisor, fd 3
         if arg == "garbage":
             os.write(3, b"this is not json\n")
