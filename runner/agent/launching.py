@@ -101,11 +101,12 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
-          queued_at: str | None = None, *, zygote: Zygote) -> Launch:
+          queued_at: str | None = None, *, zygote: Zygote, retry_of: str | None = None) -> Launch:
     """Record the run as running, have the zygote fork its process, and send it its plan."""
     now = utcnow()
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "running",
-                 queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by)
+                 queued_at=queued_at or now, started_at=now, input=plan.input, requested_by=requested_by,
+                 retry_of=retry_of)
     write_run(conn, row)
     plan.scratch.mkdir(parents=True, exist_ok=True)  # the run mounts its own tmpfs over it
     proxy = _egress_proxy(plan) if plan.settings.sandbox != "off" and needs_network(plan) else None

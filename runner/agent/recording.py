@@ -51,6 +51,7 @@ class RunRow:
     output: str | None = None
     requested_by: str | None = None
     pid: int | None = None
+    retry_of: str | None = None  # the run this one retries
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_ledger(self) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: s
                            ended_at=utcnow(), input_tokens=int(r["input_tokens"]),
                            output_tokens=int(r["output_tokens"]), model_calls=int(r["model_calls"]),
                            tool_calls=int(r["tool_calls"]), error=error, input=data.get("input"),
-                           requested_by=data.get("requested_by"), pid=r["pid"]))
+                           requested_by=data.get("requested_by"), pid=r["pid"], retry_of=data.get("retry_of")))
 
 
 def write_run(conn: sqlite3.Connection, row: RunRow) -> None:

@@ -32,7 +32,7 @@ from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
 from runner.source.git import GitSource
-from runner.state import connect, journal
+from runner.state import connect
 
 log = logging.getLogger("runner.supervise")
 RETRIABLE = ("failed", "timed_out", "interrupted")  # the states a spec's retry.on may name
@@ -95,10 +95,10 @@ class ProcessTable:
                     self._record(old, "stopped", f"replaced by run {request.run_id}")
                 request_stop(self.conn, self.settings.client_id, agent)
             write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
-                                        queued_at=request.queued_at, input=input, requested_by=requested_by))
+                                        queued_at=request.queued_at, input=input, requested_by=requested_by,
+                                        retry_of=retry_of))
             if retry_of is not None:
                 self.conn.execute("UPDATE run_progress SET retry_of = ? WHERE run_id = ?", (retry_of, request.run_id))
-                self._ledger_retry_of(request.run_id, retry_of)
             self.queue.append(request)
             self.cond.notify_all()
         return request
@@ -126,29 +126,18 @@ class ProcessTable:
         stamp = utcnow()
         write_run(self.conn, RunRow(request.run_id, self.settings.client_id, request.agent, None, request.trigger,
                                     status, queued_at=request.queued_at, ended_at=stamp, error=error,
-                                    input=request.input, requested_by=request.requested_by))
+                                    input=request.input, requested_by=request.requested_by,
+                                    retry_of=request.retry_of))
         request.status = status
         request.done.set()
         log.info("run %s of %s %s: %s", request.run_id, request.agent, status, error)
-        if request.retry_of is not None:
-            self._ledger_retry_of(request.run_id, request.retry_of)
         return request
 
     def interrupted(self, progress_row: Any) -> Request | None:
         """A run a previous daemon left running, now on record as interrupted (recovery.sweep): its retry."""
         data = json.loads(progress_row["row"]) if progress_row["row"] else {}
-        if progress_row["retry_of"]:
-            self._ledger_retry_of(progress_row["run_id"], progress_row["retry_of"])
         return self.retry(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
                           data.get("input"), "interrupted")
-
-    def _ledger_retry_of(self, run_id: str, retry_of: str) -> None:
-        """The ledger row of a retry says which run it retries. RunRow has no field for it, so its latest row
-        (as written to run_progress) goes to the journal again with ``retry_of`` added; the ledger keeps the
-        last write of a run, so its final row has it (a row written while it runs, by launching, does not)."""
-        row = self.conn.execute("SELECT row FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
-        if row is not None and row[0]:
-            journal(self.conn, "runs", {**json.loads(row[0]), "retry_of": retry_of})
 
     # -- retrying -----------------------------------------------------------------------------------
 
@@ -223,7 +212,8 @@ class ProcessTable:
         if self.on_dispatch is not None:
             self.on_dispatch(latency)
         try:
-            launch = start(self.conn, plan, request.requested_by, request.queued_at, zygote=self.zygote)
+            launch = start(self.conn, plan, request.requested_by, request.queued_at, zygote=self.zygote,
+                           retry_of=request.retry_of)
         except OrchestratorError as exc:
             self._ended(request.run_id, "failed", f"the run could not start: {exc.message}")
             return
@@ -254,8 +244,6 @@ class ProcessTable:
             request.status = status
             request.done.set()
             log.info("run %s of %s ended: %s", run_id, request.agent, status)
-            if request.retry_of is not None:
-                self._ledger_retry_of(request.run_id, request.retry_of)
             self.retry(run_id, request.agent, request.trigger, request.input, status)
 
     # -- stopping -----------------------------------------------------------------------------------
