@@ -68,6 +68,7 @@ class FakeOpenAIServer(FakeOllamaServer):
         super().__init__()
         owner = self
         self.authorizations: list[str | None] = []  # the Authorization header of each request
+        self.bodies: list[dict[str, Any]] = []  # the JSON body of each POST
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -80,6 +81,7 @@ class FakeOpenAIServer(FakeOllamaServer):
                 owner.requests.append(self.path)
                 owner.authorizations.append(self.headers.get("Authorization"))
                 sent = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                owner.bodies.append(sent)
                 message: dict[str, Any] = {"role": "assistant", "content": reply}
                 if tool_call and not any(m.get("role") == "tool" for m in sent.get("messages", [])):
                     message = {"role": "assistant", "content": None, "tool_calls": [

@@ -43,8 +43,16 @@ from runner.agent.spawning import Zygote
 from runner.errors import NotFoundError, SpecError
 from runner.ledger.ingesting import flush
 from runner.reconcile.applied import load_applied
-from runner.sandbox.confining import model_endpoints, model_upstream, needs_network, network_tools, run_view
-from runner.sandbox.egress import EgressPolicy, EgressProxy
+from runner.sandbox.confining import (
+    check_paths,
+    model_endpoints,
+    model_upstream,
+    needs_network,
+    network_tools,
+    run_view,
+    runtime_overlaps,
+)
+from runner.sandbox.egress import Budget, EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.specs.checking import private_folders, protected_folders
@@ -94,10 +102,11 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
         if tool.name not in BUILTIN_TOOLS and agent.applied_revision:
             path = str(PurePosixPath(folder) / "tools" / f"{tool.name}.py")
             custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
-    return RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name,
+    plan = RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name,
                    revision=agent.applied_revision, spec=spec, settings=settings, trigger=trigger, input=input,
-                   script=script, custom_sources=custom, protected=list(protected_folders(settings)),
-                   private=list(private_folders(settings)))
+                   script=script, custom_sources=custom, private=runtime_overlaps(list(private_folders(settings))))
+    check_paths(plan, list(protected_folders(settings)))
+    return plan
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
@@ -133,8 +142,10 @@ def _egress_proxy(plan: RunPlan) -> EgressProxy:
     sees), and its allowed domains when a tool is granted 'network'."""
     hosts = HostRule(tuple(plan.spec.constraints.allowed_domains), plan.settings.enable_remote_tools) \
         if network_tools(plan) else None
+    c = plan.spec.constraints
     return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts, model_upstream(plan),
-                                    frozenset(model_endpoints(plan, tls=True))))
+                                    frozenset(model_endpoints(plan, tls=True)),
+                                    Budget(c.max_model_calls, c.max_tokens)))
 
 
 def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
@@ -169,7 +180,7 @@ def _watch(conn: sqlite3.Connection, launch: Launch, reader: _Channel, should_st
         timeout = max(0.0, min(0.25, launch.deadline - time.monotonic()))
         wake = launch.proxy.wake_fd if launch.proxy else None
         watch = [fd for fd in (launch.channel.fileno(), launch.pidfd, wake) if fd is not None and fd >= 0]
-        ready, _, _ = select.select(watch, [], [], timeout)
+        ready = readable(watch, timeout)
         if launch.proxy and wake in ready:
             _journal_egress(reader, launch.proxy.decisions())
         if launch.channel.fileno() in ready:
@@ -421,10 +432,19 @@ def _terminate(launch: Launch, grace: float) -> None:
     """SIGTERM to the run's process group, SIGKILL after ``grace``. The group is the run process's
     (it called setsid), and its PID stays reserved until the zygote reaps it, after we see it exit."""
     _signal_group(launch.pid, signal.SIGTERM)
-    ready, _, _ = select.select([launch.pidfd], [], [], grace)
+    ready = readable([launch.pidfd], grace)
     if not ready:
         _signal_group(launch.pid, signal.SIGKILL)
-        select.select([launch.pidfd], [], [], 30)
+        readable([launch.pidfd], 30)
+
+
+def readable(fds: list[int], timeout: float) -> list[int]:
+    """Which of ``fds`` can be read within ``timeout`` seconds. poll, not select: a daemon serving many
+    runs holds descriptors past select's 1,024."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _event in poller.poll(max(0.0, timeout) * 1000)]
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

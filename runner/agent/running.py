@@ -47,16 +47,15 @@ class RunPlan:
     input: str | None = None
     script: str | None = None  # scripted model turns, read from the source at the revision
     custom_sources: dict[str, str] = field(default_factory=dict)
-    # (what, folder) no spec path may overlap, and those of them the runtime may not either; worked
-    # out by the supervisor, which may read the settings file (the run may not).
-    protected: list[tuple[str, str]] = field(default_factory=list)
+    # The runner's own folders that overlap a runtime path (usually none), which the run leaves out of
+    # what it may read; worked out by the supervisor, which may read the settings file (the run may not).
     private: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "client_id": self.client_id, "agent": self.agent,
                 "revision": self.revision, "spec": self.spec.model_dump(mode="json"),
                 "settings": self.settings.model_dump(mode="json"), "trigger": self.trigger, "input": self.input,
-                "script": self.script, "custom_sources": self.custom_sources, "protected": self.protected,
+                "script": self.script, "custom_sources": self.custom_sources,
                 "private": self.private}
 
     @classmethod
@@ -65,7 +64,6 @@ class RunPlan:
                    revision=data["revision"], spec=AgentSpec.model_validate(data["spec"]),
                    settings=Settings.model_validate(data["settings"]), trigger=data["trigger"],
                    input=data["input"], script=data["script"], custom_sources=data["custom_sources"],
-                   protected=[(str(w), str(p)) for w, p in data.get("protected", [])],
                    private=[(str(w), str(p)) for w, p in data.get("private", [])])
 
     @property

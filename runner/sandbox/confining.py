@@ -307,25 +307,39 @@ def _limits(plan: RunPlan) -> dict[str, int]:
     return applied
 
 
-def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
-    """The spec's read and write paths, as written (not resolved: the rules refuse a symbolic link on
-    the way, which an earlier run could have planted in a write path), and refused again here if they
-    overlap the runner's own files (the settings may have changed since the spec was validated)."""
-    variables = plan.variables
-    readable: set[str] = set()
-    writable: set[str] = set()
+def spec_paths(plan: RunPlan) -> list[tuple[str, str, set[str]]]:
+    """(tool, path, permissions) of every path the spec gives a tool, expanded, as written."""
+    out = []
     for tool in plan.spec.tools:
         info = BUILTIN_TOOLS.get(tool.name)
         perms = set(tool.permissions or (info.needs if info else []))
-        for raw in tool.paths:
-            path = os.path.normpath(os.path.abspath(expand(raw, variables)))
-            reason = overlap_reason(path, plan.protected)
-            if reason:
-                raise DeniedError(f"tool {tool.name}: {reason}")
-            if "write" in perms:
-                writable.add(path)
-            elif perms & {"read", "execute"} or info is None:
-                readable.add(path)
+        if info is None:
+            perms |= {"read"}
+        out += [(tool.name, os.path.normpath(os.path.abspath(expand(raw, plan.variables))), perms)
+                for raw in tool.paths]
+    return out
+
+
+def check_paths(plan: RunPlan, protected: list[tuple[str, str]]) -> None:
+    """On the supervisor's side, before the run starts: no spec path overlaps the runner's or the
+    system's folders now (the settings, or a link on the way, may have changed since validation;
+    after this, the run's rules refuse any link, so what was checked is what the rules get)."""
+    for tool, path, _perms in spec_paths(plan):
+        reason = overlap_reason(path, protected)
+        if reason:
+            raise DeniedError(f"tool {tool}: {reason}")
+
+
+def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
+    """The spec's read and write paths, as written (not resolved: the rules refuse a symbolic link on
+    the way, which an earlier run could have planted in a write path)."""
+    readable: set[str] = set()
+    writable: set[str] = set()
+    for _tool, path, perms in spec_paths(plan):
+        if "write" in perms:
+            writable.add(path)
+        elif perms & {"read", "execute"}:
+            readable.add(path)
     return readable, writable
 
 
@@ -364,6 +378,12 @@ def runtime_paths(plan: RunPlan) -> list[str]:
     """``_runtime_paths`` without any that overlaps the runner's own files (a venv that holds the home,
     say): those a run does without."""
     return sorted(p for p in _runtime_paths() if overlap_reason(p, plan.private) is None)
+
+
+def runtime_overlaps(private: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Those of the runner's own folders that overlap a runtime path (a venv holding the home, say):
+    the only ones a run is told of, so that it leaves those runtime paths out."""
+    return [p for p in private if any(overlap_reason(r, [p]) for r in _runtime_paths())]
 
 
 def model_endpoints(plan: RunPlan, *, tls: bool = False) -> set[tuple[str, int]]:

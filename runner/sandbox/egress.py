@@ -16,6 +16,8 @@ becomes readable when there is one).
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import queue
 import re
@@ -78,6 +80,7 @@ class EgressPolicy:
     hosts: HostRule | None  # None: no tool of the run is granted 'network'
     upstream: Upstream | None = None  # the OpenAI-compatible endpoint, reached as http://MODEL_HOST
     tunnels: frozenset[tuple[str, int]] = frozenset()  # model servers on https: reached by CONNECT
+    budget: Budget | None = None
 
     def decide(self, host: str, port: int, method: str = "CONNECT", path: str = "") -> tuple[list[str], str]:
         """The addresses to connect to and why; raises DeniedError. Nothing is resolved before the
@@ -85,24 +88,80 @@ class EgressPolicy:
         is on https (the tunnel is opaque), else in absolute form, method and path checked."""
         host = host.lower().rstrip(".")
         if (host, port) in self.models:
-            if method == "CONNECT" and (host, port) not in self.tunnels:
-                raise DeniedError(f"{host}:{port} is the model server, on plain http: ask it in absolute form, "
-                                  "not through a tunnel")
-            if method != "CONNECT":
-                model_call(method, path)
+            self._model_rules(host, port, method, path, tunnel=(host, port) in self.tunnels)
             return lookup(host), "the model endpoint"
         if self.hosts is None:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
                               "'network'")
-        return self.hosts.check(host), "allowed_domains"
+        addresses = self.hosts.check(host)
+        if self.is_model(addresses, port):  # the model server under another name (localhost, say)
+            self._model_rules(host, port, method, path,
+                              tunnel=any(self._model_addresses.get((a, port)) for a in addresses))
+        return addresses, "allowed_domains"
+
+    def is_model(self, addresses: list[str], port: int) -> bool:
+        return any((a, port) in self._model_addresses for a in addresses)
+
+    @functools.cached_property
+    def _model_addresses(self) -> dict[tuple[str, int], bool]:
+        """(address, port) of each model server, resolved once: whether it is reached by a tunnel."""
+        return {(a, port): (host, port) in self.tunnels for host, port in self.models for a in lookup(host)}
+
+    @staticmethod
+    def _model_rules(host: str, port: int, method: str, path: str, *, tunnel: bool) -> None:
+        if method == "CONNECT" and not tunnel:
+            raise DeniedError(f"{host}:{port} is the model server, on plain http: ask it in absolute form, "
+                              "not through a tunnel")
+        if method != "CONNECT":
+            model_call(method, path)
 
 
-def model_call(method: str, path: str) -> None:
-    """Raises DeniedError unless this is an inference or listing call to a model server."""
+def model_call(method: str, path: str) -> bool:
+    """Raises DeniedError unless this is an inference or listing call to a model server; True for a
+    call that generates (chat, completions, Ollama's chat and generate): those the budget counts."""
     bare = path.split("?", 1)[0]
     if method not in MODEL_METHODS or ".." in bare or not MODEL_PATHS.match(bare):
         raise DeniedError(f"{method} {bare[:200]} is not a model call (chat, completions, embeddings, models, or "
                           "Ollama's chat, generate, embed, tags, show, version)")
+    return method == "POST" and bare.rstrip("/").endswith(GENERATING)
+
+
+GENERATING = ("/chat/completions", "/completions", "/api/chat", "/api/generate")
+MAX_MODEL_BODY = 16 << 20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the spec allows a run's model: calls that generate, and output tokens in all. Kept here as
+    well as in the run, since the run's code could call the model itself (a tool, with the key the
+    proxy adds): the proxy counts the calls and caps what each may generate."""
+
+    calls: int
+    output: int | None
+
+
+def capped(body: bytes, path: str, output: int) -> bytes:
+    """The request body with its output-token limit at most ``output`` (set where it had none)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise DeniedError("a model call's body is not JSON") from None
+    if not isinstance(data, dict):
+        raise DeniedError("a model call's body is not a JSON object")
+    if path.split("?", 1)[0].rstrip("/").endswith(("/api/chat", "/api/generate")):
+        options = data.get("options")
+        options = options if isinstance(options, dict) else {}
+        options["num_predict"] = _least(options.get("num_predict"), output)
+        data["options"] = options
+    else:
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in data or key == "max_tokens":
+                data[key] = _least(data.get(key), output)
+    return json.dumps(data).encode()
+
+
+def _least(value: object, cap: int) -> int:
+    return min(value, cap) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else cap
 
 
 class Unreachable(Exception):
@@ -126,6 +185,7 @@ class EgressProxy:
         os.set_blocking(self.wake_fd, False)
         os.set_blocking(self._wake_write, False)
         self.open = 0  # connections being served (on the proxy's thread only)
+        self.generations = 0  # model calls that generate, counted against the budget
         self.refusing = False
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="egress-proxy", daemon=True)
@@ -160,6 +220,24 @@ class EgressProxy:
         os.close(self.wake_fd)
         os.close(self._wake_write)
         return last
+
+    async def _budgeted(self, request: h11.Request, reader: asyncio.StreamReader, path: str) -> bytes | None:
+        """For a call that generates: counted against the budget's calls, its body read and its output
+        capped. None for other model calls (their body, if any, is relayed as it comes)."""
+        budget = self.policy.budget
+        if budget is None or not model_call(request.method.decode("ascii", "replace"), path):
+            return None
+        self.generations += 1
+        if self.generations > budget.calls:
+            raise DeniedError(f"this run's model calls are used up ({budget.calls}, max_model_calls)")
+        lengths = [v for k, v in request.headers if k.lower() == b"content-length"]
+        if len(lengths) != 1 or not lengths[0].isdigit() or int(lengths[0]) > MAX_MODEL_BODY:
+            raise DeniedError("a model call needs one Content-Length of at most 16 MiB")
+        try:
+            body = await asyncio.wait_for(reader.readexactly(int(lengths[0])), CONNECT_TIMEOUT)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            raise DeniedError("a model call's body did not arrive whole") from None
+        return capped(body, path, budget.output) if budget.output else body
 
     def _record(self, decision: dict[str, Any]) -> None:
         self._decisions.put({"ts": utcnow(), **decision})
@@ -223,6 +301,9 @@ class EgressProxy:
                     addresses, reason, port = lookup(model.host), "the model endpoint", model.port
                 else:
                     addresses, reason = self.policy.decide(host, port, method, path)
+                to_model = model is not None or (host, port) in self.policy.models or \
+                    self.policy.is_model(addresses, port)
+                body = await self._budgeted(request, reader, path) if to_model and method != "CONNECT" else None
             except DeniedError as exc:
                 self._record({**detail, "decision": "denied", "reason": exc.message})
                 await _answer(writer, 403, "Forbidden", exc.message)
@@ -238,7 +319,7 @@ class EgressProxy:
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
-                upstream.write(_origin_form(request, path, model))
+                upstream.write(_origin_form(request, path, model, body))
             await _relay(reader, writer, up_reader, upstream)
         except (ConnectionError, OSError):
             pass
@@ -277,11 +358,15 @@ def _target(method: str, target: str) -> tuple[str, int, str] | None:
     return parts.hostname.lower(), number, path
 
 
-def _origin_form(request: h11.Request, path: str, model: Upstream | None = None) -> bytes:
+def _origin_form(request: h11.Request, path: str, model: Upstream | None = None, body: bytes | None = None) -> bytes:
     """The request as the upstream server gets it. For the model endpoint, the Host is the real one
-    and the credentials are the proxy's: whatever Authorization the run sent is dropped."""
+    and the credentials are the proxy's: whatever Authorization the run sent is dropped. A ``body``
+    the proxy has read (and capped) follows the head, with its own length."""
     lines = [request.method + b" " + path.encode("latin-1") + b" HTTP/1.1"]
     dropped = HOP_HEADERS | ({b"host", b"authorization"} if model is not None else set())
+    if body is not None:
+        dropped |= {b"content-length", b"transfer-encoding"}
+        lines.append(b"Content-Length: " + str(len(body)).encode())
     lines += [name + b": " + value for name, value in request.headers if name.lower() not in dropped]
     if model is not None:
         default = 443 if model.scheme == "https" else 80
@@ -289,7 +374,7 @@ def _origin_form(request: h11.Request, path: str, model: Upstream | None = None)
         if model.authorization:
             lines.append(b"Authorization: " + model.authorization.encode())
     lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
 
 
 async def _connect(addresses: list[str], port: int, tls: str | None = None

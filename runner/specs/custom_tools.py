@@ -12,9 +12,14 @@ import ast
 
 from runner.specs.catalog import PERMISSIONS, ToolInfo, custom_tool
 
+MAX_MODULE = 1 << 20  # bytes of a custom tool module: more is not a tool, and parsing it costs gigabytes
+
 
 def describe_module(name: str, source: bytes) -> ToolInfo:
     """The ToolInfo of custom tool module ``tools/NAME.py``; ``error`` set when it is unusable."""
+    if len(source) > MAX_MODULE:
+        return custom_tool(name, None, f"tools/{name}.py is {len(source)} bytes, over the {MAX_MODULE >> 20} MiB "
+                                       "limit of a tool module")
     try:
         tree = ast.parse(source, filename=f"tools/{name}.py")
     except SyntaxError as exc:

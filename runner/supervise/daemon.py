@@ -461,8 +461,9 @@ class ApiServer:
     def __init__(self, app: Any, host: str, port: int) -> None:
         from waitress.server import create_server
 
+        # poll, not select: the daemon may hold more than 1,024 descriptors (runs' channels and proxies)
         self.server = create_server(app, host=host, port=port, threads=8, ident="agent-orchestrator",
-                                    clear_untrusted_proxy_headers=True)
+                                    clear_untrusted_proxy_headers=True, asyncore_use_poll=True)
         self.port = int(self.server.effective_port)
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
         self.thread.start()

@@ -34,6 +34,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from runner.sandbox import landlock
 from runner.specs.checking import expand
 from runner.specs.models import AgentSpec, FileChangeTrigger, ScheduleTrigger
 from runner.state import Transaction
@@ -185,7 +186,9 @@ class Watcher(FileSystemEventHandler):
         for name, spec in agents.items():
             for i, trig in enumerate(spec.triggers):
                 if isinstance(trig, FileChangeTrigger):
-                    wanted[(name, i)] = (os.path.realpath(expand(trig.path, variables(name))), trig)
+                    # As written, not resolved: a link on the way (a run may plant one in its write path)
+                    # is refused when the watch is armed, rather than followed elsewhere.
+                    wanted[(name, i)] = (os.path.normpath(expand(trig.path, variables(name))), trig)
         with self.lock:
             for key in [k for k in self.watches if k not in wanted or
                         (self.watches[k].path, self.watches[k].trigger) != wanted[k]]:
@@ -286,6 +289,15 @@ class Watcher(FileSystemEventHandler):
                     break
 
     def _schedule(self, w: _Watch) -> None:
+        try:
+            fd = landlock.open_no_symlinks(w.path)
+        except landlock.SymlinkError as exc:
+            if not w.absent:
+                log.warning("%s: not watching %s: %s", w.agent, w.path, exc.message)
+            w.inode, w.absent = None, True
+            return  # _rearm looks again: the link may go
+        if fd is not None:
+            os.close(fd)
         try:
             st = os.stat(w.path)
         except OSError:
