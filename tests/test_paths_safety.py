@@ -97,7 +97,7 @@ def _problems(text: str, ctx: Context) -> list[Problem]:
     return check_document(doc, ctx, "x.yaml")[1]
 
 
-def test_only_tool_paths_are_checked_and_against_the_folders_the_context_names() -> None:
+def test_tool_and_watched_paths_are_checked_against_the_folders_the_context_names() -> None:
     ctx = Context(home="/srv/agents/var", protected=(("the vault", "/srv/vault"),))
     problems = _problems("""
         name: a
@@ -110,9 +110,11 @@ def test_only_tool_paths_are_checked_and_against_the_folders_the_context_names()
           - type: file_change
             path: /srv/vault/inbox
         """, ctx)
-    # Given explicitly, the protected folders replace the home's; a watched folder is not handed to the run.
+    # Given explicitly, the protected folders replace the home's; a watched folder is checked too (the
+    # names of its files become a run's input).
     assert [(p.line, p.field, p.message) for p in problems] == [
-        (6, "tools[0].paths[0]", f"'/srv/vault/x' is in /srv/vault, the vault: {WHY}; name a folder outside it")]
+        (6, "tools[0].paths[0]", f"'/srv/vault/x' is in /srv/vault, the vault: {WHY}; name a folder outside it"),
+        (9, "triggers[0].path", f"'/srv/vault/inbox' is in /srv/vault, the vault: {WHY}; name a folder outside it")]
 
 
 def test_forbidden_overlap_for_the_run_time_check(tmp_path: Path) -> None:
