@@ -138,7 +138,8 @@ class Operation(Resource):
         _agent(rt.conn(), rt.settings.client_id, name)
         who = f"api:{principal.name}"
         body = read_body(req)[0] if req.content_length else {}
-        check_fields(body, RUN_FIELDS if self.op == "run" else (), f"POST /agents/{{id}}/{self.op}")
+        path = "runs" if self.op == "run" else self.op
+        check_fields(body, RUN_FIELDS if self.op == "run" else (), f"POST /agents/{{id}}/{path}")
         if self.op == "stop":
             resp.media = {"name": name, "suspended": True, "stopping_runs": rt.stop_agent(name, who)}
             return

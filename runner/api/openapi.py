@@ -55,7 +55,8 @@ def check_fields(body: Mapping[str, Any], known: Iterable[str], where: str) -> N
         return
     details = [{"field": k, "message": f"unknown field{did_you_mean(k, known)}"} for k in unknown]
     takes = f"; it takes {', '.join(known)}" if known else "; it takes no fields"
-    raise Unprocessable(f"{where}: unknown field '{unknown[0]}'{did_you_mean(unknown[0], known)}{takes}",
+    hint = did_you_mean(unknown[0], known).lstrip("; ")
+    raise Unprocessable(f"{where}: unknown field '{unknown[0]}'{f' ({hint})' if hint else ''}{takes}",
                         details=details, code="unknown_field")
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
