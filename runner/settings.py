@@ -197,16 +197,18 @@ class Settings(BaseSettings):
         "unconfined; off: no run is confined (for measuring and debugging). The run's record says which.",
         "sandbox",
     )
-    max_memory_mb: int = _env("AGENT_ORCH_MAX_MEMORY_MB", 4096, "Default address-space limit of a run, MiB.",
-                              "sandbox", gt=16)
+    max_memory_mb: int = _env("AGENT_ORCH_MAX_MEMORY_MB", 4096,
+                              "Address-space limit of a run, MiB: the default, and the most a spec's "
+                              "constraints.max_memory_mb may ask.", "sandbox", gt=16)
     max_processes: int = _env("AGENT_ORCH_MAX_PROCESSES", 512,
-                              "Default process limit of a run (pid_max of its PID namespace on Linux 6.14+, and "
-                              "RLIMIT_NPROC).", "sandbox", gt=0)
+                              "Process limit of a run (pid_max of its PID namespace on Linux 6.14+, and "
+                              "RLIMIT_NPROC): the default, and the most a spec may ask.", "sandbox", gt=0)
     max_scratch_mb: int = _env("AGENT_ORCH_MAX_SCRATCH_MB", 256,
                                "Size of a run's scratch folder (its HOME and TMPDIR), MiB: a tmpfs of its own, "
                                "gone when the run ends, so no run can fill the home's disk through it.",
                                "sandbox", gt=0)
-    max_file_mb: int = _env("AGENT_ORCH_MAX_FILE_MB", 1024, "Default largest file a run may write, MiB.",
+    max_file_mb: int = _env("AGENT_ORCH_MAX_FILE_MB", 1024,
+                            "Largest file a run may write, MiB: the default, and the most a spec may ask.",
                             "sandbox", gt=0)
     shutdown_grace: float = _env(
         "AGENT_ORCH_SHUTDOWN_GRACE",

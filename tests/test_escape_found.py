@@ -67,6 +67,10 @@ def test_a_daemon_started_in_its_home_gives_runs_nothing_of_it(repo: SpecRepo, h
     '{"t": "event", "kind": "status", "name": "succeeded", "detail": {}}',        # F3: the supervisor's rows
     '{"t": "result", "status": "interrupted"}',                                   # F3: an ending it cannot have
     '{"t": "log", "level": "CRITICAL\\u001b[2J", "message": "x"}',
+    "\n".join(['{"t": "usage", "input": 300, "output": 300}'] * 30),                # F3b: more calls than allowed
+    "\n".join(f'{{"t": "event", "kind": "tool_call", "name": "t{i}", "decision": "denied", "detail": {{}}}}'
+              for i in range(25)),                                                  # F17: tool_stats flood
+    '{"t": "event", "kind": "log", "name": "egress", "decision": "allowed", "detail": {"host": "x"}}',  # F17
 ])
 def test_a_forged_message_ends_the_run_and_leaves_nothing_behind(repo: SpecRepo, cli, home: Path, tmp_path: Path,
                                                                 message: str) -> None:
@@ -296,3 +300,30 @@ def test_the_supervisor_waits_on_descriptors_past_1024() -> None:
     finally:
         for fd in [*held, r, w]:
             os.close(fd)
+
+
+def test_the_proxy_refuses_what_no_real_request_needs() -> None:
+    """F24, F22, F6: a path built to make a pattern backtrack, names past any DNS name, decisions
+    without end, and the runner's own API under 'local'."""
+    from runner.sandbox.egress import MAX_DECISIONS, EgressPolicy, EgressProxy
+
+    with pytest.raises(DeniedError):
+        model_call("GET", "/models" * 10000 + "x")
+    policy = EgressPolicy(frozenset(), HostRule(("local",), False), control=frozenset({3031}))
+    with pytest.raises(DeniedError, match="the runner's own API"):
+        policy.decide("localhost", 3031, "GET", "/agents/v1/agents")
+    proxy = EgressProxy(policy)
+    try:
+        for _ in range(MAX_DECISIONS + 500):
+            proxy._record({"method": "CONNECT", "host": "x", "port": 1, "decision": "denied", "reason": "r"})
+        taken = proxy.decisions()
+    finally:
+        last = proxy.close()
+    assert len(taken) == MAX_DECISIONS and "500 more decisions" in last[-1]["reason"], last
+
+
+def test_a_spec_asks_for_limits_up_to_the_operators_only() -> None:
+    """F19: constraints.max_memory_mb, max_processes and max_file_mb could raise the operator's limits."""
+    from runner.sandbox.confining import ceiling
+
+    assert ceiling(None, 512) == 512 and ceiling(100, 512) == 100 and ceiling(100000, 512) == 512

@@ -58,9 +58,11 @@ from runner.source.git import GitSource
 from runner.specs.checking import private_folders, protected_folders
 from runner.state import Transaction, connect, journal
 
+MAX_SCRIPT = 1 << 20  # bytes of a scripted model file, as of a spec file
 MAX_MESSAGE = 1 << 20  # bytes of one line on a run's channel; events are capped far below it
 MAX_MESSAGES = 20_000  # lines from one run: a flood of small ones would fill the journal and the log
 MAX_BYTES = 64 << 20  # bytes from one run in all
+MAX_STRANGERS = 20  # names of tools the agent does not have, that a run may report calls of
 MAX_DETAIL = 64 << 10  # bytes of one event as recorded; a larger one keeps its size, not its content
 
 
@@ -94,7 +96,11 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
     script = None
     if spec.model.startswith("scripted:") and agent.applied_revision:
         target = os.path.normpath(str(base / spec.model[len("scripted:"):]))
-        script = source.read_file(agent.applied_revision, target).decode("utf-8", "replace")
+        raw = source.read_file(agent.applied_revision, target)
+        if len(raw) > MAX_SCRIPT:
+            raise SpecError(f"agent '{name}': its scripted model file {target} is {len(raw)} bytes, over the "
+                            f"{MAX_SCRIPT >> 20} MiB limit")
+        script = raw.decode("utf-8", "replace")
     custom = {}
     from runner.specs.catalog import BUILTIN_TOOLS
 
@@ -145,7 +151,7 @@ def _egress_proxy(plan: RunPlan) -> EgressProxy:
     c = plan.spec.constraints
     return EgressProxy(EgressPolicy(frozenset(model_endpoints(plan)), hosts, model_upstream(plan),
                                     frozenset(model_endpoints(plan, tls=True)),
-                                    Budget(c.max_model_calls, c.max_tokens)))
+                                    Budget(c.max_model_calls, c.max_tokens), frozenset({plan.settings.port})))
 
 
 def wait(conn: sqlite3.Connection, launch: Launch, *, kill_grace: float, should_stop: Any = None) -> RunRow:
@@ -217,6 +223,8 @@ class _Channel:
         self.fault: str | None = None
         self.count = 0
         self.total = 0
+        self.usages = 0
+        self.strangers: set[str] = set()
         self.closed = False
         s = launch.plan.settings
         self.log = AgentLog(agent_log_path(s.logs_dir, launch.plan.client_id, launch.plan.agent), launch.plan.run_id)
@@ -286,6 +294,7 @@ class _Channel:
             return
         try:
             message = checked(message, len(line))
+            self._within_spec(message)
         except ValueError as exc:
             self._broken(f"the run sent a message its supervisor refuses: {exc}")
             return
@@ -296,6 +305,23 @@ class _Channel:
                 self.apply(message)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
                 self._broken(f"the run sent a message its supervisor cannot apply ({type(exc).__name__})")
+
+    def _within_spec(self, message: dict[str, Any]) -> None:
+        """What the spec bounds, the run's reports are bounded by: model calls (each reports its
+        usage once), tools it does not have (a model may name some; not thousands), and the names
+        of the supervisor's own records (the proxy's ``egress``)."""
+        spec = self.launch.plan.spec
+        if message["t"] == "usage":
+            self.usages += 1
+            if self.usages > spec.constraints.max_model_calls:
+                raise ValueError(f"usage of more model calls than max_model_calls ({spec.constraints.max_model_calls})")
+        elif message["t"] == "event" and message["kind"] == "tool_call" and \
+                message["name"] not in {t.name for t in spec.tools}:
+            self.strangers.add(str(message["name"]))
+            if len(self.strangers) > MAX_STRANGERS:
+                raise ValueError(f"calls of more than {MAX_STRANGERS} tools the agent does not have")
+        elif message["t"] == "event" and message["name"] == "egress":
+            raise ValueError("an event named egress (the proxy's own)")
 
     def _broken(self, reason: str) -> None:
         self.fault = reason

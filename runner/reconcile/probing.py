@@ -12,9 +12,11 @@ module is probed once per content, not once per reconcile.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import MutableMapping
 from dataclasses import replace
 from pathlib import Path
@@ -74,12 +76,41 @@ def probe(name: str, source: bytes) -> str | None:
         path = Path(tmp) / "module" / f"{name}.py"
         path.write_bytes(source)
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "LANG": "C.UTF-8"}
-        try:
-            done = subprocess.run([sys.executable, "-I", "-c", _PROBE, str(path), name], cwd="/", env=env,
-                                  capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired:
-            return f"importing tools/{name}.py took longer than {PROBE_TIMEOUT:.0f}s"
-    if done.returncode in (0, 3):  # 3: this kernel cannot confine the probe, so it is not run (said on stderr)
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _PROBE, str(path), name], cwd="/", env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        tail, timed_out = _tail(proc, PROBE_TIMEOUT)
+    if timed_out:
+        return f"importing tools/{name}.py took longer than {PROBE_TIMEOUT:.0f}s"
+    if proc.returncode in (0, 3):  # 3: this kernel cannot confine the probe, so it is not run (said on stderr)
         return None
-    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else f"import exited with code {done.returncode}"
+    lines = [line for line in tail.decode("utf-8", "replace").strip().splitlines() if line.strip()]
+    return lines[-1][:400] if lines else f"import exited with code {proc.returncode}"
+
+
+def _tail(proc: subprocess.Popen[bytes], timeout: float, keep: int = 4096) -> tuple[bytes, bool]:
+    """The last ``keep`` bytes the probe wrote on stderr, and whether it ran out of time (then it is
+    killed). Only the tail is kept: a pushed module may write gigabytes there."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    tail = b""
+    poller = select.poll()
+    poller.register(proc.stderr.fileno(), select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            proc.wait()
+            return tail, True
+        if poller.poll(left * 1000):
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            tail = (tail + chunk)[-keep:]
+    proc.stderr.close()
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return tail, True
+    return tail, False

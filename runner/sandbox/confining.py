@@ -126,7 +126,7 @@ def isolate(plan: RunPlan, namespaces: list[str], channel: socket.socket) -> dic
     isolation: dict[str, Any] = {"namespaces": list(namespaces)}
     if plan.settings.sandbox == "off":
         return isolation
-    limit = plan.spec.constraints.max_processes or plan.settings.max_processes
+    limit = ceiling(plan.spec.constraints.max_processes, plan.settings.max_processes)
     if "pid" in namespaces:
         isolation["pid_max"] = isolating.limit_processes(limit)
     gateway = needs_network(plan)
@@ -289,10 +289,10 @@ def _limits(plan: RunPlan) -> dict[str, int]:
     wanted = {
         "RLIMIT_CORE": 0,
         "RLIMIT_NOFILE": 1024,
-        "RLIMIT_FSIZE": int((c.max_file_mb or plan.settings.max_file_mb) * MiB),
-        "RLIMIT_AS": int((c.max_memory_mb or plan.settings.max_memory_mb) * MiB),
+        "RLIMIT_FSIZE": int(ceiling(c.max_file_mb, plan.settings.max_file_mb) * MiB),
+        "RLIMIT_AS": int(ceiling(c.max_memory_mb, plan.settings.max_memory_mb) * MiB),
         "RLIMIT_CPU": int(plan.deadline_seconds * 2 + 10),
-        "RLIMIT_NPROC": int(c.max_processes or plan.settings.max_processes),
+        "RLIMIT_NPROC": int(ceiling(c.max_processes, plan.settings.max_processes)),
     }
     applied = {}
     for name, value in wanted.items():
@@ -328,6 +328,12 @@ def check_paths(plan: RunPlan, protected: list[tuple[str, str]]) -> None:
         reason = overlap_reason(path, protected)
         if reason:
             raise DeniedError(f"tool {tool}: {reason}")
+
+
+def ceiling(asked: int | None, operator: int) -> int:
+    """What a spec asks for, but never more than the operator's setting: AGENT_ORCH_MAX_* are the
+    default and the ceiling (a spec is the attacker's to write)."""
+    return min(asked, operator) if asked else operator
 
 
 def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:

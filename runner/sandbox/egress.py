@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import json
 import os
 import queue
@@ -68,8 +69,16 @@ class Upstream:
 # OpenAI-compatible API, nothing else (not Ollama's create, pull, push or delete, not a provider's
 # files, batches or admin calls, which the key the proxy adds would otherwise open).
 MODEL_METHODS = frozenset({"GET", "POST", "HEAD"})
-MODEL_PATHS = re.compile(r"^(?:/[A-Za-z0-9._-]+)*/(?:models(?:/[A-Za-z0-9._:/-]+)?|chat/completions|completions|"
-                         r"embeddings|api/(?:chat|generate|embed|embeddings|tags|show|version|ps))/?$")
+MODEL_CALLS = ("/models", "/chat/completions", "/completions", "/embeddings", "/api/chat", "/api/generate",
+               "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/version", "/api/ps")
+SEGMENT = re.compile(r"[A-Za-z0-9._:-]+")  # one path segment; matched alone, so in linear time
+MAX_PATH = 2048
+MAX_HOST = 253  # the longest DNS name
+MAX_DECISIONS = 2000  # decisions recorded in full per run
+# Loopback ports of the runner's own API (the daemon adds the one it binds; settings add the
+# configured one): no run may reach them, "local" or not. A run holding its connections would
+# otherwise take the API's from every client, and it has nothing to ask there.
+CONTROL_PLANE: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class EgressPolicy:
     upstream: Upstream | None = None  # the OpenAI-compatible endpoint, reached as http://MODEL_HOST
     tunnels: frozenset[tuple[str, int]] = frozenset()  # model servers on https: reached by CONNECT
     budget: Budget | None = None
+    control: frozenset[int] = frozenset()  # the API port the settings name (see CONTROL_PLANE)
 
     def decide(self, host: str, port: int, method: str = "CONNECT", path: str = "") -> tuple[list[str], str]:
         """The addresses to connect to and why; raises DeniedError. Nothing is resolved before the
@@ -94,6 +104,8 @@ class EgressPolicy:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
                               "'network'")
         addresses = self.hosts.check(host)
+        if port in CONTROL_PLANE | self.control and any(ipaddress.ip_address(a).is_loopback for a in addresses):
+            raise DeniedError(f"{host}:{port} is the runner's own API, which no run may reach")
         if self.is_model(addresses, port):  # the model server under another name (localhost, say)
             self._model_rules(host, port, method, path,
                               tunnel=any(self._model_addresses.get((a, port)) for a in addresses))
@@ -120,13 +132,25 @@ def model_call(method: str, path: str) -> bool:
     """Raises DeniedError unless this is an inference or listing call to a model server; True for a
     call that generates (chat, completions, Ollama's chat and generate): those the budget counts."""
     bare = path.split("?", 1)[0]
-    if method not in MODEL_METHODS or ".." in bare or not MODEL_PATHS.match(bare):
+    if method not in MODEL_METHODS or not _model_path(bare):
         raise DeniedError(f"{method} {bare[:200]} is not a model call (chat, completions, embeddings, models, or "
                           "Ollama's chat, generate, embed, tags, show, version)")
     return method == "POST" and bare.rstrip("/").endswith(GENERATING)
 
 
 GENERATING = ("/chat/completions", "/completions", "/api/chat", "/api/generate")
+
+
+def _model_path(path: str) -> bool:
+    """A base path of plain segments ending in one of MODEL_CALLS (or /models/NAME). No regex over the
+    whole path: a run controls it, and a backtracking pattern would spend the proxy's CPU."""
+    if len(path) > MAX_PATH or not path.startswith("/"):
+        return False
+    segments = path.rstrip("/").split("/")[1:]
+    if not segments or not all(SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
+        return False
+    joined = "/" + "/".join(segments)
+    return joined.endswith(MODEL_CALLS) or "models" in segments[:-1][-1:]
 MAX_MODEL_BODY = 16 << 20
 
 
@@ -186,6 +210,7 @@ class EgressProxy:
         os.set_blocking(self._wake_write, False)
         self.open = 0  # connections being served (on the proxy's thread only)
         self.generations = 0  # model calls that generate, counted against the budget
+        self.recorded = self.unrecorded = 0
         self.refusing = False
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="egress-proxy", daemon=True)
@@ -217,6 +242,9 @@ class EgressProxy:
         if self.listener is not None:
             self.listener.close()  # the last reference to the run's network namespace goes with it
         last = self.decisions()
+        if self.unrecorded:
+            last.append({"ts": utcnow(), "decision": "denied", "method": "-", "host": "-", "port": 0,
+                         "reason": f"{self.unrecorded} more decisions past the {MAX_DECISIONS} recorded in full"})
         os.close(self.wake_fd)
         os.close(self._wake_write)
         return last
@@ -240,6 +268,14 @@ class EgressProxy:
         return capped(body, path, budget.output) if budget.output else body
 
     def _record(self, decision: dict[str, Any]) -> None:
+        """One decision for the run's record; past MAX_DECISIONS, only their number (each is a ledger
+        row, and a run could ask without end)."""
+        self.recorded += 1
+        if self.recorded > MAX_DECISIONS:
+            self.unrecorded += 1
+            return
+        if self.recorded == MAX_DECISIONS:
+            decision = {**decision, "note": "the last decision recorded in full; later ones are counted"}
         self._decisions.put({"ts": utcnow(), **decision})
         try:
             os.write(self._wake_write, b"!")
@@ -290,6 +326,11 @@ class EgressProxy:
                               "or CONNECT host:port")
                 return
             host, port, path = target
+            if len(host) > MAX_HOST or len(path) > MAX_PATH:
+                self._record({"method": method, "host": host[:64] + "...", "port": port, "decision": "denied",
+                              "reason": "a name or path longer than any real one"})
+                await _answer(writer, 403, "Forbidden", "a name or path longer than any real one")
+                return
             detail = {"method": method, "host": host, "port": port}
             model = self.policy.upstream if host == MODEL_HOST else None
             try:  # on this thread: see the class

@@ -89,7 +89,7 @@ def mount_scratch(path: str, size_mb: int) -> str:
 def limit_processes(limit: int) -> int | None:
     """Set pid_max of this process's PID namespace (Linux 6.14+) so that at most about ``limit``
     processes fit in it: RESERVED_PIDS more before the first wrap. Returns the value, or None."""
-    if os.getpid() != 1:  # not in a PID namespace of our own: pid_max would be the machine's
+    if os.getpid() != 1 or not pid_max_per_namespace():  # else pid_max would be the whole machine's
         return None
     value = RESERVED_PIDS + max(1, limit)
     try:
@@ -99,6 +99,16 @@ def limit_processes(limit: int) -> int | None:
             return value if int(handle.read()) == value else None
     except (OSError, ValueError):
         return None
+
+
+def pid_max_per_namespace() -> bool:
+    """Whether this kernel keeps pid_max per PID namespace (Linux 6.14). Before that the file is the
+    machine's, and a root run writing it would starve every process on the host."""
+    release = os.uname().release.split("-", 1)[0].split(".")
+    try:
+        return (int(release[0]), int(release[1])) >= (6, 14)
+    except (IndexError, ValueError):
+        return False
 
 
 def _write(path: str, text: str) -> None:

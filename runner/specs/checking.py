@@ -116,7 +116,8 @@ def protected_folders(settings: Settings) -> tuple[tuple[str, str], ...]:
 
 
 SYSTEM_FOLDERS = ("/etc", "/boot", "/root", "/proc", "/sys", "/dev", "/run", "/var/run", "/var/lib", "/var/spool",
-                  "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
+                  "/var/log", "/var/cache", "/var/backups", "/var/mail", "/usr", "/bin", "/sbin", "/lib", "/lib32",
+                  "/lib64")
 
 
 def private_folders(settings: Settings) -> tuple[tuple[str, str], ...]:

@@ -47,7 +47,7 @@ from runner.reconcile.applied import (
     set_trigger_condition,
 )
 from runner.reconcile.reconciling import open_source, reconcile
-from runner.sandbox import capabilities
+from runner.sandbox import capabilities, egress
 from runner.settings import Settings, client_ids, shadowed_environment
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
@@ -465,6 +465,7 @@ class ApiServer:
         self.server = create_server(app, host=host, port=port, threads=8, ident="agent-orchestrator",
                                     clear_untrusted_proxy_headers=True, asyncore_use_poll=True)
         self.port = int(self.server.effective_port)
+        egress.CONTROL_PLANE.add(self.port)  # runs may not reach their own control plane, "local" or not
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)
         self.thread.start()
 
