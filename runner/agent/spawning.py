@@ -44,7 +44,8 @@ READY_TIMEOUT = 120.0  # seconds for the zygote to import what runs need (LangCh
 
 def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
-    _die_with_parent()
+    supervisor = int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--supervisor=")), "0"))
+    _die_with_parent(expected=supervisor or None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when runs stop
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -79,12 +80,13 @@ def main() -> None:
                 os.close(fd)
             continue
         run_id = str(request["run_id"])
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:
             control.close()
             os.close(wake_r)
             os.close(wake_w)
-            run_child(fds[0])
+            run_child(fds[0], zygote=me)
         os.close(fds[0])
         children[pid] = run_id
         pidfd = os.pidfd_open(pid)
@@ -119,14 +121,14 @@ def _reap(control: socket.socket, children: dict[int, str]) -> None:
                 pass
 
 
-def run_child(channel_fd: int) -> None:
+def run_child(channel_fd: int, zygote: int) -> None:
     """The run process: never returns."""
     code = CHILD_FAILED
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        _die_with_parent()
+        _die_with_parent(expected=zygote)
         os.setsid()  # no controlling terminal, and a process group the supervisor signals as one
         channel_fd = _keep_only(channel_fd)
         channel = socket.socket(fileno=channel_fd)
@@ -176,13 +178,20 @@ def _run(plan: Any, channel: socket.socket) -> int:
     sandboxed = plan.settings.sandbox != "off"
     namespaces = isolating.enter() if sandboxed else []
     if namespaces:  # PID 1 of the new namespaces runs the agent; this process waits for it
+        alive_r, alive_w = os.pipe()  # EOF on it: this process is gone
         inner = os.fork()
         if inner:
             channel.close()
+            os.close(alive_r)
             signal.signal(signal.SIGTERM, lambda *_: os.kill(inner, signal.SIGKILL))
             _pid, status = os.waitpid(inner, 0)
             return os.waitstatus_to_exitcode(status) & 0xFF
+        os.close(alive_w)
         _die_with_parent()
+        # PID 1 of a new namespace sees no parent pid to check; the pipe says whether it died first.
+        if select.select([alive_r], [], [], 0)[0]:
+            os._exit(CHILD_FAILED)
+        os.close(alive_r)
         signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores signals it does not handle
     return _agent(plan, channel, namespaces)
 
@@ -209,13 +218,17 @@ def _agent(plan: Any, channel: socket.socket, namespaces: list[str]) -> int:
     return 0
 
 
-def _die_with_parent(sig: int = signal.SIGKILL) -> None:
+def _die_with_parent(sig: int = signal.SIGKILL, expected: int | None = None) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies. If the parent (``expected``,
+    as this process saw it before the fork) died before the request, nobody would send it: exit now."""
     import ctypes
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if expected is not None and os.getppid() != expected:
+        os._exit(CHILD_FAILED)
 
 
 def _kill(pid: int) -> None:
