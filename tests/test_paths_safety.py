@@ -132,8 +132,10 @@ def test_forbidden_overlap_for_the_run_time_check(tmp_path: Path) -> None:
     assert forbidden_overlap(f"{tmp_path}/elsewhere/../srv/agents/var/memory/default", settings) == (
         f"'{tmp_path}/elsewhere/../srv/agents/var/memory/default' is in {home}/memory, the memory folder "
         f"(VECTOR_DB_URL): {WHY}; name a folder outside it")
-    assert forbidden_overlap("/var/log", settings) == (
-        "'/var/log' contains /var/log/agency_stack/components, the log folder (AGENT_ORCH_LOG_DIR): "
+    assert forbidden_overlap("/var/log", settings) == f"'/var/log' is a system folder: {WHY}; name a folder outside it"
+    logs = Settings.load(home=home, log_dir=str(tmp_path / "logs" / "agents"))
+    assert forbidden_overlap(str(tmp_path / "logs"), logs) == (
+        f"'{tmp_path}/logs' contains {tmp_path}/logs/agents, the log folder (AGENT_ORCH_LOG_DIR): "
         f"{WHY}; name a narrower folder outside it")
     # The home reached through a symlink is still the home (and the other way round).
     home.mkdir(parents=True)
