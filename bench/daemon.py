@@ -164,7 +164,7 @@ def idle(root: Path) -> None:
         stop(proc)
         baseline.kill()
     print(f"daemon: idle with 1000 agents for {IDLE_SECONDS:.0f} s: CPU {(cpu1 - cpu0) / IDLE_SECONDS * 100:5.2f}% "
-          f"of a core, RSS {rss:6.1f} MB (daemon and fork server); baseline sleeping python: "
+          f"of a core, RSS {rss:6.1f} MB (daemon and zygote); baseline sleeping python: "
           f"CPU {(base1 - base0) / IDLE_SECONDS * 100:5.2f}%, RSS {base_rss:5.1f} MB")
 
 

@@ -13,6 +13,7 @@ The egress proxy, and the model credentials it adds, live here: never in the run
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -110,9 +111,16 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
             custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
     plan = RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name,
                    revision=agent.applied_revision, spec=spec, settings=settings, trigger=trigger, input=input,
-                   script=script, custom_sources=custom, private=runtime_overlaps(list(private_folders(settings))))
-    check_paths(plan, list(protected_folders(settings)))
+                   script=script, custom_sources=custom, private=list(_folders(settings)[1]))
+    check_paths(plan, list(_folders(settings)[0]))
     return plan
+
+
+@functools.lru_cache(maxsize=32)
+def _folders(settings: Settings) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """The folders no spec path may overlap, and those of them a runtime path overlaps: worked out once
+    per settings (a few milliseconds of settings files and realpaths; a daemon restarts for new ones)."""
+    return protected_folders(settings), tuple(runtime_overlaps(list(private_folders(settings))))
 
 
 def start(conn: sqlite3.Connection, plan: RunPlan, requested_by: str | None = None,
