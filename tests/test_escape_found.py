@@ -71,6 +71,8 @@ def test_a_daemon_started_in_its_home_gives_runs_nothing_of_it(repo: SpecRepo, h
     "\n".join(f'{{"t": "event", "kind": "tool_call", "name": "t{i}", "decision": "denied", "detail": {{}}}}'
               for i in range(25)),                                                  # F17: tool_stats flood
     '{"t": "event", "kind": "log", "name": "egress", "decision": "allowed", "detail": {"host": "x"}}',  # F17
+    '{"t": "event", "kind": "log", "name": "egress ", "decision": "allowed", "detail": {}}',   # lookalikes
+    '{"t": "event", "kind": "log", "name": "egres\\u0455", "decision": "allowed", "detail": {}}',
 ])
 def test_a_forged_message_ends_the_run_and_leaves_nothing_behind(repo: SpecRepo, cli, home: Path, tmp_path: Path,
                                                                 message: str) -> None:
@@ -327,3 +329,31 @@ def test_a_spec_asks_for_limits_up_to_the_operators_only() -> None:
     from runner.sandbox.confining import ceiling
 
     assert ceiling(None, 512) == 512 and ceiling(100, 512) == 100 and ceiling(100000, 512) == 512
+
+
+def test_this_machine_under_any_address_is_this_machine() -> None:
+    """Second round, A1 and A3: 0.0.0.0 (or ::ffff:127.0.0.1) reached the runner's API and a model
+    server bound to every address, past the rules for both."""
+    from runner.sandbox.egress import EgressPolicy
+
+    remote = HostRule(("0", "0.0.0.0"), True)  # names a spec may list, with remote tools on
+    policy = EgressPolicy(frozenset({("127.0.0.1", 11434)}), remote, control=frozenset({3031}))
+    for host in ("0", "0.0.0.0"):
+        with pytest.raises(DeniedError):
+            policy.decide(host, 3031, "GET", "/healthz")
+        with pytest.raises(DeniedError):
+            policy.decide(host, 11434, "DELETE", "/api/delete")
+    local = EgressPolicy(frozenset({("127.0.0.1", 11434)}), HostRule(("local",), False))
+    with pytest.raises(DeniedError):
+        local.decide("127.0.0.2", 11434, "POST", "/api/create")
+
+
+def test_one_answer_per_model_call_and_no_proxy_lookalikes() -> None:
+    """Second round, A2 and A6: n, best_of and prompt lists multiplied a counted call's output; an
+    event named 'egress ' or with a homoglyph passed for the proxy's own record."""
+    from runner.sandbox.egress import capped
+
+    for body in ({"n": 128}, {"best_of": 5}, {"prompt": ["a", "b"]}):
+        with pytest.raises(DeniedError):
+            capped(json.dumps({"model": "m", **body}).encode(), "/v1/completions", 100)
+    assert json.loads(capped(b'{"model": "m", "max_tokens": 9999}', "/v1/chat/completions", 100))["max_tokens"] == 100

@@ -141,4 +141,12 @@ def lookup(host: str) -> list[str]:
 
 
 def _loopback(address: str) -> bool:
-    return ipaddress.ip_address(address).is_loopback
+    """This machine: loopback, the unspecified address (Linux connects 0.0.0.0 and :: to the local
+    host), and their IPv4-mapped IPv6 forms."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
+
+
+loopback = _loopback

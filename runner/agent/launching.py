@@ -97,18 +97,15 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
     script = None
     if spec.model.startswith("scripted:") and agent.applied_revision:
         target = os.path.normpath(str(base / spec.model[len("scripted:"):]))
-        raw = source.read_file(agent.applied_revision, target)
-        if len(raw) > MAX_SCRIPT:
-            raise SpecError(f"agent '{name}': its scripted model file {target} is {len(raw)} bytes, over the "
-                            f"{MAX_SCRIPT >> 20} MiB limit")
-        script = raw.decode("utf-8", "replace")
+        script = source.read_file(agent.applied_revision, target, limit=MAX_SCRIPT).decode("utf-8", "replace")
     custom = {}
     from runner.specs.catalog import BUILTIN_TOOLS
 
     for tool in spec.tools:
         if tool.name not in BUILTIN_TOOLS and agent.applied_revision:
             path = str(PurePosixPath(folder) / "tools" / f"{tool.name}.py")
-            custom[tool.name] = source.read_file(agent.applied_revision, path).decode("utf-8", "replace")
+            custom[tool.name] = source.read_file(agent.applied_revision, path, limit=MAX_SCRIPT).decode(
+                "utf-8", "replace")
     plan = RunPlan(run_id=run_id or new_run_id(), client_id=settings.client_id, agent=name,
                    revision=agent.applied_revision, spec=spec, settings=settings, trigger=trigger, input=input,
                    script=script, custom_sources=custom, private=list(_folders(settings)[1]))
@@ -231,7 +228,7 @@ class _Channel:
         self.fault: str | None = None
         self.count = 0
         self.total = 0
-        self.usages = 0
+        self.usages = self.tokens = 0
         self.strangers: set[str] = set()
         self.closed = False
         s = launch.plan.settings
@@ -321,15 +318,20 @@ class _Channel:
         spec = self.launch.plan.spec
         if message["t"] == "usage":
             self.usages += 1
+            self.tokens += message["input"] + message["output"]
             if self.usages > spec.constraints.max_model_calls:
                 raise ValueError(f"usage of more model calls than max_model_calls ({spec.constraints.max_model_calls})")
+            budget = spec.constraints.max_tokens
+            if budget is not None and self.tokens > 2 * budget + MAX_OVERSHOOT:
+                raise ValueError(f"usage far past the token budget ({self.tokens} tokens of {budget})")
         elif message["t"] == "event" and message["kind"] == "tool_call" and \
                 message["name"] not in {t.name for t in spec.tools}:
             self.strangers.add(str(message["name"]))
             if len(self.strangers) > MAX_STRANGERS:
                 raise ValueError(f"calls of more than {MAX_STRANGERS} tools the agent does not have")
-        elif message["t"] == "event" and message["name"] == "egress":
-            raise ValueError("an event named egress (the proxy's own)")
+        elif message["t"] == "event" and message["kind"] == "log" and message["name"] is not None and \
+                (not message["name"].isascii() or message["name"].strip().lower().startswith("egress")):
+            raise ValueError("a log event named like the proxy's own records (egress), or not in plain ASCII")
 
     def _broken(self, reason: str) -> None:
         self.fault = reason
@@ -341,7 +343,8 @@ class _Channel:
 
 EVENT_KINDS = ("llm_call", "tool_call", "memory", "log")  # 'status' rows are the supervisor's alone
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-MAX_COUNT = 10_000_000  # tokens one model call may report
+MAX_COUNT = 2_000_000  # tokens one model call may report (the largest contexts today)
+MAX_OVERSHOOT = 100_000  # tokens past twice its budget a run's own loop never reaches
 
 
 def printable(text: str) -> str:
@@ -372,7 +375,7 @@ def checked(message: Any, size: int) -> dict[str, Any]:
     if kind == "usage":
         counts = [message.get("input"), message.get("output")]
         if not all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts):
-            raise ValueError("token counts that are not whole numbers from 0 to 10,000,000")
+            raise ValueError("token counts that are not whole numbers from 0 to 2,000,000")
         return {"t": "usage", "input": counts[0], "output": counts[1]}
     if kind == "log":
         level = message.get("level", "INFO")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import json
 import os
 import queue
@@ -31,7 +30,7 @@ from typing import Any
 
 import h11
 
-from runner.agent.access import HostRule, lookup
+from runner.agent.access import HostRule, lookup, loopback
 from runner.agent.recording import utcnow
 from runner.errors import DeniedError
 
@@ -104,7 +103,7 @@ class EgressPolicy:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
                               "'network'")
         addresses = self.hosts.check(host)
-        if port in CONTROL_PLANE | self.control and any(ipaddress.ip_address(a).is_loopback for a in addresses):
+        if port in CONTROL_PLANE | self.control and any(loopback(a) for a in addresses):
             raise DeniedError(f"{host}:{port} is the runner's own API, which no run may reach")
         if self.is_model(addresses, port):  # the model server under another name (localhost, say)
             self._model_rules(host, port, method, path,
@@ -112,7 +111,10 @@ class EgressPolicy:
         return addresses, "allowed_domains"
 
     def is_model(self, addresses: list[str], port: int) -> bool:
-        return any((a, port) in self._model_addresses for a in addresses)
+        """Whether this is a model server: one of its addresses, or, for one on this machine, any
+        address of this machine at its port (127.0.0.2 and 0.0.0.0 reach a server bound to all)."""
+        local = any(loopback(m) for m, p in self._model_addresses if p == port)
+        return any((a, port) in self._model_addresses or (local and loopback(a)) for a in addresses)
 
     @functools.cached_property
     def _model_addresses(self) -> dict[tuple[str, int], bool]:
@@ -181,6 +183,10 @@ def capped(body: bytes, path: str, output: int) -> bytes:
         for key in ("max_tokens", "max_completion_tokens"):
             if key in data or key == "max_tokens":
                 data[key] = _least(data.get(key), output)
+        # One answer per call: n, best_of and a list of prompts would multiply what a call generates.
+        if data.get("n", 1) != 1 or data.get("best_of", 1) != 1 or \
+                (isinstance(data.get("prompt"), list) and len(data["prompt"]) > 1):
+            raise DeniedError("a model call asks for more than one answer (n, best_of, or several prompts)")
     return json.dumps(data).encode()
 
 
@@ -274,6 +280,8 @@ class EgressProxy:
         if self.recorded > MAX_DECISIONS:
             self.unrecorded += 1
             return
+        if len(str(decision.get("reason", ""))) > 300:
+            decision = {**decision, "reason": str(decision["reason"])[:300] + "..."}
         if self.recorded == MAX_DECISIONS:
             decision = {**decision, "note": "the last decision recorded in full; later ones are counted"}
         self._decisions.put({"ts": utcnow(), **decision})

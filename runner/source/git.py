@@ -88,13 +88,18 @@ class GitSource:
             raise FolderMissing(f"folder '{prefix}' not found in {self.location.url} at {revision[:12]}")
         return files
 
-    def read_file(self, revision: str, path: str) -> bytes:
-        """A file at a revision. Cached: a commit never changes, and runs read the same files again."""
+    def read_file(self, revision: str, path: str, limit: int | None = None) -> bytes:
+        """A file at a revision. Cached: a commit never changes, and runs read the same files again.
+        With ``limit``, a larger file is refused by its size, unread (SourceError)."""
         key = (revision, path)
         if key in self._files:
             return self._files[key]
         repo = self._open(fetch=False)
         try:
+            if limit is not None:
+                size = int(repo.git.cat_file("-s", f"{revision}:{path}"))
+                if size > limit:
+                    raise SourceError(f"{path} is {size} bytes, over the {limit} byte limit of such a file")
             data = bytes(repo.git.show(f"{revision}:{path}", stdout_as_string=False))
         except git.GitCommandError:
             raise SourceError(f"{path} not found at {revision[:12]}") from None
