@@ -151,12 +151,13 @@ def _probe(kind, arg):
         return json.dumps(scan(arg.split(",")))
     if kind == "kernel":
         return json.dumps(kernel())
-    if kind == "channel-file":  # what a file holds, on the channel; then stay, to be killed or not
-        path, _, linger = arg.partition("|")
+    if kind == "channel-file":  # what a file holds, on the channel; then, with "|stay", wait to be killed
+        path, _, stay = arg.partition("|")
         os.write(3, open(path, "rb").read())
-        if linger:
-            import time
-            time.sleep(float(linger))
+        if stay:
+            import signal
+            while True:  # only the supervisor ends this (or the run's deadline, which fails the test)
+                signal.pause()
         return "sent"
     if kind == "channel":  # the run's own channel to its supervisor, fd 3
         if arg == "garbage":

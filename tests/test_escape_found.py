@@ -81,7 +81,7 @@ def test_a_forged_message_ends_the_run_and_leaves_nothing_behind(repo: SpecRepo,
     data = tmp_path / "data"
     data.mkdir()
     (data / "msg.txt").write_text(message + "\n")
-    _agent(repo, "forger", [f"channel-file:{data / 'msg.txt'}|100"], [str(data)])
+    _agent(repo, "forger", [f"channel-file:{data / 'msg.txt'}|stay"], [str(data)])
     repo.commit()
     assert cli("apply").returncode == 0
     done = cli("--output", "json", "run", "forger", timeout=90)
