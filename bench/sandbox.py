@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import commit_all, reader_repo
-from runner.agent.access import HostRule
-from runner.agent.launching import prepare, start, wait
-from runner.agent.spawning import Zygote
+from runner.agent.launching import run_foreground
+from runner.agent.local import LocalExecutor
 from runner.reconcile.reconciling import open_source, reconcile
+from runner.sandbox.access import HostRule
 from runner.sandbox.egress import EgressPolicy, EgressProxy
 from runner.settings import Settings
 from runner.state import connect
@@ -99,7 +99,7 @@ def _medians(root: Path, repo: Path, agent: str) -> tuple[float, float]:
     """The best of two median run times, sandbox off and strict, alternating, forked by one warm zygote
     as the daemon's runs are."""
     medians: dict[str, list[float]] = {"off": [], "strict": []}
-    zygote = Zygote()
+    executor = LocalExecutor(kill_grace=1)
     for mode in ("off", "strict", "off", "strict"):
         s = Settings.load(root / "home", source=str(repo), sandbox=mode)
         conn = connect(s.state_path)
@@ -108,12 +108,12 @@ def _medians(root: Path, repo: Path, agent: str) -> tuple[float, float]:
         times = []
         for _ in range(RUNS):
             t = time.perf_counter()
-            row = wait(conn, start(conn, prepare(s, conn, source, agent), zygote=zygote), kill_grace=1)
+            row = run_foreground(s, source, agent, executor=executor, archive=False)
             times.append(time.perf_counter() - t)
             assert row.status == "succeeded", row.error
         medians[mode].append(statistics.median(times))
         conn.close()
-    zygote.close()
+    executor.close()
     return min(medians["off"]), min(medians["strict"])
 
 

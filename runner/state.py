@@ -85,10 +85,11 @@ CREATE TABLE IF NOT EXISTS tool_stats (     -- tool calls by decision, counted a
     count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (client_id, tool, decision)
 );
-CREATE TABLE IF NOT EXISTS journal (
+CREATE TABLE IF NOT EXISTS journal (        -- ledger rows not archived yet (runner.ledger.ingesting)
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
-    row TEXT NOT NULL
+    row TEXT NOT NULL,
+    run_id TEXT                     -- the run a runs or run_events row belongs to: its live events are read by it
 );
 """
 
@@ -109,7 +110,8 @@ def connect(path: Path) -> sqlite3.Connection:
 # Columns added after a table first shipped: (table, column, type). SQLite adds them in place.
 MIGRATIONS = [("sources", "invalid", "TEXT"), ("run_progress", "launcher_pid", "INTEGER"),
               ("run_progress", "row", "TEXT"), ("tokens", "id", "TEXT"), ("tokens", "expires_at", "TEXT"),
-              ("tokens", "last_used_at", "TEXT"), ("run_progress", "retry_of", "TEXT")]
+              ("tokens", "last_used_at", "TEXT"), ("run_progress", "retry_of", "TEXT"),
+              ("journal", "run_id", "TEXT")]
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -122,6 +124,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if conn.execute("SELECT 1 FROM tokens WHERE id IS NULL LIMIT 1").fetchone():
         conn.execute("UPDATE tokens SET id = 'tok_' || lower(hex(randomblob(8))) WHERE id IS NULL")
     conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens (id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS journal_by_run ON journal (run_id) WHERE run_id IS NOT NULL")
 
 
 class Transaction:
@@ -140,7 +143,8 @@ class Transaction:
 
 def journal(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
     """Queue a ledger row; the ledger ingests it into DuckDB (see runner.ledger.ingesting)."""
-    conn.execute("INSERT INTO journal (tbl, row) VALUES (?, ?)", (table, json.dumps(row, default=str)))
+    conn.execute("INSERT INTO journal (tbl, row, run_id) VALUES (?, ?, ?)",
+                 (table, json.dumps(row, default=str), row.get("run_id") if table in ("runs", "run_events") else None))
 
 
 class SpecCache(MutableMapping[str, dict[str, Any]]):

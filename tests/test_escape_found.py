@@ -15,8 +15,8 @@ from doubles import FakeOpenAIServer
 from test_daemon import MakeDaemon, daemons  # noqa: F401 (the fixture)
 from test_escape_classes import _agent, _found, _ledger
 
-from runner.agent.access import HostRule
 from runner.errors import DeniedError
+from runner.sandbox.access import HostRule
 from runner.sandbox.egress import model_call
 
 SHADOW = '''
@@ -290,7 +290,7 @@ def test_the_supervisor_waits_on_descriptors_past_1024() -> None:
     """F15: select() broke once the daemon held more than 1,024 descriptors (a run's held connections)."""
     import os
 
-    from runner.agent.launching import readable
+    from runner.agent.local import readable
     from runner.agent.spawning import raise_open_files_limit
 
     raise_open_files_limit()

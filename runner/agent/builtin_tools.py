@@ -22,11 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import duckdb
-
-from runner.agent.access import HostRule, PathRule
 from runner.agent.memory import MemoryStore
 from runner.errors import DeniedError
+from runner.sandbox.access import HostRule, PathRule
 
 MAX_READ = 256 * 1024  # bytes of a file given to the model
 MAX_LIST = 500  # entries of a folder listing
@@ -85,6 +83,10 @@ _PATH_LITERAL = re.compile(r"'((?:/|~|\.)[^']*)'")
 
 def data_analyzer(env: ToolEnv, query: str) -> str:
     """Run one read-only DuckDB SQL query; files are named by absolute path in it."""
+    # Imported by the run that calls it, not by the zygote: DuckDB starts a thread when it loads, and the
+    # zygote must stay single-threaded to clone runs into their namespaces (runner.agent.spawning._spawn).
+    import duckdb
+
     statements = duckdb.extract_statements(query)
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         kinds = ", ".join(s.type.name for s in statements) or "nothing"

@@ -36,6 +36,9 @@ import numpy as np
 import sqlite_vec
 
 from runner.errors import OrchestratorError
+from runner.plan import store_path
+
+__all__ = ["Embedder", "HashingEmbedder", "MemoryStore", "OllamaEmbedder", "store_path"]
 
 
 class MemoryError_(OrchestratorError):
@@ -141,10 +144,6 @@ def _kmeans(matrix: np.ndarray, k: int) -> np.ndarray:
         sums[empty] = sample[rng.choice(len(sample), int(empty.sum()))]
         centroids = _unit(sums)
     return centroids
-
-
-def store_path(memory_dir: Path, client_id: str, agent: str, collection: str | None) -> Path:
-    return memory_dir / client_id / agent / f"{collection or agent}.sqlite"
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,32 @@
-"""The audit trail of a run.
+"""The audit trail of a run, from both ends of its channel.
 
-Two writers, one rule each: the launcher (parent) writes the ``runs`` row at every state change, and
-the run process (child) writes ``run_events``. Both go through the ledger journal. Event numbers,
-token counts and call counts live in ``run_progress`` in the state database, so the parent can
-number its own final event and report tokens of a run it had to kill.
+In the run process, ``Recorder`` turns each step into a channel message. In the supervisor,
+``RunRecord`` is the run's watcher (``runner.agent.executor``): it numbers the events, keeps the counts
+(tokens, model and tool calls, denials, tool errors), writes the agent's log, and hands rows to the
+``LiveWriter``, the one thread that writes runs' live state (``run_progress`` and the ledger journal in
+the state database) in batches. The final row, and a log line saying how the run ended, are written
+last; the ledger flush archives them into DuckDB and prunes the live rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.agent.access import redact
-from runner.state import Transaction, journal
+from runner.sandbox.access import redact
+from runner.state import Transaction, connect, journal
+from runner.times import utcnow
 
 TERMINAL = ("succeeded", "failed", "timed_out", "budget_exceeded", "stopped", "interrupted", "skipped")
-
-
-def utcnow() -> str:
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -52,6 +52,12 @@ class RunRow:
     requested_by: str | None = None
     pid: int | None = None
     retry_of: str | None = None  # the run this one retries
+    attempt: int = 1  # 1, then 2 for its first retry, ...
+    denied: int = 0  # tool calls refused by policy
+    tool_errors: int = 0  # tool calls that failed
+    cpu_seconds: float | None = None  # what the kernel says the run's processes used
+    max_rss_mb: float | None = None
+    bytes_written: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_ledger(self) -> dict[str, Any]:
@@ -62,41 +68,61 @@ class RunRow:
         return row
 
 
-def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: str, error: str) -> None:
-    """Write the final row of a run whose launcher can no longer do it, from what is known of it."""
+def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: str, error: str) -> RunRow:
+    """Write the final row (and status event) of a run whose supervisor can no longer do it, from what
+    the live store knows of it."""
     r = progress_row
     data = json.loads(r["row"]) if r["row"] else {}
-    write_run(conn, RunRow(run_id=r["run_id"], client_id=r["client_id"], agent=r["agent"],
-                           spec_revision=data.get("spec_revision"), trigger=data.get("trigger") or "unknown",
-                           status=status, queued_at=data.get("queued_at"), started_at=data.get("started_at"),
-                           ended_at=utcnow(), input_tokens=int(r["input_tokens"]),
-                           output_tokens=int(r["output_tokens"]), model_calls=int(r["model_calls"]),
-                           tool_calls=int(r["tool_calls"]), error=error, input=data.get("input"),
-                           requested_by=data.get("requested_by"), pid=r["pid"], retry_of=data.get("retry_of")))
+    row = RunRow(run_id=r["run_id"], client_id=r["client_id"], agent=r["agent"],
+                 spec_revision=data.get("spec_revision"), trigger=data.get("trigger") or "unknown",
+                 status=status, queued_at=data.get("queued_at"), started_at=data.get("started_at"),
+                 ended_at=utcnow(), input_tokens=int(r["input_tokens"]), output_tokens=int(r["output_tokens"]),
+                 model_calls=int(r["model_calls"]), tool_calls=int(r["tool_calls"]), error=error,
+                 input=data.get("input"), requested_by=data.get("requested_by"), pid=r["pid"],
+                 retry_of=data.get("retry_of"), attempt=int(data.get("attempt") or 1),
+                 denied=int(data.get("denied") or 0), tool_errors=int(data.get("tool_errors") or 0))
+    with Transaction(conn) as tx:
+        journal(tx, "run_events", _status_event(row, int(r["seq"]) + 1))
+        _write_run(tx, row)
+    return row
+
+
+def _status_event(row: RunRow, seq: int) -> dict[str, Any]:
+    return {"run_id": row.run_id, "seq": seq, "ts": row.ended_at, "kind": "status", "name": row.status,
+            "decision": None, "detail": redact({"error": row.error, "tokens": row.input_tokens + row.output_tokens})}
 
 
 def write_run(conn: sqlite3.Connection, row: RunRow) -> None:
     with Transaction(conn) as tx:
-        journal(tx, "runs", row.as_ledger())
-        tx.execute(
+        _write_run(tx, row)
+
+
+def _write_run(tx: sqlite3.Connection, row: RunRow) -> None:
+    """The run's row into the journal, and its live record (inside the caller's transaction)."""
+    journal(tx, "runs", row.as_ledger())
+    tx.execute(
             """INSERT INTO run_progress (run_id, client_id, agent, pid, launcher_pid, status, started_at, updated_at,
                    row)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(run_id) DO UPDATE SET status = excluded.status, pid = coalesce(excluded.pid, pid),
                    started_at = coalesce(excluded.started_at, started_at), launcher_pid = excluded.launcher_pid,
                    updated_at = excluded.updated_at, row = excluded.row""",
-            (row.run_id, row.client_id, row.agent, row.pid, os.getpid(), row.status, row.started_at, utcnow(),
-             json.dumps(row.as_ledger())))
+        (row.run_id, row.client_id, row.agent, row.pid, os.getpid(), row.status, row.started_at, utcnow(),
+         json.dumps(row.as_ledger())))
 
 
-def next_seq(conn: sqlite3.Connection, run_id: str) -> int:
-    row = conn.execute("UPDATE run_progress SET seq = seq + 1 WHERE run_id = ? RETURNING seq", (run_id,)).fetchone()
-    return int(row[0]) if row else 0
+def request_stop(conn: sqlite3.Connection, client_id: str, agent: str) -> int:
+    """Ask every in-flight run of ``agent`` to stop, whoever supervises it (the daemon, or a foreground
+    ``agentctl run`` in another terminal): each supervisor reads the flag and tells its executor."""
+    cur = conn.execute("UPDATE run_progress SET stop_requested = 1 WHERE client_id = ? AND agent = ? "
+                       "AND status IN ('queued', 'running')", (client_id, agent))
+    return cur.rowcount
 
 
-def progress(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
-    row = conn.execute("SELECT * FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
-    return dict(row) if row else {}
+def stops_requested(conn: sqlite3.Connection, client_id: str) -> list[str]:
+    """Runs in flight that someone asked to stop (request_stop)."""
+    return [r[0] for r in conn.execute("SELECT run_id FROM run_progress WHERE client_id = ? AND stop_requested = 1 "
+                                       "AND status = 'running'", (client_id,))]
 
 
 class LogWriter(Protocol):
@@ -144,30 +170,6 @@ class _PipeLog:
         self.sink({"t": "log", "level": level, "message": message})
 
 
-def apply(conn: sqlite3.Connection, run_id: str, log: AgentLog, message: dict[str, Any]) -> None:
-    """The launcher's side: one line from the run process into the journal, progress and log."""
-    kind = message.get("t")
-    if kind == "event":
-        with Transaction(conn) as tx:
-            seq = next_seq(tx, run_id)
-            if message.get("kind") == "tool_call":
-                tx.execute("""INSERT INTO tool_stats (client_id, tool, decision, count)
-                              SELECT client_id, ?, ?, 1 FROM run_progress WHERE run_id = ?
-                              ON CONFLICT (client_id, tool, decision) DO UPDATE SET count = count + 1""",
-                           (str(message.get("name")), str(message.get("decision")), run_id))
-            journal(tx, "run_events", {"run_id": run_id, "seq": seq, "ts": message.get("ts") or utcnow(),
-                                       "kind": str(message.get("kind")), "name": message.get("name"),
-                                       "decision": message.get("decision"), "detail": redact(message.get("detail"))})
-    elif kind == "usage":
-        conn.execute("""UPDATE run_progress SET input_tokens = input_tokens + ?, output_tokens = output_tokens + ?,
-                        model_calls = model_calls + 1, updated_at = ? WHERE run_id = ?""",
-                     (int(message.get("input", 0)), int(message.get("output", 0)), utcnow(), run_id))
-    elif kind == "tool":
-        conn.execute("UPDATE run_progress SET tool_calls = tool_calls + 1 WHERE run_id = ?", (run_id,))
-    elif kind == "log":
-        log.write(str(message.get("message", ""))[:4000], str(message.get("level", "INFO")))
-
-
 class AgentLog:
     """Append-only per-agent log, one line per step: ``TS run=ID LEVEL message``.
 
@@ -180,7 +182,7 @@ class AgentLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, message: str, level: str = "INFO") -> None:
-        stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        stamp = utcnow()
         # Redacted like the ledger's details: a denial's reason or a tool's error can quote an argument.
         line = f"{stamp} run={self.run_id} {level} {redact(message)}".replace("\n", "\\n") + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -211,3 +213,187 @@ def agent_log_path(logs_dir: Path, client_id: str, agent: str) -> Path:
 def new_run_id() -> str:
     """Time-ordered and unique: milliseconds since the epoch in hex, then 48 random bits."""
     return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
+
+
+log = logging.getLogger("runner.agent")
+Write = Callable[[sqlite3.Connection], None]
+
+
+class LiveWriter:
+    """The one thread that writes runs' live state: writes are queued (``put``) and committed in
+    batches, one transaction for whatever is queued when the thread takes it. So a run's dozen messages
+    cost a share of a transaction, not a dozen. ``then`` callbacks run once their write is durable.
+
+    A full disk or a locked database keeps the batch and tries it again (the writes wait in memory, in
+    order); a write that fails by itself (a bug) is dropped alone, with the error in the log."""
+
+    RETRY = 0.5  # seconds between two tries of a batch the database refused
+
+    def __init__(self, state_path: Path) -> None:
+        self.conn = connect(state_path)
+        self._cond = threading.Condition()
+        self._queue: list[tuple[Write, Callable[[], None] | None]] = []
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="live-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, write: Write, then: Callable[[], None] | None = None) -> None:
+        with self._cond:
+            self._queue.append((write, then))
+            self._cond.notify_all()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until every write queued so far is committed."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self) -> None:
+        self.settle(60)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        self.conn.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue and self._closed:
+                    return
+                batch, self._queue = self._queue, []
+                self._busy = True
+            self._commit(batch)
+            for _write, then in batch:
+                if then is not None:
+                    try:
+                        then()
+                    except Exception:
+                        log.exception("after a live write")
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _commit(self, batch: list[tuple[Write, Callable[[], None] | None]]) -> None:
+        warned = False
+        while True:
+            try:
+                with Transaction(self.conn) as tx:
+                    for write, _then in batch:
+                        write(tx)
+                return
+            except sqlite3.OperationalError as exc:  # locked past the busy timeout, or the disk is full
+                if not warned:
+                    log.warning("live state: %d write(s) wait: %s", len(batch), exc)
+                    warned = True
+                time.sleep(self.RETRY)
+            except Exception:
+                log.exception("a batch of live writes failed: writing them one by one")
+                for write, _then in batch:
+                    try:
+                        with Transaction(self.conn) as tx:
+                            write(tx)
+                    except Exception:
+                        log.exception("a live write was dropped")
+                return
+
+
+class RunRecord:
+    """The supervisor's record of one run: the watcher its executor reports to."""
+
+    def __init__(self, writer: LiveWriter, row: RunRow, logs_dir: Path,
+                 on_end: Callable[[RunRow], None] | None = None,
+                 on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.writer, self.row, self.on_end, self.on_message = writer, row, on_end, on_message
+        self.seq = 0
+        self.started = time.monotonic()
+        self.log = AgentLog(agent_log_path(logs_dir, row.client_id, row.agent), row.run_id)
+
+    def begin(self) -> None:
+        """The row says running (before the run starts: a crash of either leaves a record that says so)."""
+        row = self.row
+        row.status, row.started_at = "running", utcnow()
+        snapshot = replace(row)
+        self.writer.put(lambda tx: _write_run(tx, snapshot))
+
+    def message(self, message: dict[str, Any]) -> None:
+        row, kind = self.row, message["t"]
+        if kind == "event":
+            self.seq += 1
+            event = {"run_id": row.run_id, "seq": self.seq, "ts": message.get("ts") or utcnow(),
+                     "kind": str(message["kind"]), "name": message.get("name"), "decision": message.get("decision"),
+                     "detail": redact(message.get("detail"))}
+            if event["kind"] == "tool_call":
+                if event["decision"] == "denied":
+                    row.denied += 1
+                elif isinstance(event["detail"], dict) and event["detail"].get("error"):
+                    row.tool_errors += 1
+            counts = (self.seq, row.input_tokens, row.output_tokens, row.model_calls, row.tool_calls)
+            tool = (str(event["name"]), str(event["decision"])) if event["kind"] == "tool_call" else None
+            self.writer.put(lambda tx: _event(tx, row, event, counts, tool))
+            if self.on_message is not None:
+                self.on_message(event)
+        elif kind == "placed":
+            row.pid = message.get("pid")
+            snapshot = replace(row)
+            self.writer.put(lambda tx: _write_run(tx, snapshot))
+        elif kind == "usage":
+            row.input_tokens += int(message["input"])
+            row.output_tokens += int(message["output"])
+            row.model_calls += 1
+        elif kind == "tool":
+            row.tool_calls += 1
+        elif kind == "log":
+            self.log.write(str(message.get("message", ""))[:4000], str(message.get("level", "INFO")))
+
+    def ended(self, outcome: Any) -> None:
+        """The final event and row, one log line saying how it ended, then ``on_end`` once they are durable."""
+        row = self.row
+        row.status, row.output, row.error, row.ended_at = outcome.status, outcome.output, outcome.error, utcnow()
+        row.cpu_seconds, row.max_rss_mb, row.bytes_written = outcome.cpu_seconds, outcome.max_rss_mb, \
+            outcome.bytes_written
+        self.seq += 1
+        event = _status_event(row, self.seq)
+        final = replace(row)
+        self.log.write(end_line(final, time.monotonic() - self.started),
+                       "INFO" if row.status == "succeeded" else "WARNING")
+        on_end = self.on_end
+        self.writer.put(lambda tx: _final(tx, event, final),
+                        then=(lambda: on_end(final)) if on_end is not None else None)
+
+    def fail(self, error: str) -> None:
+        """The run never started (its executor refused it): failed, with the reason."""
+        from runner.agent.executor import Outcome
+
+        self.ended(Outcome("failed", error=error))
+
+
+def _final(tx: sqlite3.Connection, event: dict[str, Any], final: RunRow) -> None:
+    journal(tx, "run_events", event)
+    _write_run(tx, final)
+
+
+def _event(tx: sqlite3.Connection, row: RunRow, event: dict[str, Any], counts: tuple[int, ...],
+           tool: tuple[str, str] | None) -> None:
+    journal(tx, "run_events", event)
+    tx.execute("""UPDATE run_progress SET seq = ?, input_tokens = ?, output_tokens = ?, model_calls = ?,
+                  tool_calls = ?, updated_at = ? WHERE run_id = ?""", (*counts, event["ts"], row.run_id))
+    if tool is not None:
+        tx.execute("""INSERT INTO tool_stats (client_id, tool, decision, count) VALUES (?, ?, ?, 1)
+                      ON CONFLICT (client_id, tool, decision) DO UPDATE SET count = count + 1""",
+                   (row.client_id, *tool))
+
+
+def end_line(row: RunRow, seconds: float) -> str:
+    """How a run ended, in one line of its agent's log."""
+    parts = [f"run ended: {row.status} in {seconds:.2f}s", f"tokens {row.input_tokens}+{row.output_tokens}",
+             f"{row.model_calls} model call(s)", f"{row.tool_calls} tool call(s)"]
+    if row.denied or row.tool_errors:
+        parts.append(f"{row.denied} denied, {row.tool_errors} tool error(s)")
+    if row.cpu_seconds is not None:
+        parts.append(f"cpu {row.cpu_seconds:.2f}s, peak {row.max_rss_mb or 0:.0f} MB, "
+                     f"{row.bytes_written or 0} bytes written")
+    if row.error:
+        parts.append(f"error: {row.error[:300]}")
+    return "; ".join(parts)

@@ -14,69 +14,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
-from runner.agent.access import PathRule
 from runner.agent.builtin_tools import ToolEnv
-from runner.agent.memory import Embedder, HashingEmbedder, MemoryStore, OllamaEmbedder, store_path
+from runner.agent.memory import Embedder, HashingEmbedder, MemoryStore, OllamaEmbedder
 from runner.agent.providers import ModelRef, chat_model, limit_kwargs, preflight
 from runner.agent.recording import LogWriter, Recorder
 from runner.agent.toolbox import Toolbox
 from runner.errors import OrchestratorError
-from runner.settings import Settings
-from runner.specs.models import AgentSpec
+from runner.plan import RunPlan, store_path
+from runner.sandbox.access import PathRule
 
 DEFAULT_MAX_OUTPUT = 2048  # output tokens per model call when no budget says less
-
-
-@dataclass
-class RunPlan:
-    """Everything a run needs, prepared by the launcher before the run process starts."""
-
-    run_id: str
-    client_id: str
-    agent: str
-    revision: str | None
-    spec: AgentSpec
-    settings: Settings
-    trigger: str = "manual"
-    input: str | None = None
-    script: str | None = None  # scripted model turns, read from the source at the revision
-    custom_sources: dict[str, str] = field(default_factory=dict)
-    # The runner's own folders that overlap a runtime path (usually none), which the run leaves out of
-    # what it may read; worked out by the supervisor, which may read the settings file (the run may not).
-    private: list[tuple[str, str]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "client_id": self.client_id, "agent": self.agent,
-                "revision": self.revision, "spec": self.spec.model_dump(mode="json"),
-                "settings": self.settings.model_dump(mode="json"), "trigger": self.trigger, "input": self.input,
-                "script": self.script, "custom_sources": self.custom_sources,
-                "private": self.private}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunPlan:
-        return cls(run_id=data["run_id"], client_id=data["client_id"], agent=data["agent"],
-                   revision=data["revision"], spec=AgentSpec.model_validate(data["spec"]),
-                   settings=Settings.model_validate(data["settings"]), trigger=data["trigger"],
-                   input=data["input"], script=data["script"], custom_sources=data["custom_sources"],
-                   private=[(str(w), str(p)) for w, p in data.get("private", [])])
-
-    @property
-    def variables(self) -> dict[str, str]:
-        return {"CLIENT_ID": self.client_id, "AGENT_NAME": self.agent, "AGENT_ORCH_HOME": str(self.settings.home)}
-
-    @property
-    def deadline_seconds(self) -> float:
-        return float(self.spec.constraints.max_runtime or self.settings.default_agent_timeout)
-
-    @property
-    def scratch(self) -> Path:
-        return self.settings.home / "scratch" / self.client_id / self.run_id
+TRANSCRIPT_TEXT = 2000  # characters of what a model call produced, kept in its event (its full size beside it)
+TRANSCRIPT_MEMORY = 300  # characters of each memory recalled or saved, kept in its event
 
 
 @dataclass
@@ -105,7 +59,8 @@ def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict
             summary = f"Run {plan.run_id} ({plan.trigger}): input: {(plan.input or '-')[:300]} | " \
                       f"answer: {(result.output or '')[:600]}"
             memory.add(summary, kind="run_summary", run_id=plan.run_id)
-            recorder.event("memory", "save", None, {"kind": "run_summary", "chars": len(summary)})
+            recorder.event("memory", "save", None, {"kind": "run_summary", "chars": len(summary),
+                                                    "text": summary[:TRANSCRIPT_MEMORY]})
         return result
     except OrchestratorError as exc:
         log.write(f"failed: {exc.message}", "ERROR")
@@ -165,9 +120,11 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: MemoryStore
         last_input = (inp, len(messages))
         total_in, total_out = recorder.usage(inp, out)
         truncated = _finish(ai) == "length"
+        said = ai.text if isinstance(ai.content, list) else str(ai.content)
         recorder.event("llm_call", ref.provider + ":" + ref.name, None, {
             "input_tokens": inp, "output_tokens": out, "estimated": estimated, "latency_ms": latency,
-            "tool_calls": [c["name"] for c in ai.tool_calls], "finish_reason": _finish(ai)})
+            "tool_calls": [c["name"] for c in ai.tool_calls], "finish_reason": _finish(ai),
+            "text": said[:TRANSCRIPT_TEXT], "text_chars": len(said)})
         log.write(f"model call {call + 1}: {inp}+{out} tokens, {latency} ms, "
                   f"{len(ai.tool_calls)} tool call(s)")
         messages.append(ai)
@@ -195,7 +152,8 @@ def _system_prompt(plan: RunPlan, recorder: Recorder, memory: MemoryStore | None
     if memory is not None and spec.memory and spec.memory.recall:
         found = memory.search(plan.input or spec.task, spec.memory.recall)
         recorder.event("memory", "recall", None, {"query_chars": len(plan.input or spec.task),
-                                                  "found": len(found), "ids": [m.id for m in found]})
+                                                  "found": len(found), "ids": [m.id for m in found],
+                                                  "texts": [m.text[:TRANSCRIPT_MEMORY] for m in found]})
         if found:
             text += "\n\nWhat you remember from earlier runs:\n" + "\n".join(f"- {m.text}" for m in found)
     return text

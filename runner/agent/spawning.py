@@ -25,6 +25,7 @@ The run process (``run_child``) then, before any agent code:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from runner.errors import OrchestratorError
@@ -51,11 +53,20 @@ def main() -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # The BLAS and OpenMP libraries NumPy loads start no thread pool: the zygote stays single-threaded, so
+    # a clone leaves no lock or pool behind that only another thread could release (see _spawn). Read
+    # when they load, then dropped: runs see only PATH and LANG.
+    threads = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.environ.update(threads)
     from runner.agent.warming import warm
     from runner.sandbox.confining import warm as warm_sandbox
 
     warm()
     warm_sandbox()
+    for name in threads:
+        del os.environ[name]
+    gc.freeze()  # what the zygote built stays shared: a run's collections never touch (and copy) its pages
+    alive = os.pipe()  # the zygote holds both ends while it lives: EOF on the read end says it died
     try:
         control.sendall(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
     except OSError:  # the supervisor is gone already
@@ -80,13 +91,13 @@ def main() -> None:
                 os.close(fd)
             continue
         run_id = str(request["run_id"])
-        me = os.getpid()
-        pid = os.fork()
+        me, ids = os.getpid(), (os.getuid(), os.getgid())
+        pid, entered = _spawn(bool(request.get("isolate")))
         if pid == 0:
             control.close()
             os.close(wake_r)
             os.close(wake_w)
-            run_child(fds[0], zygote=me)
+            run_child(fds[0], zygote=me, entered=entered, ids=ids, alive=alive)
         os.close(fds[0])
         children[pid] = run_id
         pidfd = os.pidfd_open(pid)
@@ -101,9 +112,9 @@ def main() -> None:
 
 
 def _reap(control: socket.socket, children: dict[int, str]) -> None:
-    """Report each run process that has exited. Before reaping it, kill what is left of its process
-    group (a run without a PID namespace may leave some): until it is reaped its PID, and so the
-    group's id, cannot be reused, so the signal reaches nobody else."""
+    """Report each run process that has exited, with what it used (``usage``). Before reaping it, kill
+    what is left of its process group (a run without a PID namespace may leave some): until it is
+    reaped its PID, and so the group's id, cannot be reused, so the signal reaches nobody else."""
     while children:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -112,28 +123,105 @@ def _reap(control: socket.socket, children: dict[int, str]) -> None:
         if info is None:
             return
         _kill(info.si_pid)
-        pid, status = os.waitpid(info.si_pid, 0)
+        written = _bytes_written(info.si_pid)  # a zombie's counts include the children it reaped
+        pid, status, rusage = os.wait4(info.si_pid, 0)
         run_id = children.pop(pid, None)
         if run_id is not None:
+            usage = {"cpu_seconds": round(rusage.ru_utime + rusage.ru_stime, 4),
+                     "max_rss_mb": round(rusage.ru_maxrss / 1024, 1), "bytes_written": written}
             try:
-                control.sendall(json.dumps({"op": "exited", "run_id": run_id, "status": status}).encode())
+                control.sendall(json.dumps({"op": "exited", "run_id": run_id, "status": status,
+                                            "usage": usage}).encode())
             except OSError:
                 pass
 
 
-def run_child(channel_fd: int, zygote: int) -> None:
-    """The run process: never returns."""
+def _bytes_written(pid: int) -> int | None:
+    """Bytes the process and its reaped children passed to write calls (files, tmpfs, pipes: ``wchar``)."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as io:
+            fields = dict(line.split(b":", 1) for line in io.read().splitlines() if b":" in line)
+        return int(fields[b"wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# The clone system call by architecture (the raw call: Python has no clone with namespace flags).
+SYS_CLONE = {"x86_64": 56, "aarch64": 220, "riscv64": 220}.get(os.uname().machine)
+
+
+def _spawn(isolate: bool) -> tuple[int, list[str]]:
+    """Fork a run process. With ``isolate``, straight into new PID, IPC, UTS and mount namespaces (and a
+    user namespace when not root): the run process is PID 1 of its own PID namespace, so one process per
+    run, not a waiting parent beside it. Where the kernel refuses (or the architecture is not known), a
+    plain fork: the run then enters what it can itself (``isolating.enter``) and forks once more.
+    Returns (pid, the namespaces the child is in)."""
+    if isolate and SYS_CLONE is not None and _single_threaded():
+        from runner.sandbox import isolating
+
+        user = os.geteuid() != 0
+        flags = isolating.CLONE_NEWPID | isolating.CLONE_NEWIPC | isolating.CLONE_NEWUTS | isolating.CLONE_NEWNS | \
+            (isolating.CLONE_NEWUSER if user else 0)
+        pid = _clone(flags)
+        if pid >= 0:
+            return pid, [*(["user"] if user else []), "pid", "ipc", "uts", "mnt"]
+    return os.fork(), []
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread: the raw clone runs no atfork handler, so a library whose
+    threads hold a lock, or which must stop its threads before a fork, would leave the child stuck."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _clone(flags: int) -> int:
+    """clone(2) as os.fork does fork(2): the interpreter's before and after hooks around it. The zygote
+    is single-threaded, so nothing it holds is half-taken in the child. Returns the pid (0 in the
+    child), or -errno."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = libc.syscall
+    call.restype = ctypes.c_long
+    call.argtypes = [ctypes.c_long] * 6
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = call(SYS_CLONE, flags | signal.SIGCHLD, 0, 0, 0, 0)
+    error = ctypes.get_errno()
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+    else:
+        api.PyOS_AfterFork_Parent()
+    return int(pid) if pid >= 0 else -error
+
+
+def run_child(channel_fd: int, zygote: int, entered: list[str] | None = None, ids: tuple[int, int] = (0, 0),
+              alive: tuple[int, int] | None = None) -> None:
+    """The run process: never returns. ``entered``: the namespaces it was cloned into (``_spawn``)."""
     code = CHILD_FAILED
+    entered = entered or []
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        _die_with_parent(expected=zygote)
+        if "user" in entered:
+            from runner.sandbox import isolating
+
+            isolating.map_user(*ids)
+        if alive is not None:
+            os.close(alive[1])
+        # PID 1 of a new namespace sees no parent pid to check: the zygote's pipe says whether it died first.
+        _die_with_parent(expected=None if entered else zygote)
+        if entered and alive is not None and select.select([alive[0]], [], [], 0)[0]:
+            os._exit(CHILD_FAILED)
         os.setsid()  # no controlling terminal, and a process group the supervisor signals as one
         channel_fd = _keep_only(channel_fd)
         channel = socket.socket(fileno=channel_fd)
         plan = _receive_plan(channel)
-        code = _run(plan, channel)
+        code = _run(plan, channel, entered)
     except BaseException:
         code = CHILD_FAILED
     finally:
@@ -161,7 +249,8 @@ def _max_fd() -> int:
 
 
 def _receive_plan(channel: socket.socket) -> Any:
-    from runner.agent.running import RunPlan
+    from runner.agent.channel import VERSION
+    from runner.plan import RunPlan
 
     buf = bytearray()
     while not buf.endswith(b"\n"):
@@ -169,12 +258,18 @@ def _receive_plan(channel: socket.socket) -> Any:
         if not chunk:
             raise EOFError("the supervisor closed the channel before sending the plan")
         buf += chunk
-    return RunPlan.from_json(json.loads(bytes(buf)))
+    message = json.loads(bytes(buf))
+    if message.get("v") != VERSION or message.get("t") != "plan":
+        raise EOFError("the supervisor sent no plan of this channel's version")
+    return RunPlan.from_json(message["plan"])
 
 
-def _run(plan: Any, channel: socket.socket) -> int:
+def _run(plan: Any, channel: socket.socket, entered: list[str]) -> int:
     from runner.sandbox import isolating
 
+    if entered:  # PID 1 of its namespaces already (cloned into them): it runs the agent itself
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # PID 1 ignores signals it does not handle
+        return _agent(plan, channel, entered)
     sandboxed = plan.settings.sandbox != "off"
     namespaces = isolating.enter() if sandboxed else []
     if namespaces:  # PID 1 of the new namespaces runs the agent; this process waits for it
@@ -197,12 +292,15 @@ def _run(plan: Any, channel: socket.socket) -> int:
 
 
 def _agent(plan: Any, channel: socket.socket, namespaces: list[str]) -> int:
+    from runner.agent.channel import encode
     from runner.agent.running import RunResult, execute
     from runner.errors import OrchestratorError
     from runner.sandbox.confining import confine, isolate, output_tail
 
     def sink(message: dict[str, Any]) -> None:
-        channel.sendall((json.dumps(message, default=str) + "\n").encode())
+        channel.sendall(encode(message))
+        if select.select([channel], [], [], 0)[0]:  # the supervisor said something: only 'stop' comes now
+            os._exit(143)
 
     isolation = isolate(plan, namespaces, channel)
     try:
@@ -241,7 +339,9 @@ def _kill(pid: int) -> None:
 class Zygote:
     """The supervisor's side: starts the zygote and asks it for run processes. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_exit: Callable[[str], None] | None = None) -> None:
+        """``on_exit(run_id)`` is called (from the reader thread) when the zygote has reaped a run."""
+        self.on_exit = on_exit
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         raise_open_files_limit()
         # -I: no working directory (nor PYTHON* variables) on the zygote's path, and so none in what a
@@ -256,18 +356,19 @@ class Zygote:
         self._send = threading.Lock()
         self._cond = threading.Condition()
         self._started: dict[str, tuple[int, int]] = {}
-        self._exited: dict[str, int] = {}
+        self._exited: dict[str, tuple[int, dict[str, Any]]] = {}
         self._gone = False
         self._ready = threading.Event()
         self.reader = threading.Thread(target=self._read, name="zygote-reader", daemon=True)
         self.reader.start()
 
-    def fork(self, run_id: str, channel: socket.socket) -> tuple[int, int]:
-        """A new run process with ``channel`` as its channel: (pid, pidfd)."""
+    def fork(self, run_id: str, channel: socket.socket, isolate: bool = True) -> tuple[int, int]:
+        """A new run process with ``channel`` as its channel: (pid, pidfd). With ``isolate``, in namespaces
+        of its own from the start (see ``_spawn``)."""
         if not self._ready.wait(READY_TIMEOUT) or self._gone:
             raise OrchestratorError(self._why_gone())
         with self._send:
-            socket.send_fds(self.control, [json.dumps({"op": "fork", "run_id": run_id}).encode()],
+            socket.send_fds(self.control, [json.dumps({"op": "fork", "run_id": run_id, "isolate": isolate}).encode()],
                             [channel.fileno()])
         with self._cond:
             if not self._cond.wait_for(lambda: run_id in self._started or self._gone, READY_TIMEOUT):
@@ -276,11 +377,12 @@ class Zygote:
                 raise OrchestratorError(self._why_gone())
             return self._started.pop(run_id)
 
-    def exit_status(self, run_id: str, timeout: float = 5.0) -> int | None:
-        """The run process's wait status, once the zygote has reaped it (None if it does not say)."""
+    def exited(self, run_id: str, timeout: float = 5.0) -> tuple[int | None, dict[str, Any]]:
+        """The run process's wait status and usage, once the zygote has reaped it ((None, {}) if it does
+        not say in ``timeout`` seconds)."""
         with self._cond:
             self._cond.wait_for(lambda: run_id in self._exited or self._gone, timeout)
-            return self._exited.pop(run_id, None)
+            return self._exited.pop(run_id, (None, {}))
 
     def close(self) -> None:
         try:
@@ -310,8 +412,10 @@ class Zygote:
                 elif message["op"] == "started" and fds:
                     self._started[message["run_id"]] = (int(message["pid"]), fds[0])
                 elif message["op"] == "exited":
-                    self._exited[message["run_id"]] = int(message["status"])
+                    self._exited[message["run_id"]] = (int(message["status"]), dict(message.get("usage") or {}))
                 self._cond.notify_all()
+            if message["op"] == "exited" and self.on_exit is not None:
+                self.on_exit(message["run_id"])
         with self._cond:
             self._gone = True
             self._ready.set()

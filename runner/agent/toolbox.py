@@ -1,7 +1,8 @@
 """The tools of one run: what the model is shown, and the one door every call goes through.
 
 ``Toolbox.call`` looks the tool up, runs it, and records the call with its decision: ``allowed``
-(with duration and result size, never the content) or ``denied`` (with the reason). A denied call
+(with its duration, the start of its result, redacted, and the result's full size) or ``denied`` (with
+the reason: nothing was read). A denied call
 or a failing tool is answered to the model as a tool error so it can recover.
 """
 
@@ -18,15 +19,16 @@ from typing import Any
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, Field
 
-from runner.agent.access import PathRule
 from runner.agent.builtin_tools import BUILTINS, ToolEnv
 from runner.agent.recording import LogWriter, Recorder
 from runner.errors import DeniedError, SpecError
+from runner.sandbox.access import PathRule
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand
 from runner.specs.models import AgentSpec, ToolSpec
 
 MAX_RESULT = 32 * 1024  # characters of a tool result handed back to the model
+TRANSCRIPT_RESULT = 4096  # characters of a tool result kept in its event (redacted; its full size beside it)
 PATH_ARG = re.compile(r"(^|_)(path|file|folder|dir|directory)s?$")
 
 
@@ -128,6 +130,7 @@ class Toolbox:
             return f"error: {message}"
         text = result if isinstance(result, str) else str(result)
         self.recorder.event("tool_call", name, "allowed", {"args": args, "duration_ms": _ms(started),
+                                                            "result": text[:TRANSCRIPT_RESULT],
                                                             "result_bytes": len(text.encode())})
         self.log.write(f"tool {name} ok ({len(text)} chars)")
         return text[:MAX_RESULT] + ("\n... (truncated)" if len(text) > MAX_RESULT else "")

@@ -8,12 +8,17 @@ one tool call, every builtin tool's schema) and each run then starts warm.
 
 from __future__ import annotations
 
+import json
+
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from runner.agent.providers import ScriptedChatModel
 from runner.agent.toolbox import ARGS
+from runner.plan import RunPlan
+from runner.settings import Settings
+from runner.specs.models import AgentSpec
 
 _warm = False
 
@@ -34,7 +39,16 @@ def warm() -> None:
     bound.invoke(messages)
     for tool in tools:  # what bind_tools does for real providers
         convert_to_openai_tool(tool)
+    _warm_plan()
     _warm = True
+
+
+def _warm_plan() -> None:
+    """Parse one plan as a run parses its own: the validators' first-use costs (about 1 MB of pages each
+    run would otherwise write) are paid here, once. Defaults only: the zygote reads no settings."""
+    spec = AgentSpec.model_validate({"name": "warm", "description": "warm", "model": "scripted:warm.yaml"})
+    plan = RunPlan("0", "default", "warm", None, spec, Settings.model_validate({}))
+    RunPlan.from_json(json.loads(json.dumps(plan.to_json())))
 
 
 def _noop(**_kwargs: object) -> str:

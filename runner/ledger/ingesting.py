@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -31,10 +32,20 @@ import duckdb
 from runner.errors import StorageFullError
 from runner.ledger.schema import TABLES, column_types, columns
 
+LIVE = ("queued", "running")  # a run in these states stays in the live store when its row is archived
 KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("reconcile_id",),
         "audit": ("audit_id",)}
 BATCH = 5000
 log = logging.getLogger("runner.ledger")
+# Every DuckDB connection this process opens goes through this lock: DuckDB refuses a second connection
+# to a file with another configuration (read-only beside read-write) or while another is being opened
+# ("Unique file handle conflict"), and a flush and an API read in two threads would do just that.
+LEDGER_LOCK = threading.RLock()
+# What DuckDB raises about a row's data (a value it cannot convert or store): only these set a row
+# aside. Anything else (a lock, a connection, the disk) is the file's state, and the rows wait.
+DATA_ERRORS: tuple[type[Exception], ...] = (duckdb.ConversionException, duckdb.ConstraintException,
+                                            duckdb.InvalidInputException, duckdb.OutOfRangeException,
+                                            duckdb.TypeMismatchException)
 
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -88,12 +99,24 @@ def _move(state: sqlite3.Connection, ledger_path: Path, rows: list[sqlite3.Row])
     except duckdb.Error as exc:
         if StorageFullError.of(exc) is not None:
             raise  # never taken for a bad row: the batch waits for space, whole
-        if isinstance(exc, duckdb.IOException):
-            if is_lock_error(exc):
-                raise _Busy() from exc
-            raise
+        if not isinstance(exc, DATA_ERRORS):
+            _busy_once(ledger_path, exc)
+            raise _Busy() from exc
         ingested = _one_by_one(state, ledger_path, rows)
-    state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
+    # Archived: out of the live store, in one transaction. A run whose final row went in leaves
+    # run_progress with its last journal row (its events came before it, so they are in DuckDB too).
+    ended = [row["run_id"] for tbl, row in ingested if tbl == "runs" and row.get("status") not in LIVE]
+    state.execute("BEGIN IMMEDIATE")
+    try:
+        state.execute("DELETE FROM journal WHERE id <= ?", (rows[-1][0],))
+        for i in range(0, len(ended), 500):
+            part = ended[i:i + 500]
+            state.execute(f"DELETE FROM run_progress WHERE run_id IN ({','.join('?' * len(part))}) "
+                          "AND status NOT IN ('queued', 'running')", part)
+        state.execute("COMMIT")
+    except BaseException:
+        state.execute("ROLLBACK")
+        raise
     return ingested
 
 
@@ -128,15 +151,56 @@ def _one_by_one(state: sqlite3.Connection, ledger_path: Path, rows: list[sqlite3
     state.execute("CREATE TABLE IF NOT EXISTS journal_rejected (id INTEGER PRIMARY KEY, tbl TEXT, row TEXT, "
                   "error TEXT)")
     ingested: list[tuple[str, dict[str, Any]]] = []
+    rejected = 0
     for row in rows:
         try:
             ingested += _ingest(ledger_path, [row])
-        except duckdb.Error as exc:
-            if isinstance(exc, duckdb.IOException) or StorageFullError.of(exc) is not None:
-                raise
+        except DATA_ERRORS as exc:
+            rejected += 1
             state.execute("INSERT OR REPLACE INTO journal_rejected VALUES (?, ?, ?, ?)",
                           (row[0], row[1], row[2], str(exc)[:1000]))
+        except duckdb.Error as exc:
+            raise _Busy() from exc
+    if rejected:
+        log.warning("ledger: %d row(s) DuckDB refused were set aside in journal_rejected (state.sqlite), with "
+                    "the reason; they are tried again at every daemon start", rejected)
     return ingested
+
+
+_BUSY: set[str] = set()  # ledgers whose last flush found the file busy for a reason other than a lock
+
+
+def _busy_once(ledger_path: Path, exc: Exception) -> None:
+    if not is_lock_error(exc) and str(ledger_path) not in _BUSY:
+        _BUSY.add(str(ledger_path))
+        log.warning("ledger flush deferred: %s; rows wait in the journal", str(exc).splitlines()[0][:300])
+
+
+def retry_rejected(state: sqlite3.Connection) -> int:
+    """Put the rows set aside back in the journal, for the next flush to try again (at every daemon
+    start: a newer version may store what an older one refused). Returns how many."""
+    if state.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal_rejected'").fetchone() is None:
+        return 0
+    state.execute("BEGIN IMMEDIATE")
+    try:
+        moved = state.execute("INSERT INTO journal (tbl, row, run_id) SELECT tbl, row, json_extract(row, '$.run_id') "
+                              "FROM journal_rejected ORDER BY id").rowcount
+        state.execute("DELETE FROM journal_rejected")
+        state.execute("COMMIT")
+    except BaseException:
+        state.execute("ROLLBACK")
+        raise
+    if moved:
+        log.warning("ledger: %d row(s) set aside earlier (journal_rejected) go back to the journal to be tried again",
+                    moved)
+    return int(moved)
+
+
+def rejected(state: sqlite3.Connection) -> int:
+    """How many rows wait set aside (for health and metrics)."""
+    if state.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal_rejected'").fetchone() is None:
+        return 0
+    return int(state.execute("SELECT count(*) FROM journal_rejected").fetchone()[0])
 
 
 def is_lock_error(exc: Exception) -> bool:
@@ -171,15 +235,17 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[
         bucket = by_table.setdefault(tbl, {})
         bucket.pop(key, None)  # keep journal order for the last write of each key
         bucket[key] = row
-    con = _connect(ledger_path)
-    try:
-        ensure_schema(con, ledger_path)
-        con.execute("BEGIN")
-        for tbl, bucket in by_table.items():
-            _insert(con, tbl, list(bucket.values()), ledger_path.parent)
-        con.execute("COMMIT")
-    finally:
-        con.close()
+    with LEDGER_LOCK:
+        con = _connect(ledger_path)
+        try:
+            ensure_schema(con, ledger_path)
+            con.execute("BEGIN")
+            for tbl, bucket in by_table.items():
+                _insert(con, tbl, list(bucket.values()), ledger_path.parent)
+            con.execute("COMMIT")
+        finally:
+            con.close()
+    _BUSY.discard(str(ledger_path))
     return seen
 
 

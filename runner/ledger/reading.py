@@ -9,7 +9,7 @@ from typing import Any
 import duckdb
 
 from runner.errors import OrchestratorError, TransientError, UsageError
-from runner.ledger.ingesting import ensure_schema, is_lock_error
+from runner.ledger.ingesting import LEDGER_LOCK, ensure_schema, is_lock_error
 
 
 class LedgerError(OrchestratorError):
@@ -40,31 +40,33 @@ def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeo
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
-        try:
-            con = duckdb.connect(str(ledger_path), read_only=True)
-            break
-        except duckdb.IOException as exc:  # a flush holds the write lock for a few milliseconds
-            if not is_lock_error(exc):
-                raise LedgerError(f"cannot open the ledger {ledger_path}: {str(exc).splitlines()[0]}") from None
-            if time.monotonic() > deadline:
-                raise TransientError(f"the ledger {ledger_path} stays locked: {exc}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
-    try:
-        cur = con.execute(sql, params or [])
-        names = [d[0] for d in cur.description or []]
-        return names, cur.fetchall()
-    finally:
-        con.close()
+        with LEDGER_LOCK:  # never beside this process's own flush (see ingesting.LEDGER_LOCK)
+            try:
+                con = duckdb.connect(str(ledger_path), read_only=True)
+            except duckdb.IOException as exc:  # another process's flush holds the file for a few milliseconds
+                if not is_lock_error(exc):
+                    raise LedgerError(f"cannot open the ledger {ledger_path}: {str(exc).splitlines()[0]}") from None
+                if time.monotonic() > deadline:
+                    raise TransientError(f"the ledger {ledger_path} stays locked: {exc}") from None
+            else:
+                try:
+                    cur = con.execute(sql, params or [])
+                    names = [d[0] for d in cur.description or []]
+                    return names, cur.fetchall()
+                finally:
+                    con.close()
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _create_empty(ledger_path: Path) -> None:
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        con = duckdb.connect(str(ledger_path))
-    except duckdb.IOException:
-        return
-    try:
-        ensure_schema(con)
-    finally:
-        con.close()
+    with LEDGER_LOCK:
+        try:
+            con = duckdb.connect(str(ledger_path))
+        except duckdb.IOException:
+            return
+        try:
+            ensure_schema(con)
+        finally:
+            con.close()

@@ -27,9 +27,21 @@ TABLES: dict[str, str] = {
             output VARCHAR,
             requested_by VARCHAR,
             pid INTEGER,
-            retry_of VARCHAR
+            retry_of VARCHAR,
+            attempt INTEGER DEFAULT 1,
+            denied INTEGER DEFAULT 0,
+            tool_errors INTEGER DEFAULT 0,
+            cpu_seconds DOUBLE,
+            max_rss_mb DOUBLE,
+            bytes_written BIGINT
         );
-        ALTER TABLE runs ADD COLUMN IF NOT EXISTS retry_of VARCHAR""",
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS retry_of VARCHAR;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS attempt INTEGER DEFAULT 1;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS denied INTEGER DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS tool_errors INTEGER DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS cpu_seconds DOUBLE;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS max_rss_mb DOUBLE;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS bytes_written BIGINT""",
     "run_events": """
         CREATE TABLE IF NOT EXISTS run_events (
             run_id VARCHAR NOT NULL,

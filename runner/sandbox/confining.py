@@ -28,9 +28,8 @@ import sysconfig
 import urllib.parse
 from typing import Any
 
-from runner.agent.memory import store_path
-from runner.agent.running import RunPlan
 from runner.errors import DeniedError
+from runner.plan import RunPlan, store_path
 from runner.sandbox import isolating, landlock, privileges, seccomp
 from runner.sandbox.egress import MODEL_HOST, Upstream, proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS

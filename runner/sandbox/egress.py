@@ -30,9 +30,9 @@ from typing import Any
 
 import h11
 
-from runner.agent.access import HostRule, lookup, loopback
-from runner.agent.recording import utcnow
 from runner.errors import DeniedError
+from runner.sandbox.access import HostRule, lookup, loopback
+from runner.times import utcnow
 
 HEAD_LIMIT = 64 * 1024
 CONNECT_TIMEOUT = 10.0

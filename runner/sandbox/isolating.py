@@ -47,10 +47,15 @@ def enter_user() -> list[str]:
     uid, gid = os.getuid(), os.getgid()
     if _libc.unshare(CLONE_NEWUSER) != 0:
         return []
+    map_user(uid, gid)
+    return ["user"]
+
+
+def map_user(uid: int, gid: int) -> None:
+    """In a new user namespace: our uid and gid (as the parent namespace knows them) map to themselves."""
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    return ["user"]
 
 
 def enter_pid() -> list[str]:

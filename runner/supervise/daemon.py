@@ -25,7 +25,6 @@ last good state and is retried with exponential backoff, never in a hot loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -36,9 +35,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from runner.agent.recording import TERMINAL, progress
 from runner.errors import SourceError, StorageFullError
-from runner.ledger.ingesting import flush
+from runner.ledger.ingesting import flush, retry_rejected
 from runner.reconcile.applied import (
     AppliedAgent,
     applied_generations,
@@ -116,6 +114,7 @@ class Daemon:
             for client in self.clients:
                 client.api_address = address
             log.info("API on http://%s/agents/v1 (health: /healthz)", address)
+        retry_rejected(self.clients[0].conn)
         flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
         flusher.start()
         threading.Thread(target=self._follow_loop, name="follower", daemon=True).start()
@@ -153,6 +152,7 @@ class Daemon:
                 for client in self.clients:
                     if generations.get(client.settings.client_id, 0) != client.armed_generation:
                         client.refresh_triggers()
+                    client.table.stop_requested()
             except Exception as exc:  # a locked or full database must not end the following: try again
                 log.error("re-arming triggers failed: %s", exc)
 
@@ -192,7 +192,7 @@ class ClientDaemon:
         s = self.settings
         log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
         self.table = ProcessTable(s, open_source(s))
-        left = sweep(self.conn, s.client_id)
+        left = sweep(self.conn, s.client_id, s.home / "scratch" / s.client_id)
         if left.interrupted:
             log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
                         len(left.interrupted), ", ".join(r["run_id"] for r in left.interrupted))
@@ -348,13 +348,9 @@ class ClientDaemon:
             if not request.get("wait", True):
                 return {"ok": True, "run_id": req.run_id, "status": req.status}
             req.done.wait()
-            return {"ok": True, **self._final(req.run_id, req.status)}
+            final = req.row.as_ledger() if req.row is not None else {}
+            return {"ok": True, **final, "run_id": req.run_id, "status": req.status}
         return {"ok": False, "code": "usage", "error": f"unknown op {op!r}"}
-
-    def _final(self, run_id: str, status: str) -> dict[str, Any]:
-        p = progress(self.conn, run_id)
-        row = json.loads(p["row"]) if p.get("row") else {}
-        return {**row, "run_id": run_id, "status": row.get("status", status)}
 
     # -- loop helpers -------------------------------------------------------------------------------
 
@@ -473,4 +469,4 @@ class ApiServer:
         self.server.close()
 
 
-__all__ = ["TERMINAL", "Daemon", "setup_logging"]
+__all__ = ["Daemon", "setup_logging"]

@@ -11,9 +11,11 @@ power loss), nobody will write the final row, so the next daemon start sorts its
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runner.agent.recording import end_in_flight
 from runner.supervise.table import pid_alive
@@ -25,7 +27,8 @@ class Recovered:
     queued: list[sqlite3.Row] = field(default_factory=list)  # to put back on the queue, oldest first
 
 
-def sweep(conn: sqlite3.Connection, client_id: str) -> Recovered:
+def sweep(conn: sqlite3.Connection, client_id: str, scratch: Path | None = None) -> Recovered:
+    """Sort the runs a dead supervisor left; ``scratch`` (the client's scratch folder) loses their folders."""
     rows = conn.execute("SELECT * FROM run_progress WHERE client_id = ? AND status IN ('queued', 'running') "
                         "ORDER BY run_id", (client_id,)).fetchall()
     found = Recovered()
@@ -42,4 +45,6 @@ def sweep(conn: sqlite3.Connection, client_id: str) -> Recovered:
                 pass
         end_in_flight(conn, r, "interrupted", "the daemon or launcher died while the run was in flight")
         found.interrupted.append(r)
+        if scratch is not None:
+            shutil.rmtree(scratch / r["run_id"], ignore_errors=True)
     return found

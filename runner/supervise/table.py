@@ -3,14 +3,15 @@
 ``submit`` applies the agent's overlap policy (forbid: a ``skipped`` run on record; queue: wait;
 replace: stop the runs in flight, then wait) and records the run as ``queued``. A dispatcher thread
 takes requests in order while fewer than MAX_AGENTS run, prepares each plan (the spec at its applied
-revision) and starts it (``launching.start``: the zygote forks it); a thread per run in flight then
-sees it to its end (``launching.wait``: events, deadline, stop, the final row) and frees the slot.
+revision) and submits it to the executor (``runner.agent.executor``: local by default) with a
+``RunRecord`` as its watcher, which records what the run reports and its end.
 
-A run's end is handled in one place (``_ended``, or ``_record`` for a run that never started): the
-slot is freed, and when the agent opted into retries (``retry: {limit, backoff, on}``) and the run was
-started by a trigger and ended in one of the ``on`` states, a new run is queued, ``backoff`` seconds
-later, whose ``retry_of`` is the run that ended. Such a run waits in the queue like any other (so a
-kill -9 during its backoff keeps it), but is not handed off before its time.
+A run's end is handled in one place (``_ended``, once its final row is durable, or ``_record`` for a
+run that never started): the slot is freed, and when the agent opted into retries (``retry: {limit,
+backoff, on}``) and the run was started by a trigger and ended in one of the ``on`` states, a new run
+is queued, ``backoff`` seconds later, whose ``retry_of`` is the run that ended. Such a run waits in
+the queue like any other (so a kill -9 during its backoff keeps it), but is not handed off before its
+time.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.agent.launching import Launch, prepare, request_stop, start, wait
-from runner.agent.recording import RunRow, end_in_flight, new_run_id, utcnow, write_run
-from runner.agent.spawning import Zygote
+from runner.agent.executor import Executor
+from runner.agent.launching import prepare
+from runner.agent.local import LocalExecutor
+from runner.agent.recording import LiveWriter, RunRecord, RunRow, new_run_id, stops_requested, write_run
 from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.state import connect
+from runner.times import utcnow
 
 log = logging.getLogger("runner.supervise")
 RETRIABLE = ("failed", "timed_out", "interrupted")  # the states a spec's retry.on may name
@@ -50,11 +53,13 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     status: str = "queued"
     retry_of: str | None = None  # the run this one retries
+    attempt: int = 1  # 1, then 2 for its first retry, ...
     not_before: float = 0.0  # monotonic time before which it is not handed off (a retry's backoff)
+    row: RunRow | None = None  # its final row, once it ended
 
 
 class ProcessTable:
-    def __init__(self, settings: Settings, source: GitSource) -> None:
+    def __init__(self, settings: Settings, source: GitSource, executor: Executor | None = None) -> None:
         self.settings, self.source = settings, source
         self.cond = threading.Condition()
         self.queue: deque[Request] = deque()
@@ -65,7 +70,8 @@ class ProcessTable:
         self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
         self._local = threading.local()
         self.on_dispatch: Callable[[float], None] | None = None
-        self.zygote = Zygote()
+        self.executor: Executor = executor or LocalExecutor(settings.kill_grace)
+        self.writer = LiveWriter(settings.state_path)
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.dispatcher.start()
 
@@ -78,10 +84,11 @@ class ProcessTable:
     # -- submitting ---------------------------------------------------------------------------------
 
     def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
-               overlap: str | None = None, retry_of: str | None = None, delay: float = 0.0) -> Request:
+               overlap: str | None = None, retry_of: str | None = None, attempt: int = 1,
+               delay: float = 0.0) -> Request:
         """Queue a run of ``agent`` (or record it skipped, per its overlap policy)."""
         request = Request(new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
-                          not_before=time.monotonic() + delay)
+                          attempt=attempt, not_before=time.monotonic() + delay)
         with self.cond:
             if not self.accepting:
                 return self._record(request, "skipped", "the daemon is shutting down")
@@ -93,10 +100,11 @@ class ProcessTable:
                 for old in [r for r in self.queue if r.agent == agent]:
                     self.queue.remove(old)
                     self._record(old, "stopped", f"replaced by run {request.run_id}")
-                request_stop(self.conn, self.settings.client_id, agent)
+                for old in [r for r in self.running.values() if r.agent == agent]:
+                    self.executor.stop(old.run_id)
             write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
                                         queued_at=request.queued_at, input=input, requested_by=requested_by,
-                                        retry_of=retry_of))
+                                        retry_of=retry_of, attempt=attempt))
             if retry_of is not None:
                 self.conn.execute("UPDATE run_progress SET retry_of = ? WHERE run_id = ?", (retry_of, request.run_id))
             self.queue.append(request)
@@ -109,7 +117,7 @@ class ProcessTable:
         data = json.loads(progress_row["row"]) if progress_row["row"] else {}
         request = Request(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
                           data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
-                          retry_of=progress_row["retry_of"])
+                          retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1))
         with self.cond:
             self.conn.execute("UPDATE run_progress SET launcher_pid = ? WHERE run_id = ?",
                               (os.getpid(), request.run_id))
@@ -127,7 +135,7 @@ class ProcessTable:
         write_run(self.conn, RunRow(request.run_id, self.settings.client_id, request.agent, None, request.trigger,
                                     status, queued_at=request.queued_at, ended_at=stamp, error=error,
                                     input=request.input, requested_by=request.requested_by,
-                                    retry_of=request.retry_of))
+                                    retry_of=request.retry_of, attempt=request.attempt))
         request.status = status
         request.done.set()
         log.info("run %s of %s %s: %s", request.run_id, request.agent, status, error)
@@ -137,11 +145,12 @@ class ProcessTable:
         """A run a previous daemon left running, now on record as interrupted (recovery.sweep): its retry."""
         data = json.loads(progress_row["row"]) if progress_row["row"] else {}
         return self.retry(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
-                          data.get("input"), "interrupted")
+                          data.get("input"), "interrupted", int(data.get("attempt") or 1))
 
     # -- retrying -----------------------------------------------------------------------------------
 
-    def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str) -> Request | None:
+    def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str,
+              attempt: int) -> Request | None:
         """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one."""
         if trigger == "manual" or status not in RETRIABLE or not self.accepting:
             return None
@@ -149,24 +158,15 @@ class ProcessTable:
         policy = (applied.spec_dict or {}).get("retry") if applied is not None else None
         if not policy or status not in policy.get("on", []):
             return None
-        attempts = self._retries_before(run_id)
+        attempts = attempt - 1  # retries made before this run
         if attempts >= int(policy.get("limit", 0)):
             log.info("run %s of %s %s: no retry left (%d of %d made)", run_id, agent, status, attempts,
                      policy.get("limit", 0))
             return None
         delay = float(policy.get("backoff", 0))
         log.info("run %s of %s %s: retry %d of %d in %gs", run_id, agent, status, attempts + 1, policy["limit"], delay)
-        return self.submit(agent, trigger=trigger, input=input, overlap="queue", retry_of=run_id, delay=delay)
-
-    def _retries_before(self, run_id: str) -> int:
-        """How many retries led to ``run_id`` (0 for a first attempt), along the retry_of chain."""
-        count, current = 0, run_id
-        while count < 1000:
-            row = self.conn.execute("SELECT retry_of FROM run_progress WHERE run_id = ?", (current,)).fetchone()
-            if row is None or row[0] is None:
-                return count
-            count, current = count + 1, row[0]
-        return count
+        return self.submit(agent, trigger=trigger, input=input, overlap="queue", retry_of=run_id,
+                           attempt=attempt + 1, delay=delay)
 
     # -- dispatching --------------------------------------------------------------------------------
 
@@ -211,50 +211,50 @@ class ProcessTable:
         self.latencies.append(latency)
         if self.on_dispatch is not None:
             self.on_dispatch(latency)
-        try:
-            launch = start(self.conn, plan, request.requested_by, request.queued_at, zygote=self.zygote,
-                           retry_of=request.retry_of)
-        except OrchestratorError as exc:
-            self._ended(request.run_id, "failed", f"the run could not start: {exc.message}")
-            return
+        row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "queued",
+                     queued_at=request.queued_at, input=plan.input, requested_by=request.requested_by,
+                     retry_of=request.retry_of, attempt=request.attempt)
+        record = RunRecord(self.writer, row, self.settings.logs_dir, on_end=lambda final: self._ended(request, final))
+        record.begin()
         request.status = "running"
-        self.dispatched += 1
-        threading.Thread(target=self._watch, args=(launch,), name=f"run-{request.run_id}", daemon=True).start()
-
-    def _watch(self, launch: Launch) -> None:
-        """One thread per run in flight: it applies the run's events and ends it (launching.wait)."""
         try:
-            row = wait(self.conn, launch, kill_grace=self.settings.kill_grace)
-        except Exception as exc:  # a bug here must not leave the run 'running' or its slot taken
-            log.exception("supervising run %s failed", launch.plan.run_id)
-            self._ended(launch.plan.run_id, "failed", f"its supervisor failed: {type(exc).__name__}: {exc}")
+            self.executor.submit(plan, record)
+        except OrchestratorError as exc:
+            record.fail(f"the run could not start: {exc.message}")
             return
-        self._ended(launch.plan.run_id, row.status)
+        self.dispatched += 1
 
-    def _ended(self, run_id: str, status: str, error: str | None = None) -> None:
+    def _ended(self, request: Request, row: RunRow) -> None:
+        """A run's final row is durable: free its slot, and queue its retry if its spec asks for one."""
         with self.cond:
-            request = self.running.pop(run_id, None)
-            if error is not None:  # the run's final row was not written: the table does
-                row = self.conn.execute("SELECT * FROM run_progress WHERE run_id = ? AND status IN "
-                                        "('queued', 'running')", (run_id,)).fetchone()
-                if row is not None:
-                    end_in_flight(self.conn, row, status, error)
+            self.running.pop(request.run_id, None)
             self.cond.notify_all()
-        if request is not None:
-            request.status = status
-            request.done.set()
-            log.info("run %s of %s ended: %s", run_id, request.agent, status)
-            self.retry(run_id, request.agent, request.trigger, request.input, status)
+        request.status, request.row = row.status, row
+        request.done.set()
+        log.info("run %s of %s ended: %s", request.run_id, request.agent, row.status)
+        self.retry(request.run_id, request.agent, request.trigger, request.input, row.status, request.attempt)
 
     # -- stopping -----------------------------------------------------------------------------------
 
     def stop_agent(self, agent: str, reason: str) -> int:
-        """Drop the agent's queued runs and ask its running ones to stop."""
+        """Drop the agent's queued runs and stop its running ones."""
         with self.cond:
             for old in [r for r in self.queue if r.agent == agent]:
                 self.queue.remove(old)
                 self._record(old, "stopped", reason)
-        return request_stop(self.conn, self.settings.client_id, agent)
+            running = [r.run_id for r in self.running.values() if r.agent == agent]
+        for run_id in running:
+            self.executor.stop(run_id)
+        return len(running)
+
+    def stop_requested(self) -> None:
+        """Stop the runs someone asked to stop through the state database (``agentctl stop`` without the
+        daemon's socket: recording.request_stop)."""
+        with self.cond:
+            mine = set(self.running)
+        for run_id in stops_requested(self.conn, self.settings.client_id):
+            if run_id in mine:
+                self.executor.stop(run_id)
 
     def shutdown(self, grace: float, kill_grace: float) -> None:
         """No new runs; queued ones are dropped; running ones get ``grace`` seconds, then are stopped."""
@@ -266,14 +266,15 @@ class ProcessTable:
             deadline = time.monotonic() + grace
             while self.running and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)
-            agents = {r.agent for r in self.running.values()}
-        for agent in agents:
-            request_stop(self.conn, self.settings.client_id, agent)
+            running = list(self.running)
+        for run_id in running:
+            self.executor.stop(run_id)
         with self.cond:
             deadline = time.monotonic() + kill_grace + 5
             while self.running and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)
-        self.zygote.close()
+        self.executor.close()
+        self.writer.close()
 
     def in_flight(self) -> dict[str, int]:
         with self.cond:
