@@ -92,30 +92,20 @@ def load(port: int, path: str, token: str = "") -> dict[str, float]:
 
 
 def fill_runs(home: Path, n: int) -> None:
-    """n finished runs of 10 agents, as the daemon records them (state index and ledger)."""
+    """n finished runs of 10 agents, as the daemon leaves them once archived: in the ledger only (the live
+    store keeps runs in flight)."""
     import duckdb
 
     from runner.ledger.ingesting import ensure_schema
-    from runner.state import connect
 
-    conn = connect(home / "state.sqlite")
-    rows = []
-    for i in range(n):
-        run_id = f"{1_700_000_000_000 + i:012x}{i:012x}"
-        row = {"run_id": run_id, "client_id": "default", "agent": f"a{i % 10:04d}", "spec_revision": "0" * 40,
-               "trigger": "schedule", "status": "succeeded" if i % 7 else "failed", "queued_at": None,
-               "started_at": "2026-01-01T00:00:00", "ended_at": "2026-01-01T00:00:01", "input_tokens": 100,
-               "output_tokens": 20, "model_calls": 2, "tool_calls": 1, "error": None, "input": None,
-               "output": "done", "requested_by": None, "pid": None}
-        rows.append((run_id, "default", row["agent"], row["status"], row["started_at"], json.dumps(row)))
-    with conn:
-        conn.executemany("INSERT INTO run_progress (run_id, client_id, agent, status, started_at, row, input_tokens, "
-                         "output_tokens) VALUES (?, ?, ?, ?, ?, ?, 100, 20)", rows)
     ddb = duckdb.connect(str(home / "runs.duckdb"))
     ensure_schema(ddb)
-    ddb.execute("INSERT INTO runs (run_id, client_id, agent, status, started_at) SELECT run_id, 'default', agent, "
-                "status, TIMESTAMP '2026-01-01' FROM (SELECT printf('%024x', i) run_id, printf('a%04d', i % 10) agent, "
-                f"'succeeded' status FROM range({n}) t(i))")
+    ddb.execute("INSERT INTO runs (run_id, client_id, agent, spec_revision, trigger, status, started_at, ended_at, "
+                "input_tokens, output_tokens, model_calls, tool_calls, output) "
+                "SELECT printf('%012x%012x', 1700000000000 + i, i), 'default', printf('a%04d', i % 10), "
+                "repeat('0', 40), 'schedule', CASE WHEN i % 7 = 0 THEN 'failed' ELSE 'succeeded' END, "
+                f"TIMESTAMP '2026-01-01', TIMESTAMP '2026-01-01 00:00:01', 100, 20, 2, 1, 'done' FROM range({n}) t(i)")
+    ddb.execute("CHECKPOINT")
     ddb.close()
 
 

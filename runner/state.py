@@ -9,6 +9,7 @@ processes (daemon, CLI, hooks) write one file safely.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -78,13 +79,6 @@ CREATE TABLE IF NOT EXISTS tokens (         -- API tokens, by SHA-256 of the tok
     expires_at TEXT,                -- UTC, ISO 8601 with Z; NULL: never
     last_used_at TEXT               -- UTC, ISO 8601 with Z, to the minute or so (runner.api.tokens.lookup)
 );
-CREATE TABLE IF NOT EXISTS tool_stats (     -- tool calls by decision, counted as launchers record them (metrics)
-    client_id TEXT NOT NULL,
-    tool TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    count INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (client_id, tool, decision)
-);
 CREATE TABLE IF NOT EXISTS journal (        -- ledger rows not archived yet (runner.ledger.ingesting)
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
@@ -102,9 +96,24 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
-    conn.executescript(SCHEMA)
-    _migrate(conn)
+    try:
+        key: tuple[str, int, int] | None = (str(path), *_identity(path))
+    except OSError:
+        key = None
+    if key is None or key not in _READY:  # once per file and process: a connection a request costs no DDL
+        conn.executescript(SCHEMA)
+        _migrate(conn)
+        if key is not None:
+            _READY.add(key)
     return conn
+
+
+_READY: set[tuple[str, int, int]] = set()  # (path, device, inode) of state files whose schema this process made
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 # Columns added after a table first shipped: (table, column, type). SQLite adds them in place.

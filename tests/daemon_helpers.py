@@ -7,6 +7,7 @@ Waits are bounded polls; nothing here sleeps for a fixed time to let something h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import duckdb
 from conftest import ROOT, poll, process_table
 
 from runner.errors import TransientError
+from runner.ledger.runs import get_run, list_runs
 from runner.supervise.control import call, socket_path
 from runner.supervise.table import pid_alive
 
@@ -187,9 +189,26 @@ def state_rows(home: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[
         conn.close()
 
 
-def progress_of(home: Path, run_id: str) -> dict[str, Any]:
-    rows = state_rows(home, "SELECT * FROM run_progress WHERE run_id = ?", (run_id,))
-    return rows[0] if rows else {}
+def progress_of(home: Path, run_id: str, client_id: str = "default") -> dict[str, Any]:
+    """The run as the API and the CLI read it (runner.ledger.runs: the live store, then the ledger), or {}."""
+    with _reader(home) as conn:
+        return get_run(conn, home / "runs.duckdb", client_id, run_id) or {}
+
+
+def listed_runs(home: Path, agent: str, status: str | None = None, client_id: str = "default") -> list[dict[str, Any]]:
+    """The agent's runs as the API and the CLI list them (both stores), newest first."""
+    with _reader(home) as conn:
+        return list_runs(conn, home / "runs.duckdb", client_id, agent=agent, status=status, limit=100_000)[0]
+
+
+@contextlib.contextmanager
+def _reader(home: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(home / "state.sqlite", timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def status_of(home: Path, run_id: str) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import ROOT, SpecRepo, agentctl
-from daemon_helpers import Daemon, poll, state_rows, status_of
+from daemon_helpers import Daemon, listed_runs, poll, state_rows, status_of
 from test_daemon import FINAL, MakeDaemon, daemons, final_runs, running_run, slot_of  # noqa: F401 (the fixture)
 from test_run import expect, scripted_agent, turn
 
@@ -33,14 +33,8 @@ Cli = Any
 
 
 def runs(home: Path, agent: str, **match: Any) -> list[dict[str, Any]]:
-    """The agent's runs as the state database has them (queued, running or ended), oldest first."""
-    rows = state_rows(home, "SELECT * FROM run_progress WHERE agent = ? ORDER BY run_id", (agent,))
-    out = []
-    for r in rows:
-        row = {**json.loads(r["row"] or "{}"), **r}
-        if all(row.get(k) == v for k, v in match.items()):
-            out.append(row)
-    return out
+    """The agent's runs as the API and the CLI read them (queued, running or ended), oldest first."""
+    return [r for r in reversed(listed_runs(home, agent)) if all(r.get(k) == v for k, v in match.items())]
 
 
 def run_id_now() -> str:

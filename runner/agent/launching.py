@@ -105,7 +105,7 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
         record = RunRecord(writer, RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger,
                                           "queued", queued_at=utcnow(), input=plan.input, requested_by=requested_by),
                            settings.logs_dir, on_end=on_end, on_message=on_message)
-        record.begin()
+        record.begin(conn)
         try:
             executor.submit(plan, record)
         except OrchestratorError as exc:

@@ -11,6 +11,7 @@ last; the ledger flush archives them into DuckDB and prunes the live rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -310,12 +311,12 @@ class RunRecord:
         self.started = time.monotonic()
         self.log = AgentLog(agent_log_path(logs_dir, row.client_id, row.agent), row.run_id)
 
-    def begin(self) -> None:
-        """The row says running (before the run starts: a crash of either leaves a record that says so)."""
+    def begin(self, conn: sqlite3.Connection) -> None:
+        """The row says running, durably, before the run is submitted: a crash from here on leaves a record
+        that says so (the next daemon marks it interrupted, never starts it again)."""
         row = self.row
         row.status, row.started_at = "running", utcnow()
-        snapshot = replace(row)
-        self.writer.put(lambda tx: _write_run(tx, snapshot))
+        write_run(conn, row)
 
     def message(self, message: dict[str, Any]) -> None:
         row, kind = self.row, message["t"]
@@ -330,14 +331,12 @@ class RunRecord:
                 elif isinstance(event["detail"], dict) and event["detail"].get("error"):
                     row.tool_errors += 1
             counts = (self.seq, row.input_tokens, row.output_tokens, row.model_calls, row.tool_calls)
-            tool = (str(event["name"]), str(event["decision"])) if event["kind"] == "tool_call" else None
-            self.writer.put(lambda tx: _event(tx, row, event, counts, tool))
+            self.writer.put(functools.partial(_event, run_id=row.run_id, event=event, counts=counts))
             if self.on_message is not None:
                 self.on_message(event)
-        elif kind == "placed":
+        elif kind == "placed":  # the live row learns where the run is (the ledger, with its final row)
             row.pid = message.get("pid")
-            snapshot = replace(row)
-            self.writer.put(lambda tx: _write_run(tx, snapshot))
+            self.writer.put(functools.partial(_placed, run_id=row.run_id, pid=row.pid))
         elif kind == "usage":
             row.input_tokens += int(message["input"])
             row.output_tokens += int(message["output"])
@@ -369,20 +368,20 @@ class RunRecord:
         self.ended(Outcome("failed", error=error))
 
 
+def _placed(tx: sqlite3.Connection, run_id: str, pid: int | None) -> None:
+    tx.execute("UPDATE run_progress SET pid = ?, row = json_set(row, '$.pid', ?) WHERE run_id = ?", (pid, pid, run_id))
+
+
 def _final(tx: sqlite3.Connection, event: dict[str, Any], final: RunRow) -> None:
     journal(tx, "run_events", event)
     _write_run(tx, final)
+    tx.execute("UPDATE run_progress SET seq = ? WHERE run_id = ?", (event["seq"], final.run_id))
 
 
-def _event(tx: sqlite3.Connection, row: RunRow, event: dict[str, Any], counts: tuple[int, ...],
-           tool: tuple[str, str] | None) -> None:
+def _event(tx: sqlite3.Connection, run_id: str, event: dict[str, Any], counts: tuple[int, ...]) -> None:
     journal(tx, "run_events", event)
     tx.execute("""UPDATE run_progress SET seq = ?, input_tokens = ?, output_tokens = ?, model_calls = ?,
-                  tool_calls = ?, updated_at = ? WHERE run_id = ?""", (*counts, event["ts"], row.run_id))
-    if tool is not None:
-        tx.execute("""INSERT INTO tool_stats (client_id, tool, decision, count) VALUES (?, ?, ?, 1)
-                      ON CONFLICT (client_id, tool, decision) DO UPDATE SET count = count + 1""",
-                   (row.client_id, *tool))
+                  tool_calls = ?, updated_at = ? WHERE run_id = ?""", (*counts, event["ts"], run_id))
 
 
 def end_line(row: RunRow, seconds: float) -> str:

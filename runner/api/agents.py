@@ -18,14 +18,16 @@ from typing import Any
 
 import falcon
 
-from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, _bounded, int_param, read_json
+from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, Runtime, _bounded, int_param, read_json
 from runner.api.errors import BadRequest, NotFound, PreconditionRequired, TooLarge, Unprocessable
 from runner.api.openapi import AGENT_FIELDS, RUN_FIELDS, YAML_TYPES, check_fields, check_query
+from runner.ledger.runs import last_runs as newest_runs
 from runner.reconcile.applied import AppliedAgent, load_applied
 from runner.source.writing import commit_file, dump_spec, rewrite_spec
 from runner.specs.loading import load_document
 from runner.specs.models import NAME_PATTERN
 from runner.specs.validating import SpecFile, blob_id, validate_tree
+from runner.times import stamp
 
 
 def agent_json(a: AppliedAgent, next_run: Any, last_run: dict[str, Any] | None) -> dict[str, Any]:
@@ -33,17 +35,23 @@ def agent_json(a: AppliedAgent, next_run: Any, last_run: dict[str, Any] | None) 
         "name": a.name, "state": a.state, "spec": a.spec_dict, "path": a.path, "etag": a.blob,
         "generation": a.generation, "applied_revision": a.applied_revision,
         "attempted_revision": a.attempted_revision, "conditions": a.conditions, "suspended": a.suspended,
-        "message": a.message, "next_run": next_run.isoformat(timespec="seconds") if next_run else None,
+        "message": a.message, "next_run": stamp(next_run) if next_run else None,
         "last_run": last_run,
     }
 
 
-def last_runs(conn: sqlite3.Connection, client_id: str) -> dict[str, dict[str, Any]]:
-    rows = conn.execute(
-        """SELECT p.agent, p.run_id, p.status, p.started_at, p.updated_at
-           FROM (SELECT agent, max(run_id) AS last FROM run_progress WHERE client_id = ? GROUP BY agent) m
-           JOIN run_progress p ON p.run_id = m.last""", (client_id,)).fetchall()
-    return {r[0]: {"run_id": r[1], "status": r[2], "started_at": r[3], "updated_at": r[4]} for r in rows}
+LAST_RUN = ("run_id", "status", "queued_at", "started_at", "ended_at", "denied", "tool_errors")
+
+
+def last_runs(api: Api, rt: Runtime) -> dict[str, dict[str, Any]]:
+    """Each agent's newest run, from both stores (runner.ledger.runs), kept for a second as list pages are:
+    one agent's page asks the same question as the list."""
+    def build() -> dict[str, dict[str, Any]]:
+        found = newest_runs(rt.conn(), rt.settings.ledger_path, rt.settings.client_id)
+        return {agent: {k: run[k] for k in LAST_RUN} for agent, run in found.items()}
+
+    lasts: dict[str, dict[str, Any]] = api.cache.get(("last_runs", rt.settings.client_id), build)
+    return lasts
 
 
 class Collection(Resource):
@@ -60,7 +68,7 @@ class Collection(Resource):
             conn = rt.conn()
             agents = [a for a in load_applied(conn, rt.settings.client_id).values() if a.name > after]
             page = agents[:limit]
-            nexts, lasts = rt.next_runs(), last_runs(conn, rt.settings.client_id)
+            nexts, lasts = rt.next_runs(), last_runs(self.api, rt)
             body = {"agents": [agent_json(a, nexts.get(a.name), lasts.get(a.name)) for a in page],
                     "next_cursor": page[-1].name if len(agents) > limit else None}
             return json.dumps(body).encode()
@@ -98,7 +106,7 @@ class Item(Resource):
             resp.content_type = "application/yaml"
             resp.data = text
             return
-        resp.media = agent_json(agent, rt.next_runs().get(name), last_runs(rt.conn(), rt.settings.client_id).get(name))
+        resp.media = agent_json(agent, rt.next_runs().get(name), last_runs(self.api, rt).get(name))
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         principal = self.api.require(req, "admin")

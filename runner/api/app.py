@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import falcon
 
-from runner.agent.recording import utcnow
 from runner.api import tokens
 from runner.api.errors import BadRequest, Forbidden, TooLarge, Unauthorized, handle_any
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.state import Transaction, journal
 from runner.supervise.metrics import Metrics
+from runner.times import utcnow
 
 MAX_BODY = 1024 * 1024
 MAX_PAGE = 1000  # items in one page of a list
@@ -268,6 +268,7 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     app.add_route(f"{base}/runs", runs.Collection(api))
     app.add_route(f"{base}/runs/{{run_id}}", runs.Item(api))
     app.add_route(f"{base}/runs/{{run_id}}/events", runs.Events(api))
+    app.add_route(f"{base}/runs/{{run_id}}/transcript", runs.Transcript(api))
     app.add_route(f"{base}/tools", system.Tools(api))
     app.add_route(f"{base}/metrics", system.MetricsResource(api))
     app.add_route(f"{base}/tokens", system.TokenCollection(api))

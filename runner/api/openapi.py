@@ -26,7 +26,7 @@ QUERY: dict[str, tuple[tuple[str, str], ...]] = {
     "logs": (("offset", "integer"), ("limit", "integer"), ("run", "string")),
     "runs": (("agent", "string"), ("status", "string"), ("since", "string"), ("limit", "integer"),
              ("cursor", "string")),
-    "events": (("after", "integer"), ("limit", "integer")),
+    "events": (("after", "integer"), ("limit", "integer"), ("follow", "boolean")),
 }
 # Body fields of the agent operations (start and stop take none). A spec's own fields are the spec
 # model's; the wrapped form {"spec": {...}} may repeat the rest of what GET /agents/{id} shows, which is
@@ -75,8 +75,29 @@ TOKEN = {"type": "object", "required": ["id", "name", "role", "created_at", "exp
                         "expires_at": {"type": ["string", "null"], "format": "date-time"},
                         "last_used_at": {"type": ["string", "null"], "format": "date-time"},
                         "expired": {"type": "boolean"}}}
+TIME = {"type": ["string", "null"], "format": "date-time"}
+COUNT = {"type": ["integer", "null"]}
 RUN = {"type": "object", "required": ["run_id", "status"], "properties": {
-    "run_id": {"type": "string"}, "status": {"type": "string"}, "agent": {"type": "string"}}}
+    "run_id": {"type": "string"}, "client_id": {"type": "string"}, "agent": {"type": "string"},
+    "status": {"type": "string"}, "trigger": {"type": ["string", "null"]},
+    "spec_revision": {"type": ["string", "null"]}, "queued_at": TIME, "started_at": TIME, "ended_at": TIME,
+    "input_tokens": COUNT, "output_tokens": COUNT, "model_calls": COUNT, "tool_calls": COUNT, "denied": COUNT,
+    "tool_errors": COUNT, "attempt": COUNT, "retry_of": {"type": ["string", "null"]},
+    "cpu_seconds": {"type": ["number", "null"]}, "max_rss_mb": {"type": ["number", "null"]},
+    "bytes_written": COUNT, "input": {"type": ["string", "null"]}, "output": {"type": ["string", "null"]},
+    "error": {"type": ["string", "null"]}}}
+EVENT = {"type": "object", "required": ["seq", "ts", "kind", "detail"], "properties": {
+    "seq": {"type": "integer"}, "ts": {"type": "string", "format": "date-time"}, "kind": {"type": "string"},
+    "name": {"type": ["string", "null"]}, "decision": {"type": ["string", "null"]}, "detail": {"type": "object"}}}
+STEP = {"type": "object", "required": ["seq", "ts", "type"], "properties": {
+    "seq": {"type": "integer"}, "ts": {"type": "string", "format": "date-time"},
+    "type": {"type": "string", "description": "model_call, tool_call, egress, memory_recall, memory_save, status, "
+                                              "or the event's kind (log)"}}}
+TRANSCRIPT = {"type": "object", "required": ["run_id", "status", "input", "steps", "output", "summary"], "properties": {
+    "run_id": {"type": "string"}, "agent": {"type": "string"}, "status": {"type": "string"},
+    "input": {"type": ["string", "null"]}, "steps": {"type": "array", "items": STEP},
+    "output": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]}, "summary": OBJ,
+    "complete": {"type": "boolean"}, "truncated": {"type": "boolean"}}}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -149,8 +170,17 @@ def document() -> dict[str, Any]:
         f"{base}/runs/{{run_id}}": {"parameters": _params(RUN_ID), "get": {
             "responses": {**_ok(RUN), **_errors(400, 401, 404)}}},
         f"{base}/runs/{{run_id}}/events": {"parameters": _params(RUN_ID), "get": {
-            "parameters": _query("events"),
-            "responses": {**_ok(OBJ), **_errors(400, 401, 404)}}},
+            "parameters": [*_query("events"), *_params(("Last-Event-ID", "header", "string"))],
+            "responses": {"200": {"description": "the events; with follow=1, server-sent events until the run's "
+                                                 "final status (id: seq, event: kind, data: the event)",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object", "required": ["run_id", "events"], "properties": {
+                                          "run_id": {"type": "string"},
+                                          "events": {"type": "array", "items": EVENT}}}},
+                                      "text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 401, 404, 503)}}},
+        f"{base}/runs/{{run_id}}/transcript": {"parameters": _params(RUN_ID), "get": {
+            "responses": {**_ok(TRANSCRIPT), **_errors(400, 401, 404)}}},
         f"{base}/tools": {"get": {"responses": {**_ok(OBJ), **_errors(401)}}},
         f"{base}/metrics": {"get": {"responses": {"200": {"description": "Prometheus text", "content": {
             "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},

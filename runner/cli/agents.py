@@ -11,16 +11,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from runner.agent.recording import TERMINAL
 from runner.cli.main import App, cli, pass_app
 from runner.errors import NotFoundError, TransientError, UsageError
-from runner.ledger.ingesting import flush
 from runner.ledger.reading import query, user_query
+from runner.ledger.runs import STATUSES, list_runs
+from runner.ledger.runs import last_runs as newest_runs
 from runner.reconcile.applied import AppliedAgent, load_applied, set_suspended
 from runner.settings import Settings
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import did_you_mean
 from runner.supervise.scheduling import next_fire
+from runner.times import stamp
 
 
 @cli.command()
@@ -106,16 +107,14 @@ def next_run(a: AppliedAgent) -> str | None:
     now = datetime.now(UTC)
     times = [next_fire(t["cron"], t.get("timezone", "UTC"), now)
              for t in spec.get("triggers", []) if t.get("type") == "schedule"]
-    return min(times).isoformat(timespec="seconds") if times else None
+    return stamp(min(times)) if times else None
 
 
 def last_runs(app: App) -> dict[str, dict[str, Any]]:
-    flush(app.conn, app.settings.ledger_path)
-    cols, rows = query(app.settings.ledger_path,
-                       "SELECT agent, run_id, status, started_at, ended_at FROM runs WHERE client_id = ? "
-                       "QUALIFY row_number() OVER (PARTITION BY agent ORDER BY coalesce(started_at, queued_at) "
-                       "DESC) = 1", [app.settings.client_id])
-    return {r[0]: dict(zip(cols[1:], r[1:], strict=True)) for r in rows}
+    """Each agent's newest run, from the live store and the ledger (runner.ledger.runs)."""
+    found = newest_runs(app.conn, app.settings.ledger_path, app.settings.client_id)
+    return {agent: {k: run[k] for k in ("run_id", "status", "started_at", "ended_at", "denied", "tool_errors")}
+            for agent, run in found.items()}
 
 
 def _print_status(data: dict[str, Any]) -> None:
@@ -199,7 +198,7 @@ def stop(app: App, name: str) -> None:
 
 
 def _suspend(app: App, name: str, suspended: bool, quiet: bool = False) -> None:
-    from runner.agent.launching import request_stop
+    from runner.agent.recording import request_stop
 
     if not set_suspended(app.conn, app.settings.client_id, name, suspended):
         raise NotFoundError(f"no agent named '{name}' for client '{app.settings.client_id}'")
@@ -215,7 +214,7 @@ class RunState(click.Choice[str]):
     """A run state; a misspelt one is a usage error with the nearest state."""
 
     def __init__(self) -> None:
-        super().__init__(["queued", "running", *TERMINAL])
+        super().__init__(list(STATUSES))
 
     def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
         return (f"'{value}' is not a run state ({', '.join(map(str, self.choices))})"
@@ -231,29 +230,30 @@ class RunState(click.Choice[str]):
 @pass_app
 def history(app: App, agent: str | None, status_: str | None, limit: int, sql: str | None,
             reconciles: bool) -> None:
-    """Run history from the DuckDB ledger."""
-    flush(app.conn, app.settings.ledger_path)
+    """Run history: runs newest first, from the live store and the ledger; or any SQL over the ledger."""
+    if sql or reconciles:
+        app.archive()  # what the query reads is the ledger alone: move the journal first (no daemon: ours to do)
     if sql:
         cols, rows = user_query(app.settings.ledger_path, sql)
+        records = [{c: stamp(v) if isinstance(v, datetime) else v for c, v in zip(cols, r, strict=True)}
+                   for r in rows]
     elif reconciles:
         cols, rows = query(app.settings.ledger_path,
                            "SELECT revision, started_at, created, updated, deleted, invalid, initiator, error "
                            "FROM reconciles WHERE client_id = ? ORDER BY started_at DESC LIMIT ?",
                            [app.settings.client_id, limit])
+        records = [{c: stamp(v) if isinstance(v, datetime) else v for c, v in zip(cols, r, strict=True)}
+                   for r in rows]
     else:
-        where, params = ["client_id = ?"], [app.settings.client_id]
-        if agent:
-            where.append("agent = ?")
-            params.append(agent)
-        if status_:
-            where.append("status = ?")
-            params.append(status_)
-        cols, rows = query(app.settings.ledger_path,
-                           "SELECT run_id, agent, status, trigger, started_at, ended_at, input_tokens, "
-                           "output_tokens, error FROM runs WHERE " + " AND ".join(where)
-                           + " ORDER BY coalesce(started_at, queued_at) DESC LIMIT ?", [*params, limit])
-    records = [dict(zip(cols, r, strict=True)) for r in rows]
-    app.emit(records, lambda: _print_rows(cols, rows))
+        runs, _next = list_runs(app.conn, app.settings.ledger_path, app.settings.client_id, agent=agent,
+                                status=status_, limit=limit)
+        cols = list(HISTORY_COLUMNS)
+        records = [{c: run[c] for c in cols} for run in runs]
+    app.emit(records, lambda: _print_rows(cols, [tuple(r.values()) for r in records]))
+
+
+HISTORY_COLUMNS = ("run_id", "agent", "status", "trigger", "started_at", "ended_at", "input_tokens", "output_tokens",
+                   "denied", "tool_errors", "error")
 
 
 def _print_rows(cols: list[str], rows: list[tuple[Any, ...]]) -> None:

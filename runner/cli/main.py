@@ -50,6 +50,16 @@ class App:
     def json(self) -> bool:
         return self.output == "json"
 
+    def archive(self) -> None:
+        """Move the journal into the ledger, for a command that reads the ledger itself (SQL, reconciles).
+        Only when no daemon runs for the home: then this process is the one writer; when one runs, its
+        flusher is, and the command reads what it has moved (a second or so behind)."""
+        from runner.ledger.ingesting import flush
+        from runner.supervise.owning import running_daemon
+
+        if running_daemon(self.settings.home) is None:
+            flush(self.conn, self.settings.ledger_path)
+
     def emit(self, data: Any, text: Callable[[], None]) -> None:
         """Print ``data`` as one JSON document, or call ``text`` to print it for people."""
         if self.json:

@@ -3,6 +3,12 @@ scrape time by a collector, so no stale series outlive what they describe; event
 calls, requests) are counters fed as they happen. Labels take bounded values only: client, agent
 (bounded by the applied specs), status, tool, decision, route template.
 
+What runs did is counted from the rows the daemon's ledger flush moves (``observe_row``): each run's
+final row (status, tokens, denials, tool errors, CPU, bytes written) and each tool call event, once,
+whenever it is archived. The live store forgets a run once it is archived, so nothing there can be
+counted at scrape time. At start the counters take the totals the ledger holds already (one DuckDB
+aggregate), so a restart carries them on; the rows still in the journal are counted when they move.
+
 One registry holds every client's series; nobody is shown all of it. ``exposition(client)`` gives a
 client its own series (and the API's, which name no client); ``exposition(None)``, for the open
 endpoint, gives totals over every client, with the labels that name a client's things summed away.
@@ -10,20 +16,28 @@ endpoint, gives totals over every client, with the labels that name a client's t
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from runner.ledger.runs import TERMINAL, client_of, totals
 from runner.reconcile.applied import load_applied
+from runner.times import parse
+
+log = logging.getLogger("runner.metrics")
+REMEMBERED = 20_000  # run ids kept: each run's client (events name none), and the runs counted already
 
 
 class Metrics:
     def __init__(self, runtimes: dict[str, Any]) -> None:
         self.runtimes = runtimes
-        self._run_clients: dict[str, str] = {}
+        self._run_clients: OrderedDict[str, str] = OrderedDict()
+        self._counted: OrderedDict[str, None] = OrderedDict()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.run_seconds = Histogram("agent_orch_run_duration_seconds", "Run duration.", ["client"], registry=r,
@@ -38,6 +52,20 @@ class Metrics:
                                 ["method", "route", "status"], registry=r)
         self.request_seconds = Histogram("agent_orch_api_request_duration_seconds", "API request duration.",
                                          ["route"], registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+        self.runs = Counter("agent_orch_runs", "Runs ended, by final status.", ["client", "agent", "status"],
+                            registry=r)
+        self.tokens = Counter("agent_orch_tokens", "Model tokens used.", ["client", "agent", "kind"], registry=r)
+        self.tool_calls = Counter("agent_orch_tool_calls", "Tool calls by tool and decision.",
+                                  ["client", "tool", "decision"], registry=r)
+        self.denied = Counter("agent_orch_run_denied_tool_calls", "Tool calls denied, by the agent of the run.",
+                              ["client", "agent"], registry=r)
+        self.tool_errors = Counter("agent_orch_run_tool_errors", "Tool calls allowed that failed, by the agent of "
+                                   "the run.", ["client", "agent"], registry=r)
+        self.cpu = Counter("agent_orch_run_cpu_seconds", "CPU time of the runs' processes.", ["client", "agent"],
+                           registry=r)
+        self.written = Counter("agent_orch_run_written_bytes", "Bytes the runs' processes wrote.",
+                               ["client", "agent"], registry=r)
+        self._start_from_ledger()
         r.register(_StateCollector(self))
 
     def exposition(self, client: str | None) -> bytes:
@@ -49,32 +77,79 @@ class Metrics:
         self.request_seconds.labels(route).observe(seconds)
 
     def observe_row(self, table: str, row: dict[str, Any]) -> None:
-        """A row as a ledger flush moves it. Event rows name no client: theirs is their run's."""
-        client = row.get("client_id") or self._client_of(str(row.get("run_id") or ""))
-        self.observe_ledger(str(client), table, row)
+        """A row as the ledger flush moves it. Event rows name no client: theirs is their run's."""
+        run_id = str(row.get("run_id") or "")
+        if table == "runs":
+            client = str(row.get("client_id") or "default")
+            _remember(self._run_clients, run_id, client)
+            if row.get("status") in TERMINAL and run_id not in self._counted:  # a replayed flush counts once
+                _remember(self._counted, run_id, None)
+                self._ended(client, row)
+        elif table == "run_events" and row.get("kind") == "tool_call":
+            found = self._client_of(run_id)
+            if found is not None:
+                self.tool_calls.labels(found, str(row.get("name")), str(row.get("decision"))).inc()
 
-    def _client_of(self, run_id: str) -> str:
+    def _ended(self, client: str, row: dict[str, Any]) -> None:
+        agent = str(row.get("agent"))
+        self.runs.labels(client, agent, str(row["status"])).inc()
+        self.tokens.labels(client, agent, "input").inc(_amount(row.get("input_tokens")))
+        self.tokens.labels(client, agent, "output").inc(_amount(row.get("output_tokens")))
+        self.denied.labels(client, agent).inc(_amount(row.get("denied")))
+        self.tool_errors.labels(client, agent).inc(_amount(row.get("tool_errors")))
+        self.cpu.labels(client, agent).inc(_amount(row.get("cpu_seconds")))
+        self.written.labels(client, agent).inc(_amount(row.get("bytes_written")))
+        if row.get("started_at") and row.get("ended_at"):
+            try:
+                took = parse(str(row["ended_at"])) - parse(str(row["started_at"]))
+            except ValueError:
+                return
+            self.run_seconds.labels(client).observe(max(0.0, took.total_seconds()))
+
+    def _client_of(self, run_id: str) -> str | None:
+        """The client of a run: from its rows seen in this process, else from whichever store has it."""
         client = self._run_clients.get(run_id)
-        if client is None:
-            client = "default"
-            for rt in self.runtimes.values():  # they share one state database: any connection will do
-                found = rt.conn().execute("SELECT client_id FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
-                client = str(found[0]) if found else client
-                break
-            if len(self._run_clients) > 10_000:
-                self._run_clients.clear()
-            self._run_clients[run_id] = client
+        if client is None and self.runtimes:
+            rt = next(iter(self.runtimes.values()))  # they share one state database and one ledger
+            client = client_of(rt.conn(), rt.settings.ledger_path, run_id)
+            if client is not None:
+                _remember(self._run_clients, run_id, client)
         return client
 
-    def observe_ledger(self, client: str, table: str, row: dict[str, Any]) -> None:
-        """Fed by the daemon's ledger flush: the duration of runs that ended (counts come from the state
-        database at scrape time, so they are right whichever process moved the rows)."""
-        if table == "runs" and row.get("status") not in ("queued", "running") and row.get("ended_at") \
-                and row.get("started_at"):
-            from datetime import datetime
+    def _start_from_ledger(self) -> None:
+        """The counters start from what the ledger holds: a restart must not reset the totals."""
+        if not self.runtimes:
+            return
+        try:
+            held = totals(next(iter(self.runtimes.values())).settings.ledger_path)
+        except Exception as exc:  # a busy or broken ledger must not keep the daemon from starting
+            log.warning("metrics: the ledger's totals could not be read (%s); counters start from zero", exc)
+            return
+        for t in held.runs:
+            client, agent = str(t["client_id"]), str(t["agent"])
+            self.runs.labels(client, agent, str(t["status"])).inc(_amount(t["runs"]))
+            self.tokens.labels(client, agent, "input").inc(_amount(t["input_tokens"]))
+            self.tokens.labels(client, agent, "output").inc(_amount(t["output_tokens"]))
+            self.denied.labels(client, agent).inc(_amount(t["denied"]))
+            self.tool_errors.labels(client, agent).inc(_amount(t["tool_errors"]))
+            self.cpu.labels(client, agent).inc(_amount(t["cpu_seconds"]))
+            self.written.labels(client, agent).inc(_amount(t["bytes_written"]))
+        for t in held.tool_calls:
+            self.tool_calls.labels(str(t["client_id"]), str(t["tool"]), str(t["decision"])).inc(_amount(t["calls"]))
 
-            took = datetime.fromisoformat(row["ended_at"]) - datetime.fromisoformat(row["started_at"])
-            self.run_seconds.labels(client).observe(max(0.0, took.total_seconds()))
+
+def _amount(value: Any) -> float:
+    try:
+        return max(0.0, float(value or 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _remember(seen: OrderedDict[str, Any], key: str, value: Any) -> None:
+    seen[key] = value
+    seen.move_to_end(key)
+    while len(seen) > REMEMBERED:
+        seen.popitem(last=False)
 
 
 class _StateCollector(Collector):
@@ -88,11 +163,6 @@ class _StateCollector(Collector):
         invalid = GaugeMetricFamily("agent_orch_invalid_specs", "Agents whose spec in git is invalid.",
                                     labels=["client"])
         revision = InfoMetricFamily("agent_orch_source", "The source revision last reconciled.", labels=["client"])
-        runs = CounterMetricFamily("agent_orch_runs", "Runs ended, by final status.",
-                                   labels=["client", "agent", "status"])
-        tokens = CounterMetricFamily("agent_orch_tokens", "Model tokens used.", labels=["client", "agent", "kind"])
-        tools = CounterMetricFamily("agent_orch_tool_calls", "Tool calls by tool and decision.",
-                                    labels=["client", "tool", "decision"])
         for client, rt in self.metrics.runtimes.items():
             flight = rt.in_flight()
             running.add_metric([client], flight.get("running", 0))
@@ -105,23 +175,7 @@ class _StateCollector(Collector):
             invalid.add_metric([client], states.get("Invalid", 0))
             health = rt.health()
             revision.add_metric([client], {"revision": str(health.get("revision") or "")})
-            conn = rt.conn()
-            used: dict[str, list[int]] = {}
-            for agent, status, n, inp, out in conn.execute(
-                    "SELECT agent, status, count(*), sum(input_tokens), sum(output_tokens) FROM run_progress "
-                    "WHERE client_id = ? AND status NOT IN ('queued', 'running') GROUP BY agent, status",
-                    (client,)):
-                runs.add_metric([client, agent, status], n)
-                total = used.setdefault(agent, [0, 0])
-                total[0] += inp or 0
-                total[1] += out or 0
-            for agent, (inp, out) in sorted(used.items()):
-                tokens.add_metric([client, agent, "input"], inp)
-                tokens.add_metric([client, agent, "output"], out)
-            for tool, decision, n in conn.execute(
-                    "SELECT tool, decision, count FROM tool_stats WHERE client_id = ?", (client,)):
-                tools.add_metric([client, tool, decision], n)
-        yield from (running, queued, agents, invalid, revision, runs, tokens, tools)
+        yield from (running, queued, agents, invalid, revision)
 
 
 # Labels whose values are a client's own names: its id, its agents, its custom tools (a builtin tool's

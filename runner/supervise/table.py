@@ -215,7 +215,7 @@ class ProcessTable:
                      queued_at=request.queued_at, input=plan.input, requested_by=request.requested_by,
                      retry_of=request.retry_of, attempt=request.attempt)
         record = RunRecord(self.writer, row, self.settings.logs_dir, on_end=lambda final: self._ended(request, final))
-        record.begin()
+        record.begin(self.conn)
         request.status = "running"
         try:
             self.executor.submit(plan, record)
