@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from runner.errors import ChannelError as ChannelError  # defined with the tree; importers name it here too
 from runner.specs.models import AgentSpec
 from runner.times import utcnow
 
@@ -32,10 +33,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_COUNT = 2_000_000  # tokens one model call may report (the largest contexts today)
 MAX_OVERSHOOT = 100_000  # tokens past twice its budget a run's own loop never reaches
 RUN_STATUSES = ("succeeded", "failed", "budget_exceeded")  # what a run may say of itself; the rest are its supervisor's
-
-
-class ChannelError(ValueError):
-    """The other end broke the channel: the reason is recorded as the run's error."""
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -35,14 +35,10 @@ from typing import Any, Protocol
 import numpy as np
 import sqlite_vec
 
-from runner.errors import OrchestratorError
+from runner.errors import MemoryError_
 from runner.plan import store_path
 
-__all__ = ["Embedder", "HashingEmbedder", "MemoryStore", "OllamaEmbedder", "store_path"]
-
-
-class MemoryError_(OrchestratorError):
-    code = "memory"
+__all__ = ["Embedder", "HashingEmbedder", "MemoryError_", "MemoryStore", "OllamaEmbedder", "store_path"]
 
 
 class Embedder(Protocol):

@@ -18,14 +18,10 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
-from runner.errors import OrchestratorError
+from runner.errors import ModelUnavailable
 from runner.specs.checking import VARIABLE
 
 PREFLIGHT_TIMEOUT = 3.0
-
-
-class ModelUnavailable(OrchestratorError):
-    code = "model_unavailable"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from runner.errors import (
     DeniedError,
     NotFoundError,
     OrchestratorError,
+    SourceError,
     SpecError,
     StorageFullError,
     TransientError,
@@ -79,7 +80,8 @@ class Unavailable(ApiError):
 # Our own exception tree, mapped in one place.
 STATUS_OF: list[tuple[type[OrchestratorError], type[ApiError]]] = [
     (NotFoundError, NotFound), (ConflictError, Conflict), (SpecError, Unprocessable), (DeniedError, Forbidden),
-    (TransientError, Unavailable), (OrchestratorError, BadRequest),
+    (TransientError, Unavailable), (SourceError, Unavailable),  # the daemon's source is broken: not the caller's fault
+    (OrchestratorError, BadRequest),
 ]
 
 

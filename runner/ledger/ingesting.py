@@ -181,9 +181,30 @@ def _busy_once(ledger_path: Path, exc: Exception) -> None:
         log.warning("ledger flush deferred: %s; rows wait in the journal", str(exc).splitlines()[0][:300])
 
 
+# This process's read-only connection to each ledger, kept between reads (opening one costs about ten
+# times a query) and dropped, under LEDGER_LOCK, before this process writes the file.
+_READERS: dict[str, duckdb.DuckDBPyConnection] = {}
+
+
+def reader(ledger_path: Path) -> duckdb.DuckDBPyConnection:
+    """The kept read-only connection (call under LEDGER_LOCK)."""
+    key = str(ledger_path)
+    con = _READERS.get(key)
+    if con is None:
+        con = _READERS[key] = duckdb.connect(key, read_only=True)
+    return con
+
+
+def drop_reader(ledger_path: Path) -> None:
+    con = _READERS.pop(str(ledger_path), None)
+    if con is not None:
+        con.close()
+
+
 def checkpoint(ledger_path: Path) -> None:
     """Fold the WAL into the ledger file (the daemon, as it stops): readers then open it without replaying."""
     with LEDGER_LOCK:
+        drop_reader(ledger_path)
         try:
             con = duckdb.connect(str(ledger_path))
         except duckdb.Error:
@@ -256,6 +277,7 @@ def _ingest(ledger_path: Path, rows: list[sqlite3.Row]) -> list[tuple[str, dict[
         bucket.pop(key, None)  # keep journal order for the last write of each key
         bucket[key] = row
     with LEDGER_LOCK:
+        drop_reader(ledger_path)  # a read-only connection beside a writing one: DuckDB refuses the second
         con = _connect(ledger_path)
         try:
             # No checkpoint at every close: it rewrites the primary keys' indexes whole, so a flush would cost

@@ -12,9 +12,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from runner.errors import FolderMissing
 from runner.reconcile.applied import AppliedAgent, load_applied
 from runner.reconcile.probing import probe_tools
-from runner.source.git import FolderMissing, GitSource
+from runner.source.git import GitSource
 from runner.specs.problems import Problem, errors_in
 from runner.specs.validating import SpecResult, custom_tools_of, validate_tree
 from runner.state import SpecCache

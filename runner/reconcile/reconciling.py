@@ -44,6 +44,8 @@ def reconcile(settings: Settings, conn: sqlite3.Connection, source: GitSource, *
     """Plan and apply. A refused plan (it would delete every agent) applies nothing.
 
     Raises SourceError (after recording it) when the source cannot be read: nothing is deleted then.
+    It is SourceUnavailable (transient, with the wait it asks for) or a permanent kind (SourceMissing,
+    FileTooLarge): the caller decides when to try again by its class.
     """
     started = now()
     try:

@@ -194,7 +194,7 @@ def _least(value: object, cap: int) -> int:
     return min(value, cap) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else cap
 
 
-class Unreachable(Exception):
+class _Unreachable(Exception):
     pass
 
 
@@ -360,7 +360,7 @@ class EgressProxy:
             tls = model.host if model is not None and model.scheme == "https" else None
             try:
                 up_reader, upstream = await _connect(addresses, port, tls)
-            except Unreachable as exc:
+            except _Unreachable as exc:
                 self._record({**detail, "decision": "allowed", "reason": reason, "error": str(exc)})
                 await _answer(writer, 502, "Bad Gateway", f"{detail['host']}:{port}: {exc}")
                 return
@@ -430,8 +430,8 @@ async def _connect(addresses: list[str], port: int, tls: str | None = None
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to the first address that answers; over TLS, checked for the name ``tls``."""
     if not addresses:
-        raise Unreachable("the name does not resolve")
-    error: Exception = Unreachable("no address")
+        raise _Unreachable("the name does not resolve")
+    error: Exception = _Unreachable("no address")
     context = ssl.create_default_context() if tls else None
     for address in addresses:
         try:
@@ -440,7 +440,7 @@ async def _connect(addresses: list[str], port: int, tls: str | None = None
         except (OSError, TimeoutError) as exc:
             error = exc
     errno = getattr(error, "errno", None)
-    raise Unreachable(os.strerror(errno) if errno else str(error) or type(error).__name__)
+    raise _Unreachable(os.strerror(errno) if errno else str(error) or type(error).__name__)
 
 
 async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,

@@ -22,7 +22,9 @@ import platform
 import stat
 from collections.abc import Iterable
 
-from runner.errors import DeniedError
+# Defined with the rest of the tree; importers may still name them through this module.
+from runner.errors import LandlockError as LandlockError
+from runner.errors import SymlinkError as SymlinkError
 
 SYS = {"x86_64": (444, 445, 446), "aarch64": (444, 445, 446), "riscv64": (444, 445, 446)}
 CREATE_RULESET_VERSION = 1
@@ -46,19 +48,6 @@ READ = READ_FILE | READ_DIR
 READ_EXEC = READ | EXECUTE
 WRITE = WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | MAKE_SOCK | MAKE_FIFO | TRUNCATE
 FILE_ONLY = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a file (not a folder) may hold
-
-
-class LandlockError(OSError):
-    pass
-
-
-class SymlinkError(DeniedError):
-    """A rule's path has a symbolic link in it and the rule was asked not to follow links."""
-
-    def __init__(self, path: str, link: str | None, target: str | None) -> None:
-        where = f" ({link} -> {target})" if link else ""
-        super().__init__(f"path {path} contains a symbolic link{where}; name the real folder")
-        self.path, self.link, self.target = path, link, target
 
 
 class _RulesetAttr(ctypes.Structure):

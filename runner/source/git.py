@@ -4,6 +4,11 @@ Nothing is checked out: the reconciler reads blobs by id through one long-lived 
 --batch`` process (GitPython's object database), so a daemon never sees a half-written work tree and
 a local repository can be served while someone edits it. A remote source (file://, ssh, https) is
 mirrored into ``$AGENT_ORCH_HOME/sources/`` and fetched on each sync; a local path is read in place.
+
+What cannot be read is one of two kinds (``runner.errors``): ``SourceUnavailable`` when trying again
+later may work (a clone, fetch or listing failed), with the wait it asks for; ``SourceMissing`` or
+``FileTooLarge`` when it will not until the source or the settings change (a ref, a repository, a
+folder or a file that is not there; a file over its limit).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from pathlib import Path
 
 import git
 
-from runner.errors import SourceError, UsageError
+from runner.errors import FileTooLarge, FolderMissing, SourceMissing, SourceUnavailable, UsageError
 from runner.specs.validating import SpecFile
 
 FETCH_TIMEOUT = 120  # seconds; a hung remote must not hang the reconciler forever
+# How long a transient failure asks its caller (the daemon) to wait before the same call again.
+FETCH_RETRY = 30.0  # seconds after a failed clone or fetch: a network or remote-host fault outlasts a quick retry
+READ_RETRY = 5.0  # seconds after git failed on the repository itself: a gc or another writer holds it a moment
 _REMOTE = re.compile(r"^(file|ssh|https?|git)://|^[\w.-]+@[\w.-]+:")
 
 
@@ -34,10 +42,6 @@ class Location:
     def describe(self) -> str:
         """Where the specs come from, fit to show and store: a password or token in the URL is masked."""
         return f"{mask_credentials(self.url)}@{self.ref}:{self.path or '.'}"
-
-
-class FolderMissing(SourceError):
-    """The source folder does not exist at the revision (every spec under it was removed, or a typo)."""
 
 
 class GitSource:
@@ -59,7 +63,7 @@ class GitSource:
         try:
             return str(repo.rev_parse(f"{ref}^{{commit}}").hexsha)
         except (git.BadName, git.BadObject, ValueError, git.GitCommandError):
-            raise SourceError(f"ref '{ref}' not found in {self.location.url}") from None
+            raise SourceMissing(f"ref '{ref}' not found in {self.location.url}") from None
 
     def files(self, revision: str) -> list[SpecFile]:
         """Every file under the source folder at ``revision``, content read lazily by blob id."""
@@ -68,8 +72,8 @@ class GitSource:
         try:
             listing = repo.git.ls_tree("-r", "-z", "--full-tree", revision, "--", prefix or ".")
         except git.GitCommandError as exc:
-            raise SourceError(f"cannot list {self.location.describe()} at {revision[:12]}: {exc.stderr.strip()}") \
-                from None
+            raise SourceUnavailable(f"cannot list {self.location.describe()} at {revision[:12]}: "
+                                    f"{exc.stderr.strip()}", delay=READ_RETRY) from None
         files = []
         for entry in listing.split("\0"):
             if not entry:
@@ -90,7 +94,7 @@ class GitSource:
 
     def read_file(self, revision: str, path: str, limit: int | None = None) -> bytes:
         """A file at a revision. Cached: a commit never changes, and runs read the same files again.
-        With ``limit``, a larger file is refused by its size, unread (SourceError)."""
+        With ``limit``, a larger file is refused by its size, unread (FileTooLarge)."""
         key = (revision, path)
         if key in self._files:
             return self._files[key]
@@ -99,10 +103,10 @@ class GitSource:
             if limit is not None:
                 size = int(repo.git.cat_file("-s", f"{revision}:{path}"))
                 if size > limit:
-                    raise SourceError(f"{path} is {size} bytes, over the {limit} byte limit of such a file")
+                    raise FileTooLarge(f"{path} is {size} bytes, over the {limit} byte limit of such a file")
             data = bytes(repo.git.show(f"{revision}:{path}", stdout_as_string=False))
         except git.GitCommandError:
-            raise SourceError(f"{path} not found at {revision[:12]}") from None
+            raise SourceMissing(f"{path} not found at {revision[:12]}") from None
         if len(self._files) > 256:
             self._files.clear()
         self._files[key] = data
@@ -130,11 +134,11 @@ class GitSource:
             if not (self._repo_path / "HEAD").exists():
                 self._clone()
         elif not self._repo_path.exists():
-            raise SourceError(f"spec source {self.location.url} does not exist")
+            raise SourceMissing(f"spec source {self.location.url} does not exist")
         try:
             self._repo = git.Repo(self._repo_path, search_parent_directories=not self.remote)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-            raise SourceError(f"{self.location.url} is not a git repository") from None
+            raise SourceMissing(f"{self.location.url} is not a git repository") from None
         return self._repo
 
     def _clone(self) -> None:
@@ -143,14 +147,14 @@ class GitSource:
         try:
             git.Repo.clone_from(self.location.url, tmp, mirror=True, kill_after_timeout=FETCH_TIMEOUT)
         except git.GitCommandError as exc:
-            raise SourceError(f"cannot clone {self.location.url}: {_stderr(exc)}") from None
+            raise SourceUnavailable(f"cannot clone {self.location.url}: {_stderr(exc)}", delay=FETCH_RETRY) from None
         os.replace(tmp, self._repo_path)
 
     def _fetch(self, repo: git.Repo) -> None:
         try:
             repo.git.fetch("--prune", "origin", kill_after_timeout=FETCH_TIMEOUT)
         except git.GitCommandError as exc:
-            raise SourceError(f"cannot fetch {self.location.url}: {_stderr(exc)}") from None
+            raise SourceUnavailable(f"cannot fetch {self.location.url}: {_stderr(exc)}", delay=FETCH_RETRY) from None
 
     @staticmethod
     def _reader(repo: git.Repo, sha: str) -> SpecReader:

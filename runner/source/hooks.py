@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from runner.errors import SourceError
+from runner.errors import FolderMissing
 from runner.settings import Settings
 from runner.source.git import GitSource, Location
 from runner.specs.validating import validate_tree
@@ -56,7 +56,7 @@ def pre_receive(updates: TextIO, out: TextIO, *, spec_path: str, client_id: str,
         source = GitSource(Location(os.getcwd(), new, spec_path), Path(home) / "sources")
         try:
             files = source.files(new)
-        except SourceError:
+        except FolderMissing:  # any other failure to read what was pushed rejects the push: the gate fails closed
             out.write(f"agent-orchestrator: {ref}: no '{spec_path}' folder, nothing to validate\n")
             continue
         finally:

@@ -32,10 +32,12 @@ from ruamel.yaml.error import YAMLError as RuamelError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, LiteralScalarString, SingleQuotedScalarString
 from ruamel.yaml.tokens import CommentToken
 
-from runner.errors import ConflictError, SourceError
+from runner.errors import ConflictError, SourceError, SourceUnavailable
 from runner.source.git import GitSource
 from runner.specs.loading import load_document
 from runner.specs.models import AgentSpec
+
+WRITE_RETRY = 2.0  # seconds a failed git command asks to wait: another writer's lock is held for milliseconds
 
 
 def commit_file(source: GitSource, rel_path: str, content: bytes | None, *, message: str, author: str,
@@ -351,7 +353,10 @@ def _blob_at(repo: Path, commit: str, path: str) -> str | None:
 
 
 def _git(repo: Path, *args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> str:
+    """Run git in ``repo``; its output, or SourceUnavailable. Transient: the callers above turn the
+    failures that mean something (a moved ref, a refused push, no such path) into their own answers,
+    and what is left is git failing on a repository someone else holds (a ref or index lock, a gc)."""
     done = subprocess.run(["git", *args], cwd=repo, capture_output=True, env=env, input=input, check=False)
     if done.returncode != 0:
-        raise SourceError(f"git {args[0]}: {done.stderr.decode(errors='replace').strip()}")
+        raise SourceUnavailable(f"git {args[0]}: {done.stderr.decode(errors='replace').strip()}", delay=WRITE_RETRY)
     return done.stdout.decode()

@@ -20,7 +20,9 @@ dropped (the kernel drops it too, however the process ends).
 
 Between reconciles the loop waits for the next poll (sync_interval with jitter) or a reconcile
 request (the post-receive hook or the webhook touches a file). A source that cannot be read keeps the
-last good state and is retried with exponential backoff, never in a hot loop.
+last good state: a transient failure (a fetch, a full disk) is retried after the delay the error
+carries, a permanent one (a ref or folder that is not there) with exponential backoff, never in a hot
+loop.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from runner.errors import SourceError, StorageFullError
-from runner.ledger.ingesting import flush, retry_rejected
+from runner.errors import PermanentError, SourceError, StorageFullError, TransientError, UsageError
+from runner.ledger import reading
+from runner.ledger.ingesting import checkpoint, flush, retry_rejected
 from runner.reconcile.applied import (
     AppliedAgent,
     applied_generations,
@@ -77,6 +80,7 @@ class Daemon:
 
     def __init__(self, settings: Settings, app_factory: AppFactory | None = None) -> None:
         self.lock = HomeLock(settings.home).acquire()  # first: DaemonRunningError while another daemon holds it
+        reading.KEEP_READER = True  # the ledger's one writer: its reads keep a connection (it drops it to flush)
         self.settings = settings
         self.app_factory = app_factory
         self.stopping = threading.Event()
@@ -132,6 +136,7 @@ class Daemon:
         for client in self.clients:
             client.shutdown(now=self.signals > 1)
         flush(self.clients[0].conn, s.ledger_path, wait=True, observe=self.metrics.observe_row)
+        checkpoint(s.ledger_path)
         log.info("stopped")
         self.lock.release()
 
@@ -179,6 +184,7 @@ class ClientDaemon:
         self._request_now = threading.Event()
         self._arming = threading.Lock()
         self.armed_generation = -1  # the generation of applied agents the triggers were last armed from
+        self._first_wait = settings.sync_interval
         self._armed_agents: set[str] = set()
         self.api_address: str | None = None
 
@@ -196,7 +202,7 @@ class ClientDaemon:
         if left.interrupted:
             log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
                         len(left.interrupted), ", ".join(r["run_id"] for r in left.interrupted))
-        self.reconcile_once("daemon:start")
+        self._first_wait = self.reconcile_once("daemon:start")
         if left.queued:
             log.warning("put %d run(s) back on the queue (queued, not started, when the last daemon stopped): %s",
                         len(left.queued), ", ".join(r["run_id"] for r in left.queued))
@@ -220,7 +226,7 @@ class ClientDaemon:
         self.scheduler.on_lag = metrics.trigger_lag.labels(self.settings.client_id).observe
 
     def loop(self) -> None:
-        delay = self.settings.sync_interval
+        delay = self._first_wait  # the poll interval, or what the first reconcile's failure asked for
         while not self.stopping.is_set():
             if self._wait(delay):
                 delay = self.reconcile_once("daemon:request")
@@ -230,22 +236,31 @@ class ClientDaemon:
     # -- reconcile ----------------------------------------------------------------------------------
 
     def reconcile_once(self, initiator: str) -> float:
-        """Reconcile; returns how long to wait before the next poll."""
+        """Reconcile; returns how long to wait before the next poll.
+
+        A failure keeps the last good state and says when the next try is. The error's class decides
+        that: a transient one (a fetch that failed, a full disk) carries the wait it needs, and it is
+        honoured as given (within 1 s and MAX_BACKOFF: never a hot loop); a permanent one (a ref or
+        folder not there) will fail the same way until someone fixes the source, so it is tried again
+        with exponential backoff; anything else is a bug, logged with its traceback, and backed off too.
+        """
         started = time.perf_counter()
         try:
             plan, outcome = reconcile(self.settings, self.conn, self.source, initiator=initiator)
-        except SourceError as exc:
+        except Exception as exc:  # nothing a reconcile raises may take the daemon down
             self._failures += 1
             backoff = min(MAX_BACKOFF, 2.0 ** self._failures)
-            log.warning("source unavailable (%s); keeping the last good state, retry in %.0fs", exc.message, backoff)
-            return backoff
-        except Exception as exc:  # a bug or a broken ledger must not take the daemon down: retry later
-            self._failures += 1
-            backoff = min(MAX_BACKOFF, 2.0 ** self._failures)
-            full = StorageFullError.of(exc)
-            if full is not None:  # no bug to show a traceback of: say what to do
-                log.warning("reconcile failed, the disk holding the home is full (%s); retry in %.0fs",
-                            full.details[0], backoff)
+            full = StorageFullError.of(exc)  # SQLite, DuckDB or the OS out of space, said as ours
+            transient = full or (exc if isinstance(exc, TransientError) else None)
+            if transient is not None:
+                wait = min(MAX_BACKOFF, max(1.0, transient.delay))
+                what = f"reconcile failed, the disk holding the home is full ({full.details[0]})" if full \
+                    else transient.message
+                log.warning("transient: %s; keeping the last good state, retry in %gs", what, wait)
+                return wait
+            if isinstance(exc, (PermanentError, SourceError)):
+                log.warning("permanent: %s; keeping the last good state: fix the source; next try in %gs",
+                            exc.message, backoff)
             else:
                 log.exception("reconcile failed (%s); retry in %.0fs", exc, backoff)
             return backoff
@@ -458,8 +473,15 @@ class ApiServer:
         from waitress.server import create_server
 
         # poll, not select: the daemon may hold more than 1,024 descriptors (runs' channels and proxies)
-        self.server = create_server(app, host=host, port=port, threads=8, ident="agent-orchestrator",
-                                    clear_untrusted_proxy_headers=True, asyncore_use_poll=True)
+        try:
+            # channel_request_lookahead: a client that leaves an event stream is seen at once, not at the
+            # stream's next write
+            self.server = create_server(app, host=host, port=port, threads=8, ident="agent-orchestrator",
+                                        clear_untrusted_proxy_headers=True, asyncore_use_poll=True,
+                                        channel_request_lookahead=1)
+        except OSError as exc:
+            raise UsageError(f"the API cannot listen on {host}:{port}: {exc.strerror or exc} (another program "
+                             "holds it? choose another with --port or AGENT_ORCH_PORT)") from None
         self.port = int(self.server.effective_port)
         egress.CONTROL_PLANE.add(self.port)  # runs may not reach their own control plane, "local" or not
         self.thread = threading.Thread(target=self.server.run, name="api", daemon=True)

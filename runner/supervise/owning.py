@@ -30,13 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from runner import __version__
-from runner.errors import ConflictError
+from runner.errors import DaemonRunningError
 
 PROBE_GRACE = 1.0  # seconds HomeLock retries a lock held by a reader's probe before it believes a daemon holds it
-
-
-class DaemonRunningError(ConflictError):
-    """Another daemon already serves this home (the CLI exits 2 with this message)."""
 
 
 def lock_path(home: Path) -> Path:
