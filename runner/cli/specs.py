@@ -17,6 +17,7 @@ from runner.settings import Settings, remember_source
 from runner.source.git import is_remote
 from runner.specs.problems import Problem
 from runner.specs.validating import SPEC_SUFFIXES, check_unique_names, files_on_disk, validate_tree
+from runner.supervise.owning import running_daemon
 
 source_options = [
     click.option("--source", help="Git URL or local path of the spec repository (AGENT_ORCH_SOURCE). apply "
@@ -124,7 +125,8 @@ def apply(app: App, source: str | None, ref: str | None, path_: str | None, allo
     applied: plan, run and serve follow it from then on without flags, from any folder."""
     settings = app.settings
     src = open_source(settings, flags(settings, source, ref, path_))
-    p, outcome = reconcile(settings, app.conn, src, initiator="cli:apply", allow_empty=allow_empty)
+    p, outcome = reconcile(settings, app.conn, src, initiator="cli:apply", allow_empty=allow_empty,
+                           archive=running_daemon(settings.home) is None)  # else the daemon's flusher moves it
     recorded = None
     if source and outcome is not None:
         loc = src.location

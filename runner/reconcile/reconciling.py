@@ -40,8 +40,10 @@ def plan(settings: Settings, conn: sqlite3.Connection, source: GitSource, *, all
 
 
 def reconcile(settings: Settings, conn: sqlite3.Connection, source: GitSource, *, initiator: str,
-              allow_empty: bool = False) -> tuple[Plan, Outcome | None]:
-    """Plan and apply. A refused plan (it would delete every agent) applies nothing.
+              allow_empty: bool = False, archive: bool = True) -> tuple[Plan, Outcome | None]:
+    """Plan and apply. A refused plan (it would delete every agent) applies nothing. With ``archive``,
+    the ledger rows it wrote are flushed into DuckDB at once (the CLI with no daemon: the daemon's own
+    flusher is the ledger's one writer while it runs).
 
     Raises SourceError (after recording it) when the source cannot be read: nothing is deleted then.
     It is SourceUnavailable (transient, with the wait it asks for) or a permanent kind (SourceMissing,
@@ -53,13 +55,16 @@ def reconcile(settings: Settings, conn: sqlite3.Connection, source: GitSource, *
     except SourceError as exc:
         record_failure(conn, settings.client_id, source.location.describe(), exc.message, initiator=initiator,
                        started_at=started)
-        flush(conn, settings.ledger_path)
+        if archive:
+            flush(conn, settings.ledger_path)
         raise
     if p.refused:
         record_failure(conn, settings.client_id, source.location.describe(), p.refused, initiator=initiator,
                        started_at=started)
-        flush(conn, settings.ledger_path)
+        if archive:
+            flush(conn, settings.ledger_path)
         return p, None
     outcome = apply_plan(conn, p, initiator=initiator, started_at=started)
-    flush(conn, settings.ledger_path)
+    if archive:
+        flush(conn, settings.ledger_path)
     return p, outcome

@@ -246,7 +246,7 @@ class ClientDaemon:
         """
         started = time.perf_counter()
         try:
-            plan, outcome = reconcile(self.settings, self.conn, self.source, initiator=initiator)
+            plan, outcome = reconcile(self.settings, self.conn, self.source, initiator=initiator, archive=False)
         except Exception as exc:  # nothing a reconcile raises may take the daemon down
             self._failures += 1
             backoff = min(MAX_BACKOFF, 2.0 ** self._failures)
