@@ -73,6 +73,9 @@ def test_a_daemon_started_in_its_home_gives_runs_nothing_of_it(repo: SpecRepo, h
     '{"t": "event", "kind": "log", "name": "egress", "decision": "allowed", "detail": {"host": "x"}}',  # F17
     '{"t": "event", "kind": "log", "name": "egress ", "decision": "allowed", "detail": {}}',   # lookalikes
     '{"t": "event", "kind": "log", "name": "egres\\u0455", "decision": "allowed", "detail": {}}',
+    '{"t": "event", "kind": "log", "name": "deep", "detail": ' + '{"a": ' * 600 + '1' + '}' * 601,  # round 3
+    '{"t": "event", "kind": "log", "name": "x", "detail": {"text": "\\udcff"}}',  # a lone surrogate
+    '{"t": "event", "kind": "log", "name": "x", "detail": {"n": NaN}}',
 ])
 def test_a_forged_message_ends_the_run_and_leaves_nothing_behind(repo: SpecRepo, cli, home: Path, tmp_path: Path,
                                                                 message: str) -> None:

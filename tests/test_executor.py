@@ -35,6 +35,16 @@ def foreground(s: Settings, name: str, executor: Any) -> RunRow:
     return run_foreground(s, open_source(s), name, executor=executor)
 
 
+def run_once(repo: SpecRepo, home: Path, name: str, executor: SubprocessExecutor) -> RunRow:
+    """Commit what the test wrote, apply it, and run ``name`` once through ``executor``."""
+    repo.commit()
+    s = settings_for(home, repo)
+    try:
+        return foreground(s, name, executor)
+    finally:
+        executor.close()
+
+
 def test_the_double_imports_nothing_of_the_local_executor() -> None:
     tree = ast.parse((ROOT / "tests" / "subprocess_executor.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
@@ -51,13 +61,8 @@ def test_a_run_through_another_executor_is_recorded_like_any(repo: SpecRepo, hom
                                          call("file_reader", path="/etc/shadow")),
                                     turn(content="read it")],
                    tools=[{"name": "file_reader", "paths": [str(data)]}])
-    repo.commit()
-    s = settings_for(home, repo)
     executor = SubprocessExecutor()
-    try:
-        row = foreground(s, "reader", executor)
-    finally:
-        executor.close()
+    row = run_once(repo, home, "reader", executor)
     assert executor.submitted == [row.run_id]
     assert (row.status, row.output, row.denied, row.tool_errors, row.tool_calls) == \
         ("succeeded", "read it", 1, 0, 2)
@@ -98,7 +103,26 @@ def test_the_channel_speaks_one_versioned_format() -> None:
     line = encode({"t": "usage", "input": 3, "output": 4})
     (message, size), = Decoder().feed(line)
     assert message["v"] == VERSION and checked(message, size) == {"t": "usage", "input": 3, "output": 4}
-    with pytest.raises(ChannelError, match="version 2"):
+    with pytest.raises(ChannelError, match="channel version 2"):
         Decoder().feed(b'{"v": 2, "t": "usage"}\n')
     halves = Decoder()
     assert halves.feed(line[:5]) == [] and len(halves.feed(line[5:])) == 1
+
+
+def test_a_transcript_keeps_no_secret_a_tool_read_or_a_model_said(repo: SpecRepo, home: Path, tmp_path: Path) -> None:
+    """What a tool returned and what the model said are in the record, capped; the secrets in them are not."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "env.txt").write_text("OPENAI=sk-live0123456789abcdef\nurl=https://x/?token=hunter2hunter2\n" + "x" * 9000)
+    scripted_agent(repo, "leaky", [turn(call("file_reader", path=str(data / "env.txt"))),
+                                   turn(content="the key is Bearer abc.def.ghi and that is all")],
+                   tools=[{"name": "file_reader", "paths": [str(data)]}])
+    row = run_once(repo, home, "leaky", SubprocessExecutor())
+    assert row.status == "succeeded"
+    got = events(home, row.run_id)
+    (tool,) = [e for e in got if e["kind"] == "tool_call"]
+    result = tool["detail"]["result"]
+    assert "sk-live0123456789abcdef" not in result and "hunter2hunter2" not in result and "[redacted]" in result
+    assert len(result) <= 4096 and tool["detail"]["result_bytes"] > 9000  # capped, with its full size beside it
+    said = [e["detail"]["text"] for e in got if e["kind"] == "llm_call"][-1]
+    assert "abc.def.ghi" not in said and "[redacted]" in said

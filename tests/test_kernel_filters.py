@@ -103,6 +103,13 @@ def make_socket(family: int, kind: int, protocol: int = 0, *, pair: bool = False
         "socket", family, kind, protocol)
 
 
+def fastopen() -> int:
+    """A TCP Fast Open send to a closed port on this machine: the connect inside it is Landlock's blind spot."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    target = (ctypes.c_ubyte * 16)(2, 0, 0, 1, 127, 0, 0, 1)  # sockaddr_in: AF_INET, port 1, 127.0.0.1
+    return call("sendto", sock.fileno(), b"x", 1, 0x20000000, target, 16)
+
+
 def ioctl(fd: int, request: int, argument: bytes) -> int:
     try:
         return fcntl.ioctl(fd, request, argument) and 0
@@ -164,6 +171,7 @@ def attacks(confine: Confine) -> dict[str, int]:
         "userfaultfd": call("userfaultfd", os.O_CLOEXEC),
         "personality ADDR_NO_RANDOMIZE": call("personality", 0x0040000),
         "clone CLONE_NEWNS": clone(CLONE_NEWNS),
+        "sendto MSG_FASTOPEN": fastopen(),
         "unshare CLONE_NEWUSER": call("unshare", CLONE_NEWUSER),  # last: the rest ran in our user namespace
     }
     if MACHINE == "x86_64":
@@ -415,6 +423,10 @@ def test_the_program_for_each_machine_decides_as_described(machine: str) -> None
     assert {verdict("clone", flag | 17) for flag in CLONE_NEW.values()} == {eperm}
     assert verdict("clone", 0x3D0F00) == allow  # what pthread_create passes (CLONE_VM | ... | CLONE_THREAD)
     assert [verdict("personality", p) for p in (0, 0xFFFFFFFF, 0x0040000)] == [allow, allow, eperm]
+    fastopen = seccomp.MSG_FASTOPEN  # a connect Landlock's rule does not see
+    assert [verdict("sendto", 3, 0, 0, fastopen | 0x40), verdict("sendto", 3, 0, 0, 0x40)] == [eperm, allow]
+    assert [verdict("sendmsg", 3, 0, fastopen), verdict("sendmsg", 3, 0, 0)] == [eperm, allow]
+    assert [verdict("sendmmsg", 3, 0, 1, fastopen), verdict("sendmmsg", 3, 0, 1, 0)] == [eperm, allow]
     read, i386 = (0 if machine == "x86_64" else 63), 0x40000003
     assert run_filter(rows, arch, read) == allow
     assert run_filter(rows, i386, read) == enosys and run_filter(rows, arch, 0x40000000 | read) == enosys

@@ -79,14 +79,43 @@ class Decoder:
             if self.count > self.max_messages:
                 raise ChannelError(f"the run sent more than {self.max_messages} messages on its channel")
             try:
-                parsed = json.loads(line)
+                parsed = json.loads(line, parse_constant=_no_constant)
             except (ValueError, RecursionError):
                 raise ChannelError("the run sent a line on its channel that is not JSON") from None
             if not isinstance(parsed, dict):
                 raise ChannelError("the run sent a message its supervisor refuses: not a JSON object")
-            if parsed.get("v", VERSION) != VERSION:
-                raise ChannelError(f"the run speaks version {str(parsed.get('v'))[:20]} of the channel, not {VERSION}")
+            version = parsed.get("v", VERSION)  # a message without one is read as this version
+            if type(version) is not int or version != VERSION:
+                raise ChannelError(f"the run sent a message of channel version {str(version)[:20]}, not {VERSION}")
+            _storable(parsed, 0)
             out.append((parsed, len(line)))
+
+
+MAX_DEPTH = 32  # nesting of a message: the record's own shapes are a few levels deep
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python reads them, nothing downstream can
+
+
+def _storable(value: Any, depth: int) -> None:
+    """What every store and reader downstream can hold: no deeper than MAX_DEPTH (the record is walked
+    recursively), and text that is valid UTF-8 (JSON lets a lone surrogate through; DuckDB, the API and
+    terminals cannot take it). Raises ChannelError."""
+    if depth > MAX_DEPTH:
+        raise ChannelError(f"the run sent a message nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChannelError("the run sent text that is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, depth + 1)
+            _storable(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item, depth + 1)
 
 
 def printable(text: str) -> str:

@@ -90,5 +90,9 @@ def exit_text(status: int | None) -> str:
     if status is None:
         return "exit status unknown"
     if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"killed by signal {number}"
     return f"exit code {os.WEXITSTATUS(status)}"

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import shutil
 import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from runner.sandbox.egress import Budget, EgressPolicy, EgressProxy
 
 log = logging.getLogger("runner.executor")
 REAP_WAIT = 5.0  # seconds a run that exited may wait for the zygote's report of its status
+SCM_MAX_FD = 253  # descriptors one unix socket message can carry (the kernel's limit)
 TICK = 1.0  # seconds the loop sleeps at most when nothing happens (deadlines wake it sooner)
 
 
@@ -67,7 +70,9 @@ class LocalExecutor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._closing = False
+        self._closing_down = False
+        self._closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+        threading.Thread(target=self._closer, name="executor-closer", daemon=True).start()
         self.zygote = Zygote(on_exit=lambda _run_id: self._wake())
         self._thread = threading.Thread(target=self._loop, name="executor", daemon=True)
         self._thread.start()
@@ -107,7 +112,7 @@ class LocalExecutor:
 
     def close(self) -> None:
         with self._lock:
-            self._closing = True
+            self._closing_down = True
             for run in self._runs.values():
                 run.stop_asked = True
         self._wake()
@@ -130,7 +135,7 @@ class LocalExecutor:
         while True:
             with self._lock:
                 runs = list(self._runs.values())
-                if self._closing and not runs:
+                if self._closing_down and not runs:
                     return
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
@@ -158,12 +163,17 @@ class LocalExecutor:
                 except Exception:  # a bug here must not leave every other run unsupervised
                     log.exception("supervising run %s failed", run.plan.run_id)
                     run.fault = run.fault or "its supervisor failed (see the daemon's log)"
+                    run.reading = False
                     self._end(run, "fault")
             now = time.monotonic()
             for run in runs:
-                self._keep_time(run, now)
-                if run.exited is not None:
-                    self._maybe_finish(run, now)
+                try:
+                    self._keep_time(run, now)
+                    if run.exited is not None:
+                        self._maybe_finish(run, now)
+                except Exception:  # as above: one run's bad turn must not end the supervision of all
+                    log.exception("supervising run %s failed", run.plan.run_id)
+                    self._abandon(run)
 
     def _on_ready(self, run: _Run, what: str) -> None:
         if what == "channel":
@@ -203,19 +213,27 @@ class LocalExecutor:
         if not run.reading:
             return False
         try:
-            data, fds, _flags, _addr = socket.recv_fds(run.channel, 1 << 16, 1)
+            # Room for as many descriptors as one message can carry: the kernel closes those that do not fit
+            # on this thread, and a socket closed with a long SO_LINGER would block it.
+            data, fds, _flags, _addr = socket.recv_fds(run.channel, 1 << 16, SCM_MAX_FD)
         except BlockingIOError:
             return False
         except OSError:
             data, fds = b"", []
-        for fd in fds:  # the one descriptor a run may send: its egress listener, once, before the proxy serves
+        for fd in fds:
+            # The one descriptor a run may send: its egress listener, once, before any other message (the
+            # run sends it while it sets up, before agent code). Anything else breaks the channel.
             proxy = run.proxy
-            if proxy is not None and proxy.listener is None and run.result is None:
+            if proxy is not None and proxy.listener is None and run.decoder.count == 0 and len(fds) == 1:
                 proxy.serve(socket.socket(fileno=fd))
             else:
-                os.close(fd)
+                self._discard(fd)
+                if run.fault is None:
+                    self._broken(run, "the run sent a descriptor on its channel after its setup")
         if not data:
             run.reading = False
+            return False
+        if run.fault is not None:
             return False
         try:
             for raw, size in run.decoder.feed(data):
@@ -223,6 +241,29 @@ class LocalExecutor:
         except ChannelError as exc:
             self._broken(run, str(exc))
         return True
+
+    def _discard(self, fd: int) -> None:
+        """Close a descriptor a run sent, on a thread of its own and without lingering: a socket with
+        unsent data and a long SO_LINGER would hold its closer for as long as the run chose."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            sock = None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            sock.detach()
+        self._closing.put(fd)
+
+    def _closer(self) -> None:
+        while True:
+            fd = self._closing.get()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _message(self, run: _Run, msg: dict[str, Any]) -> None:
         assert run.bounds is not None
@@ -244,12 +285,32 @@ class LocalExecutor:
 
     # -- the end ----------------------------------------------------------------------------------------
 
+    def _abandon(self, run: _Run) -> None:
+        """The last resort for a run whose end could not be handled: kill it, forget it, record it failed."""
+        _signal_group(run.pid, signal.SIGKILL)
+        with self._lock:
+            if self._runs.pop(run.plan.run_id, None) is None:
+                return
+        for close in (run.channel.close, lambda: os.close(run.pidfd)):
+            try:
+                close()
+            except OSError:
+                pass
+        try:
+            run.watcher.ended(decide("fault", None, fault="its supervisor failed (see the daemon's log)"))
+        except Exception:
+            log.exception("recording the end of run %s failed", run.plan.run_id)
+
     def _maybe_finish(self, run: _Run, now: float) -> None:
         status, usage = self.zygote.exited(run.plan.run_id, timeout=0)
         if status is None and self.zygote.proc.poll() is None and now - (run.exited or now) < REAP_WAIT:
             return  # the zygote reports the reap in a moment (and wakes us)
-        while self._receive(run):
-            pass
+        try:
+            while self._receive(run):
+                pass
+        except Exception:
+            log.exception("reading what run %s sent last failed", run.plan.run_id)
+            run.fault = run.fault or "its supervisor could not read what it sent last"
         run.channel.close()
         if run.proxy is not None:
             self._egress(run, run.proxy.close())

@@ -13,8 +13,9 @@ from typing import IO, Any
 
 import click
 from rich.console import Console
-from rich.markup import escape as esc
+from rich.markup import escape
 
+from runner.agent.channel import printable
 from runner.cli.main import App, cli, pass_app
 from runner.errors import NotFoundError, OrchestratorError, UsageError
 from runner.ledger.runs import TERMINAL, get_run, run_events, step_of, transcript
@@ -46,9 +47,9 @@ def run(app: App, name: str, input_text: str | None, input_file: str | None) -> 
     def text() -> None:
         click.echo(f"run {data['run_id']} {data['status']}{counts_text(data)}")
         if data["output"]:
-            click.echo(data["output"])
+            click.echo(shown(data["output"]))
         if data["error"]:
-            click.echo(f"error: {data['error']}", err=True)
+            click.echo(f"error: {shown(data['error'])}", err=True)
 
     app.emit(data, text)
     sys.exit(0 if data["status"] == "succeeded" else 1)
@@ -441,6 +442,17 @@ def _short(value: Any, width: int = 120) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def shown(text: Any) -> str:
+    """What a run, a model or a tool said, for a terminal: control characters shown, not obeyed (an escape
+    sequence could set the clipboard, the title or clear the screen), line breaks kept."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
+def esc(text: Any) -> str:
+    """``shown``, with rich's markup escaped too."""
+    return escape(shown(text))
+
+
 def _indented(text: str, by: int = 2) -> str:
     return "\n".join(" " * by + esc(line) for line in str(text).splitlines() or [""])
 
@@ -490,7 +502,7 @@ def memory_search(app: App, name: str, query: str, k: int) -> None:
         store.close()
     def text() -> None:
         for m in found:
-            click.echo(f"{m.distance:.3f}  {m.created_at}  {m.text}")
+            click.echo(f"{m.distance:.3f}  {m.created_at}  {shown(m.text)}")
         if not found:
             click.echo("nothing remembered yet", err=True)
 

@@ -32,8 +32,15 @@ def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeo
     """Run ``sql`` read-only; returns (column names, rows). In the daemon, on its kept read-only connection
     (``ingesting.reader``: opening the ledger costs ten times the query); elsewhere, or with ``fresh`` (a
     query someone wrote gets nothing another read left behind), on one of its own."""
-    if not ledger_path.exists():
-        _create_empty(ledger_path)
+    if not ledger_path.exists():  # no ledger yet: the same tables, empty, and no file made (reads never write)
+        with LEDGER_LOCK:
+            con = duckdb.connect(":memory:")
+            try:
+                ensure_schema(con)
+                cur = con.execute(sql, params or [])
+                return [d[0] for d in cur.description or []], cur.fetchall()
+            finally:
+                con.close()
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
@@ -56,6 +63,12 @@ def query(ledger_path: Path, sql: str, params: list[Any] | None = None, *, timeo
                         con.close()
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+def create_empty(ledger_path: Path) -> None:
+    """The ledger file with its tables, when there is none yet (its writer, at start)."""
+    if not ledger_path.exists():
+        _create_empty(ledger_path)
 
 
 def _create_empty(ledger_path: Path) -> None:

@@ -136,7 +136,7 @@ def isolate(plan: RunPlan, namespaces: list[str], channel: socket.socket) -> dic
         listener, isolation["network_error"] = None, str(exc)
     if listener is not None:
         try:
-            socket.send_fds(channel, [b'{"t": "egress"}\n'], [listener.fileno()])
+            socket.send_fds(channel, [b'{"v": 1, "t": "egress"}\n'], [listener.fileno()])
             isolation["egress_port"] = listener.getsockname()[1]
         except OSError as exc:
             isolation["network_error"] = f"cannot hand the egress listener to the supervisor: {exc}"

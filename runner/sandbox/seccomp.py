@@ -59,6 +59,9 @@ AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 SOCK_RAW, SOCK_TYPE_MASK = 3, 0xF  # the type's other bits are SOCK_NONBLOCK and SOCK_CLOEXEC
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 PERSONALITY_DEFAULT, PERSONALITY_QUERY = 0, 0xFFFFFFFF
+# TCP Fast Open connects inside sendto/sendmsg, where Landlock's connect rule is not consulted
+# (landlock-lsm/linux#41): a run could reach any port its network namespace has.
+MSG_FASTOPEN = 0x20000000
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET. CLONE_NEWTIME (0x80) exists for
 # unshare and clone3 only: in clone's flags that byte is the exit signal, and no signal is >= 0x80,
 # so refusing the bit costs nothing.
@@ -71,6 +74,7 @@ AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 NUMBERS: dict[str, tuple[int | None, int | None]] = {
     # checked by their arguments
     "socket": (41, 198), "socketpair": (53, 199), "ioctl": (16, 29), "clone": (56, 220), "personality": (135, 92),
+    "sendto": (44, 206), "sendmsg": (46, 211), "sendmmsg": (307, 269),
     # refused with ENOSYS, as if this kernel had none
     "clone3": (435, 435), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
     # mounts and roots
@@ -100,7 +104,7 @@ NUMBERS: dict[str, tuple[int | None, int | None]] = {
     "uselib": (134, None), "ustat": (136, None), "sysfs": (139, None), "_sysctl": (156, None),
     "nfsservctl": (180, 42),
 }
-CHECKED = ("socket", "socketpair", "ioctl", "clone", "personality")
+CHECKED = ("socket", "socketpair", "ioctl", "clone", "personality", "sendto", "sendmsg", "sendmmsg")
 ABSENT = ("clone3", "io_uring_setup", "io_uring_enter", "io_uring_register")
 REFUSED = tuple(name for name in NUMBERS if name not in CHECKED + ABSENT)
 
@@ -122,9 +126,9 @@ def supported() -> bool:
 def describe() -> str:
     """What the filter refuses, in one line, for the run's record and the daemon's report."""
     return ("native ABI only; sockets AF_INET/AF_INET6 only, not raw (socketpair AF_UNIX only); no io_uring; "
-            "no TIOCSTI/TIOCLINUX; no new namespaces (unshare, setns, clone CLONE_NEW*, clone3); no mount, "
-            "clock, hostname, kernel log, module, kexec, reboot, swap, BPF, perf, userfaultfd, keyring, ptrace, "
-            "process_vm, file-handle or personality change syscalls")
+            "no TIOCSTI/TIOCLINUX; no TCP Fast Open sends; no new namespaces (unshare, setns, clone CLONE_NEW*, "
+            "clone3); no mount, clock, hostname, kernel log, module, kexec, reboot, swap, BPF, perf, userfaultfd, "
+            "keyring, ptrace, process_vm, file-handle or personality change syscalls")
 
 
 def numbers(machine: str, names: tuple[str, ...]) -> list[int]:
@@ -177,6 +181,14 @@ def program(machine: str | None = None) -> list[Row]:
     a.load(arg(0))
     a.jump(JEQ_K, PERSONALITY_DEFAULT, true="allow")
     a.jump(JEQ_K, PERSONALITY_QUERY, true="allow", false="eperm")
+
+    a.label("sendto")  # sendto(fd, buf, len, flags, addr, addrlen); sendmmsg(fd, vec, n, flags)
+    a.label("sendmmsg")
+    a.load(arg(3))
+    a.jump(JSET_K, MSG_FASTOPEN, true="eperm", false="allow")
+    a.label("sendmsg")  # sendmsg(fd, msg, flags)
+    a.load(arg(2))
+    a.jump(JSET_K, MSG_FASTOPEN, true="eperm", false="allow")
 
     a.label("allow")
     a.ret(RET_ALLOW)
