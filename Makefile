@@ -45,6 +45,7 @@ $(BIN)/promtool: | $(BIN)/python
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check runner tests bench e2e
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench

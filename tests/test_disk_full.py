@@ -28,7 +28,8 @@ from daemon_helpers import journal_pending, wait_ledger
 from runner.api.app import AuditWriter
 from runner.errors import StorageFullError
 from runner.ledger.ingesting import flush, pending
-from runner.state import Transaction, connect, journal
+from runner.ledger.schema import journal
+from runner.state import Transaction, connect
 
 
 @pytest.fixture
@@ -140,7 +141,7 @@ def test_the_flush_pauses_on_a_full_disk_keeps_every_row_and_resumes(disk: Path,
 
 
 class StateOnly:
-    """The one part of a runtime (runner.api.app.Runtime) the audit writer uses: the state database."""
+    """The one part of a runtime (runner.supervise.runtime.Runtime) the audit writer uses: the state database."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.state = conn

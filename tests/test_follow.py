@@ -30,7 +30,7 @@ from conftest import ROOT, SpecRepo, agentctl
 from test_daemon import MakeDaemon, daemons  # noqa: F401 (the fixture)
 from test_run import apply, call, scripted_agent, turn
 
-from runner.api.runs import MAX_STREAMS
+from runner.api.runs import MAX_CLIENT_STREAMS as MAX_STREAMS  # what one client may open
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

@@ -2,42 +2,35 @@
 
 from __future__ import annotations
 
-import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT, agentctl
 
 from runner.settings import setting_fields
 
-LAYERS = {
-    "errors": 0, "settings": 0, "state": 0,
-    "specs": 1, "source": 2, "ledger": 2, "reconcile": 3, "agent": 4, "sandbox": 4,
-    "supervise": 5, "api": 6, "cli": 6,
-}
-
-
-def _layer(module: str) -> int | None:
-    parts = module.split(".")
-    if parts[0] != "runner" or len(parts) < 2:
-        return None
-    return LAYERS.get(parts[1])
-
 
 def test_lower_layers_never_import_upper_ones() -> None:
-    bad = []
-    for path in (ROOT / "runner").rglob("*.py"):
-        module = "runner." + ".".join(path.relative_to(ROOT / "runner").with_suffix("").parts)
-        own = _layer(module)
-        if own is None:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
-                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            for name in names:
-                target = _layer(name)
-                if target is not None and target > own:
-                    bad.append(f"{module} (layer {own}) imports {name} (layer {target})")
-    assert not bad, "\n".join(bad)
+    """The layers are import-linter contracts (pyproject.toml, docs/architecture.md); `make lint` checks them
+    too, and this checks them for a bare `pytest`."""
+    done = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_layer_imported_after_the_first_connect_gets_its_tables_with_the_next(tmp_path: Path) -> None:
+    """Each layer registers its own tables in the state database when it is imported (runner.state.register): a
+    process that connected before importing one gets that layer's tables with its next connection."""
+    code = ("import sys; from pathlib import Path; from runner.state import connect; import runner.ledger.schema\n"
+            "connect(Path(sys.argv[1])).close()\n"
+            "import runner.tokens\n"
+            "conn = connect(Path(sys.argv[1]))\n"
+            "print(sorted(r[0] for r in conn.execute(\"SELECT name FROM sqlite_master WHERE type = 'table'\")))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "state.sqlite")], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(["journal", "run_progress", "sqlite_sequence", "tokens"])
 
 
 def test_every_setting_is_documented() -> None:

@@ -204,6 +204,28 @@ def test_removing_every_spec_is_refused_unless_allowed(repo: SpecRepo, cli: Cli,
     assert applied_rows(home) == {}
 
 
+def test_an_agent_deleted_by_an_apply_takes_its_fired_slots_along(repo: SpecRepo, cli: Cli, home: Path) -> None:
+    """The slots an agent's schedules fired (``trigger_state``, the daemon's table) go with the agent, whichever
+    process deletes it: here agentctl apply, which loads none of the daemon's code."""
+    import runner.supervise.triggers  # noqa: F401  (the table's owner: its tables come with connect, as in a daemon)
+    from runner.state import connect
+
+    repo.spec("a")
+    repo.spec("b")
+    repo.commit()
+    expect(cli("apply"), 0)
+    conn = connect(home / "state.sqlite")
+    try:
+        conn.executemany("INSERT INTO trigger_state (client_id, agent, trigger_key, last_slot) "
+                         "VALUES ('default', ?, '0|* * * * *|UTC', '2026-01-01T00:00:00+00:00')", [("a",), ("b",)])
+        repo.remove("specs/b.yaml")
+        repo.commit()
+        expect(cli("apply"), 0)
+        assert [r[0] for r in conn.execute("SELECT agent FROM trigger_state")] == ["a"]
+    finally:
+        conn.close()
+
+
 def test_generation_counts_applied_changes_and_revisions_are_tracked(repo: SpecRepo, cli: Cli, home: Path) -> None:
     repo.spec("a")
     first = repo.commit()

@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from runner.agent.channel import printable
+from runner.ledger.schema import journal
 from runner.sandbox.access import redact
-from runner.state import Transaction, connect, journal
+from runner.state import Transaction, connect
 from runner.times import utcnow
 
 TERMINAL = ("succeeded", "failed", "timed_out", "budget_exceeded", "stopped", "interrupted", "skipped")
@@ -64,7 +66,7 @@ class RunRow:
     def as_ledger(self) -> dict[str, Any]:
         row = asdict(self)
         row.pop("extra")
-        for key in ("input", "error"):  # what users and tools typed may hold secrets; redact as events are
+        for key in ("input", "output", "error"):  # what users, tools and models said may hold secrets, as events
             row[key] = redact(row[key])
         return row
 
@@ -171,6 +173,9 @@ class _PipeLog:
         self.sink({"t": "log", "level": level, "message": message})
 
 
+_LOG_FAILED: set[str] = set()  # agent logs whose last write failed: one warning each until one succeeds
+
+
 class AgentLog:
     """Append-only per-agent log, one line per step: ``TS run=ID LEVEL message``.
 
@@ -185,15 +190,24 @@ class AgentLog:
     def write(self, message: str, level: str = "INFO") -> None:
         stamp = utcnow()
         # Redacted like the ledger's details: a denial's reason or a tool's error can quote an argument.
-        line = f"{stamp} run={self.run_id} {level} {redact(message)}".replace("\n", "\\n") + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # Shown, not obeyed: an escape sequence in a tool's error would reach the terminal of `agentctl logs`.
+        line = f"{stamp} run={self.run_id} {level} {printable(redact(message))}" + "\n"
         try:
-            os.write(fd, line.encode("utf-8", "replace"))
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size > self.max_bytes:
-            self._rotate()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, line.encode("utf-8", "replace"))
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size > self.max_bytes:
+                self._rotate()
+        except OSError as exc:  # a full or broken log disk loses log lines, never a run's record or its end
+            if str(self.path) not in _LOG_FAILED:
+                _LOG_FAILED.add(str(self.path))
+                log.warning("agent log %s cannot be written (%s): lines are dropped until it can", self.path,
+                            exc.strerror or exc)
+            return
+        _LOG_FAILED.discard(str(self.path))
 
     def _rotate(self) -> None:
         for i in range(self.backups - 1, 0, -1):

@@ -18,7 +18,7 @@ from typing import Any
 
 import falcon
 
-from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, Runtime, _bounded, int_param, read_json
+from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, _bounded, int_param, read_json
 from runner.api.errors import BadRequest, NotFound, PreconditionRequired, TooLarge, Unprocessable
 from runner.api.openapi import AGENT_FIELDS, RUN_FIELDS, YAML_TYPES, check_fields, check_query
 from runner.ledger.runs import last_runs as newest_runs
@@ -27,6 +27,7 @@ from runner.source.writing import commit_file, dump_spec, rewrite_spec
 from runner.specs.loading import load_document
 from runner.specs.models import NAME_PATTERN
 from runner.specs.validating import SpecFile, blob_id, validate_tree
+from runner.supervise.runtime import Runtime
 from runner.times import stamp
 
 

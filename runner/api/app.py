@@ -1,8 +1,8 @@
 """The Falcon application: middleware (limits, auth, audit, metrics), routes, one error handler.
 
-The API serves one or more clients; each has a ``Runtime`` (the daemon's view of that client: its
-settings, state, source, process table). A request's token picks the client; nothing of another
-client is ever visible (404, never 403, for another client's names).
+The API serves one or more clients; each has a ``Runtime`` (``runner.supervise.runtime``: the daemon's
+view of that client, its settings, state, source, process table). A request's token picks the client;
+nothing of another client is ever visible (404, never 403, for another client's names).
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import falcon
 
-from runner.api import tokens
+from runner import tokens
 from runner.api.errors import BadRequest, Forbidden, TooLarge, Unauthorized, handle_any
-from runner.settings import Settings
-from runner.source.git import GitSource
-from runner.state import Transaction, journal
+from runner.ledger.schema import journal
+from runner.state import Transaction
 from runner.supervise.metrics import Metrics
+from runner.supervise.runtime import Runtime
 from runner.times import utcnow
 
 MAX_BODY = 1024 * 1024
@@ -31,24 +30,6 @@ MAX_PAGE = 1000  # items in one page of a list
 MAX_DEPTH = 32
 MAX_STRING = 64 * 1024
 OPEN_PATHS = {"/healthz", "/openapi.json", "/metrics", "/agents/v1/hooks/git"}
-
-
-class Runtime(Protocol):
-    """What the API needs of the daemon, per client."""
-
-    @property
-    def settings(self) -> Settings: ...
-    @property
-    def source(self) -> GitSource: ...
-
-    def conn(self) -> sqlite3.Connection: ...
-    def submit_run(self, agent: str, input: str | None, requested_by: str) -> str: ...
-    def start_agent(self, agent: str, requested_by: str) -> str: ...
-    def stop_agent(self, agent: str, requested_by: str) -> int: ...
-    def request_reconcile(self, initiator: str) -> None: ...
-    def next_runs(self) -> dict[str, datetime]: ...
-    def in_flight(self) -> dict[str, int]: ...
-    def health(self) -> dict[str, Any]: ...
 
 
 class Api:

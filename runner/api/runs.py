@@ -20,7 +20,7 @@ from typing import Any
 import falcon
 
 from runner.agent.recording import agent_log_path
-from runner.api.app import MAX_PAGE, Api, Resource, Runtime, int_param
+from runner.api.app import MAX_PAGE, Api, Resource, int_param
 from runner.api.errors import BadRequest, NotFound, Unavailable
 from runner.api.openapi import check_query
 from runner.errors import TransientError
@@ -29,6 +29,7 @@ from runner.ledger.runs import STATUSES, TERMINAL, get_run, list_runs, run_event
 from runner.reconcile.applied import load_applied
 from runner.specs.checking import did_you_mean
 from runner.specs.models import NAME_PATTERN
+from runner.supervise.runtime import Runtime
 from runner.times import parse
 
 MAX_LOG_PAGE = 1024 * 1024
@@ -37,7 +38,8 @@ AGO = re.compile(r"(\d{1,6})([smhdw])")
 UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # A stream holds one of the server's threads (waitress runs eight) for as long as it lasts: at most this
 # many at once, so plain requests always have threads left; the next is 503 with Retry-After.
-MAX_STREAMS = 4
+MAX_STREAMS = 8  # streams open at once: each holds one of the API's 12 threads
+MAX_CLIENT_STREAMS = 4  # of them, one client's: a client cannot take every slot from the others
 STREAM_POLL = 0.2  # seconds between two reads of the stores while a run is followed
 STREAM_KEEPALIVE = 15.0  # seconds of silence before a comment line (proxies and waitress keep the connection)
 STREAM_LIFE = 3600.0  # seconds a stream lasts at most; a client that wants more reconnects with Last-Event-ID
@@ -107,6 +109,24 @@ class Events(Resource):
     def __init__(self, api: Api) -> None:
         super().__init__(api)
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
+        self._mine: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+
+    def _slot(self, client: str) -> Callable[[], None] | None:
+        """A stream's slot, within the client's share: the function that gives it back, or None."""
+        with self._lock:
+            mine = self._mine.setdefault(client, threading.BoundedSemaphore(MAX_CLIENT_STREAMS))
+        if not mine.acquire(blocking=False):
+            return None
+        if not self.streams.acquire(blocking=False):
+            mine.release()
+            return None
+
+        def release() -> None:
+            self.streams.release()
+            mine.release()
+
+        return release
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
         rt = self.client(req, "viewer")
@@ -125,14 +145,15 @@ class Events(Resource):
                 raise BadRequest("'Last-Event-ID' must be an event's id (its seq), as the stream sent it",
                                  details=["Last-Event-ID"], code="bad_param")
             after = max(after, int(last))
-        if not self.streams.acquire(blocking=False):
+        release = self._slot(rt.settings.client_id)
+        if release is None:
             resp.set_header("Retry-After", "5")
-            raise Unavailable(f"{MAX_STREAMS} streams are open already; try again shortly, or read the events "
-                              "without follow", code="too_many_streams")
+            raise Unavailable(f"{MAX_STREAMS} streams are open already ({MAX_CLIENT_STREAMS} at most per client); "
+                              "try again shortly, or read the events without follow", code="too_many_streams")
         resp.content_type = "text/event-stream; charset=utf-8"
         resp.set_header("Cache-Control", "no-cache")
         resp.set_header("X-Accel-Buffering", "no")  # a reverse proxy passes each event on as it comes
-        resp.stream = Follow(rt, run_id, after, limit, run["status"] in TERMINAL, self.streams.release,
+        resp.stream = Follow(rt, run_id, after, limit, run["status"] in TERMINAL, release,
                              req.env.get("waitress.client_disconnected"))
 
 

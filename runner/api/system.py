@@ -9,7 +9,7 @@ from typing import Any
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from runner.api import tokens
+from runner import tokens
 from runner.api.app import MAX_BODY, Resource
 from runner.api.errors import NotFound, TooLarge, Unauthorized, without_credentials
 from runner.api.openapi import document

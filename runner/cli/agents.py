@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from runner import tokens
 from runner.cli.main import App, cli, pass_app
 from runner.errors import NotFoundError, TransientError, UsageError
 from runner.ledger.reading import query, user_query
@@ -304,12 +305,11 @@ def custom_tool_rows(app: App) -> list[dict[str, Any]]:
 @pass_app
 def serve(app: App, host: str | None, port: int | None) -> None:
     """The daemon: follows the spec source and keeps the applied state in step."""
-    from runner.api.app import create_app
     from runner.supervise.daemon import Daemon, setup_logging
 
     settings = Settings.load(app.home, app.client_id, host=host, port=port)
     setup_logging(settings)
-    Daemon(settings, app_factory=create_app).run()
+    Daemon(settings, app_factory=app.app_factory).run()
 
 
 @cli.group()
@@ -323,12 +323,10 @@ class Duration(click.ParamType[timedelta, "str | timedelta"]):
     name = "duration"
 
     def convert(self, value: str | timedelta, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
-        from runner.api.tokens import parse_duration
-
         if isinstance(value, timedelta):
             return value
         try:
-            return parse_duration(value)
+            return tokens.parse_duration(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -341,8 +339,6 @@ class Duration(click.ParamType[timedelta, "str | timedelta"]):
 @pass_app
 def token_create(app: App, role: str, name: str | None, expires: timedelta | None) -> None:
     """Create an API token for the client; it is shown once."""
-    from runner.api import tokens
-
     made = tokens.create(app.conn, app.settings.client_id, role, name or role, expires)  # type: ignore[arg-type]
     app.emit({"token": made.token, "id": made.id, "name": name or role, "role": role,
               "client_id": app.settings.client_id, "expires_at": made.expires_at},
@@ -353,8 +349,6 @@ def token_create(app: App, role: str, name: str | None, expires: timedelta | Non
 @pass_app
 def token_list(app: App) -> None:
     """The client's tokens: id, name, role, created, expires, last used (never the token itself)."""
-    from runner.api import tokens
-
     rows = tokens.listed(app.conn, app.settings.client_id)
 
     def text() -> None:
@@ -377,8 +371,6 @@ def token_list(app: App) -> None:
 @pass_app
 def token_revoke(app: App, token_id: str) -> None:
     """Revoke a token by its id (from `agentctl token list`): it is refused from its next request on."""
-    from runner.api import tokens
-
     if not tokens.revoke(app.conn, app.settings.client_id, token_id):
         raise NotFoundError(f"no token with id '{token_id}' for client '{app.settings.client_id}'")
     app.emit({"id": token_id, "revoked": True}, lambda: click.echo(f"revoked {token_id}"))

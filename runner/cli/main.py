@@ -14,21 +14,26 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from runner.errors import OrchestratorError, StorageFullError
 from runner.settings import Settings
 
+if TYPE_CHECKING:
+    from runner.supervise.daemon import AppFactory
+
 
 @dataclass
 class App:
-    """What every command gets: settings, the output mode, and the state database on demand."""
+    """What every command gets: settings, the output mode, and the state database on demand; and for
+    `agentctl serve`, what builds the REST API (the CLI never imports the API: see ``main``)."""
 
     home: str | None
     client_id: str | None
     output: str
+    app_factory: AppFactory | None = None
     _settings: Settings | None = None
     _conn: sqlite3.Connection | None = field(default=None, repr=False)
 
@@ -131,14 +136,16 @@ def _option_named(command: click.Command, ctx: click.Context, name: str) -> clic
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, client_id: str | None, output: str) -> None:
     """Run AI agents from specs in git, audit every run in DuckDB."""
-    ctx.obj = App(home, client_id, output)
+    ctx.obj = App(home, client_id, output, app_factory=ctx.obj)  # ctx.obj comes in as main() was given it
 
 
-def main() -> None:
+def main(app_factory: AppFactory) -> None:
+    """agentctl. ``app_factory`` builds the REST API that `agentctl serve` serves: the entry point
+    (``runner.__main__``) hands in the API's, as the CLI and the API are siblings that never import each other."""
     from runner.cli import agents, runs, specs  # noqa: F401  (registers the commands)
 
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, obj=app_factory)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

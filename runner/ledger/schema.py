@@ -1,6 +1,17 @@
-"""The ledger's tables. Column names are part of the outside interface (users query them)."""
+"""The ledger's tables. Column names are part of the outside interface (users query them).
+
+The archive's are DuckDB's (``runs.duckdb``); the live store's are in the state database
+(``state.sqlite``): ``run_progress``, a row per run queued or running (until its final row is archived),
+and the ``journal`` of rows not archived yet, which ``journal`` queues and ``ingesting.flush`` moves.
+"""
 
 from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from runner.state import register
 
 # Each table has a primary key so ingesting the same journal row twice (after a crash between the
 # DuckDB commit and the journal delete) replaces instead of duplicating. A column added after a table
@@ -101,3 +112,43 @@ def column_types(table: str) -> dict[str, str]:
         if len(parts) >= 2 and parts[0].islower() and parts[0] != "primary":
             out[parts[0]] = "VARCHAR" if parts[1] == "JSON" else parts[1]
     return out
+
+
+# -- the live store, in the state database ----------------------------------------------------------
+
+def journal(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    """Queue a ledger row; the ledger ingests it into DuckDB (see runner.ledger.ingesting)."""
+    conn.execute("INSERT INTO journal (tbl, row, run_id) VALUES (?, ?, ?)",
+                 (table, json.dumps(row, default=str), row.get("run_id") if table in ("runs", "run_events") else None))
+
+
+def _index_journal(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE INDEX IF NOT EXISTS journal_by_run ON journal (run_id) WHERE run_id IS NOT NULL")
+
+
+register("""
+CREATE TABLE IF NOT EXISTS run_progress (   -- runs in flight (and just ended), shared by launcher and run
+    run_id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    pid INTEGER,
+    seq INTEGER NOT NULL DEFAULT 0,      -- last run_events.seq handed out
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    model_calls INTEGER NOT NULL DEFAULT 0,
+    tool_calls INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    started_at TEXT,
+    updated_at TEXT
+);
+CREATE INDEX IF NOT EXISTS run_progress_by_client ON run_progress (client_id, run_id);
+CREATE INDEX IF NOT EXISTS run_progress_by_agent ON run_progress (client_id, agent, run_id);
+CREATE TABLE IF NOT EXISTS journal (        -- ledger rows not archived yet (runner.ledger.ingesting)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    row TEXT NOT NULL,
+    run_id TEXT                     -- the run a runs or run_events row belongs to: its live events are read by it
+);
+""", migrations=[("run_progress", "launcher_pid", "INTEGER"), ("run_progress", "row", "TEXT"),
+                  ("run_progress", "retry_of", "TEXT"), ("journal", "run_id", "TEXT")], then=_index_journal)

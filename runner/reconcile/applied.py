@@ -22,7 +22,38 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runner.specs.models import AgentSpec
-from runner.state import Transaction
+from runner.state import Transaction, register
+
+register("""
+CREATE TABLE IF NOT EXISTS agents (
+    client_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT,                      -- file in the source folder that defines it
+    blob TEXT,                      -- git blob id of that file when last validated
+    spec TEXT,                      -- applied spec (JSON); NULL while it was never valid
+    generation INTEGER NOT NULL DEFAULT 0,
+    applied_revision TEXT,          -- commit its applied spec came from
+    attempted_revision TEXT,        -- last commit reconciled
+    fingerprint TEXT,               -- validation context when last validated
+    conditions TEXT NOT NULL DEFAULT '[]',
+    suspended INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT,
+    PRIMARY KEY (client_id, name)
+);
+CREATE TABLE IF NOT EXISTS sources (
+    client_id TEXT PRIMARY KEY,
+    location TEXT,
+    revision TEXT,                  -- last revision reconciled
+    reconciled_at TEXT,
+    error TEXT,                     -- last failure to read the source, NULL when fine
+    invalid TEXT                    -- JSON: broken files that name no agent (nothing to mark Invalid)
+);
+CREATE TABLE IF NOT EXISTS applied_changes ( -- bumped with every change to a client's applied agents (any process)
+    client_id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL DEFAULT 0,   -- the daemon re-arms its triggers when it moves
+    changed_at TEXT
+);
+""", migrations=[("sources", "invalid", "TEXT")])
 
 
 @dataclass

@@ -15,10 +15,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from runner.ledger.schema import journal
 from runner.reconcile.applied import bump_generation, now
 from runner.reconcile.planning import Change, Plan
 from runner.specs.problems import errors_in
-from runner.state import Transaction, journal
+from runner.state import Transaction
 
 
 @dataclass
@@ -94,10 +95,9 @@ def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> No
     key = (plan.client_id, change.name)
     r = change.result
     if change.action == "delete":
+        # The daemon's trigger state for it goes with it, in this transaction (a trigger in SQLite that
+        # runner.supervise.triggers, the table's owner, makes).
         tx.execute("DELETE FROM agents WHERE client_id = ? AND name = ?", key)
-        # Its schedules' history goes with it: an agent made again under this name starts afresh, and is
-        # not caught up on a slot its namesake missed.
-        tx.execute("DELETE FROM trigger_state WHERE client_id = ? AND agent = ?", key)
         return
     if change.action in ("create", "update") and r is not None and r.spec is not None:
         ready = _condition("Ready", True, "Applied", f"generation applied from {plan.revision[:12]}", stamp)

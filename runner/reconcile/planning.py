@@ -8,7 +8,9 @@ one file.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,7 +20,11 @@ from runner.reconcile.probing import probe_tools
 from runner.source.git import GitSource
 from runner.specs.problems import Problem, errors_in
 from runner.specs.validating import SpecResult, custom_tools_of, validate_tree
-from runner.state import SpecCache
+from runner.state import Transaction, register
+
+register("""
+CREATE TABLE IF NOT EXISTS spec_cache (key TEXT PRIMARY KEY, entry TEXT NOT NULL);
+""")
 
 Action = Literal["create", "update", "delete", "invalid"]
 
@@ -138,3 +144,47 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "", d
         else:
             out.append(prefix + key)
     return out
+
+
+class SpecCache(MutableMapping[str, dict[str, Any]]):
+    """Validation results by (blob, path, context) key; writes are batched until ``save()``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        if key in self.pending:
+            return self.pending[key]
+        row = self.conn.execute("SELECT entry FROM spec_cache WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return dict(json.loads(row[0]))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[str(key)]
+            return True
+        except KeyError:
+            return False
+
+    def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        self.pending[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        self.pending.pop(key, None)
+        self.conn.execute("DELETE FROM spec_cache WHERE key = ?", (key,))
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError("the spec cache is looked up by key only")
+
+    def __len__(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM spec_cache").fetchone()[0]) + len(self.pending)
+
+    def save(self) -> None:
+        if not self.pending:
+            return
+        with Transaction(self.conn) as c:
+            c.executemany("INSERT OR REPLACE INTO spec_cache (key, entry) VALUES (?, ?)",
+                          [(k, json.dumps(v)) for k, v in self.pending.items()])
+        self.pending.clear()

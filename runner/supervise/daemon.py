@@ -31,9 +31,11 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
@@ -59,13 +61,15 @@ from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
 from runner.supervise.owning import HomeLock
 from runner.supervise.recovery import sweep
+from runner.supervise.runtime import Runtime
 from runner.supervise.table import ProcessTable
 from runner.supervise.triggers import Scheduler, Watcher
 
 log = logging.getLogger("runner.daemon")
-# Builds the WSGI app from the runtimes and metrics; the CLI passes runner.api.app.create_app (the API
-# is a layer above supervision, so the daemon is handed it rather than importing it).
-AppFactory = Callable[[dict[str, Any], Metrics], Any]
+# Builds the WSGI app from the runtimes and metrics; the entry point (runner.__main__) hands in
+# runner.api.app.create_app (the API is a layer above supervision, so the daemon is handed it rather than
+# importing it).
+AppFactory = Callable[[dict[str, Runtime], Metrics], Any]
 MAX_BACKOFF = 300.0
 FOLLOW_INTERVAL = 0.2  # seconds between two reads of the applied generations: a re-arm lags an apply by about this
 
@@ -81,6 +85,7 @@ class Daemon:
     def __init__(self, settings: Settings, app_factory: AppFactory | None = None) -> None:
         self.lock = HomeLock(settings.home).acquire()  # first: DaemonRunningError while another daemon holds it
         reading.KEEP_READER = True  # the ledger's one writer: its reads keep a connection (it drops it to flush)
+        reading.create_empty(settings.ledger_path)  # readers (duckdb -readonly) find its tables from the start
         self.settings = settings
         self.app_factory = app_factory
         self.stopping = threading.Event()
@@ -105,7 +110,7 @@ class Daemon:
             log.warning("%s", line)  # a client's section of the settings file wins over the environment
         for client in self.clients:
             client.start()
-        runtimes: dict[str, Any] = {c.settings.client_id: c.runtime for c in self.clients}
+        runtimes: dict[str, Runtime] = {c.settings.client_id: c.runtime for c in self.clients}
         self.metrics = Metrics(runtimes)
         for client in self.clients:
             client.attach(self.metrics)
@@ -189,10 +194,11 @@ class ClientDaemon:
         self.api_address: str | None = None
 
     @property
-    def conn(self) -> Any:
+    def conn(self) -> sqlite3.Connection:
         if not hasattr(self._local, "conn"):
             self._local.conn = connect(self.settings.state_path)
-        return self._local.conn
+        conn: sqlite3.Connection = self._local.conn
+        return conn
 
     def start(self) -> None:
         s = self.settings
@@ -409,7 +415,7 @@ def _runnable(agent: AppliedAgent) -> AgentSpec | None:
 
 
 class DaemonRuntime:
-    """The daemon as the API sees one client (runner.api.app.Runtime)."""
+    """The daemon as the API sees one client (runner.supervise.runtime.Runtime)."""
 
     def __init__(self, daemon: ClientDaemon) -> None:
         self.daemon = daemon
@@ -427,7 +433,7 @@ class DaemonRuntime:
         source: GitSource = self._local.source
         return source
 
-    def conn(self) -> Any:
+    def conn(self) -> sqlite3.Connection:
         return self.daemon.conn
 
     def submit_run(self, agent: str, input: str | None, requested_by: str) -> str:
@@ -449,7 +455,7 @@ class DaemonRuntime:
     def request_reconcile(self, initiator: str) -> None:
         self.daemon._request_now.set()
 
-    def next_runs(self) -> dict[str, Any]:
+    def next_runs(self) -> dict[str, datetime]:
         return self.daemon.scheduler.next_runs()
 
     def in_flight(self) -> dict[str, int]:
@@ -476,7 +482,7 @@ class ApiServer:
         try:
             # channel_request_lookahead: a client that leaves an event stream is seen at once, not at the
             # stream's next write
-            self.server = create_server(app, host=host, port=port, threads=8, ident="agent-orchestrator",
+            self.server = create_server(app, host=host, port=port, threads=12, ident="agent-orchestrator",
                                         clear_untrusted_proxy_headers=True, asyncore_use_poll=True,
                                         channel_request_lookahead=1)
         except OSError as exc:

@@ -27,15 +27,20 @@ from prometheus_client.registry import Collector
 
 from runner.ledger.runs import TERMINAL, client_of, totals
 from runner.reconcile.applied import load_applied
+from runner.supervise.runtime import Runtime
 from runner.times import parse
 
 log = logging.getLogger("runner.metrics")
 REMEMBERED = 20_000  # run ids kept: each run's client (events name none), and the runs counted already
 
 
+MAX_TOOL_LABELS = 100  # tool names per client that get a series of their own
+
+
 class Metrics:
-    def __init__(self, runtimes: dict[str, Any]) -> None:
+    def __init__(self, runtimes: dict[str, Runtime]) -> None:
         self.runtimes = runtimes
+        self._tools: dict[str, set[str]] = {}
         self._run_clients: OrderedDict[str, str] = OrderedDict()
         self._counted: OrderedDict[str, None] = OrderedDict()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -88,7 +93,17 @@ class Metrics:
         elif table == "run_events" and row.get("kind") == "tool_call":
             found = self._client_of(run_id)
             if found is not None:
-                self.tool_calls.labels(found, str(row.get("name")), str(row.get("decision"))).inc()
+                self.tool_calls.labels(found, self._tool_label(found, str(row.get("name"))),
+                                       str(row.get("decision"))).inc()
+
+    def _tool_label(self, client: str, tool: str) -> str:
+        """The tool as a label: past MAX_TOOL_LABELS names for a client (a model may name tools its agent
+        does not have, and each name would be a series for ever), the rest count as 'other'."""
+        seen = self._tools.setdefault(client, set())
+        if tool in seen or len(seen) < MAX_TOOL_LABELS:
+            seen.add(tool)
+            return tool
+        return "other"
 
     def _ended(self, client: str, row: dict[str, Any]) -> None:
         agent = str(row.get("agent"))

@@ -22,6 +22,7 @@ import fnmatch
 import heapq
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -34,11 +35,38 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+import runner.reconcile.applied  # noqa: F401  (registers the agents table, which the trigger below names, first)
 from runner.sandbox import landlock
 from runner.specs.checking import expand
 from runner.specs.models import AgentSpec, FileChangeTrigger, ScheduleTrigger
-from runner.state import Transaction
+from runner.state import Transaction, register
 from runner.supervise.scheduling import last_fire, next_fire
+
+
+def _forget_deleted(conn: sqlite3.Connection) -> None:
+    """Drop the rows of agents deleted while the trigger below did not exist yet (a home made by an older
+    version). Looked for first: a DELETE, even of no row, would take the write lock."""
+    orphans = ("NOT EXISTS (SELECT 1 FROM agents a WHERE a.client_id = trigger_state.client_id "
+               "AND a.name = trigger_state.agent)")
+    if conn.execute(f"SELECT 1 FROM trigger_state WHERE {orphans} LIMIT 1").fetchone():
+        conn.execute(f"DELETE FROM trigger_state WHERE {orphans}")
+
+
+# An agent's schedules' history goes with it, whichever process deletes it (an apply, in the same
+# transaction): an agent made again under its name starts afresh, and is not caught up on a slot its
+# namesake missed.
+register("""
+CREATE TABLE IF NOT EXISTS trigger_state (   -- the last schedule slot fired, so a restart never fires it twice
+    client_id TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    trigger_key TEXT NOT NULL,
+    last_slot TEXT NOT NULL,
+    PRIMARY KEY (client_id, agent, trigger_key)
+);
+CREATE TRIGGER IF NOT EXISTS trigger_state_of_deleted AFTER DELETE ON agents BEGIN
+    DELETE FROM trigger_state WHERE client_id = OLD.client_id AND agent = OLD.name;
+END;
+""", then=_forget_deleted)
 
 log = logging.getLogger("runner.triggers")
 Submit = Callable[..., Any]

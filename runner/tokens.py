@@ -19,7 +19,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from runner.state import Transaction
+from runner.state import Transaction, register
+
+
+def _give_ids(conn: sqlite3.Connection) -> None:
+    """Tokens made before they had an id get one, random like a new token's, so they too can be listed and
+    revoked. Looked for first: an UPDATE, even of no row, would take the write lock at every connect."""
+    if conn.execute("SELECT 1 FROM tokens WHERE id IS NULL LIMIT 1").fetchone():
+        conn.execute("UPDATE tokens SET id = 'tok_' || lower(hex(randomblob(8))) WHERE id IS NULL")
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_id ON tokens (id)")
+
+
+register("""
+CREATE TABLE IF NOT EXISTS tokens (         -- API tokens, by SHA-256 of the token (runner.tokens)
+    hash TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL,       -- UTC, ISO 8601 with Z (tokens of older homes: without the Z)
+    id TEXT,                        -- what users name a token by (list, revoke): never the token or its hash
+    expires_at TEXT,                -- UTC, ISO 8601 with Z; NULL: never
+    last_used_at TEXT               -- UTC, ISO 8601 with Z, to the minute or so (runner.tokens.lookup)
+);
+""", migrations=[("tokens", "id", "TEXT"), ("tokens", "expires_at", "TEXT"), ("tokens", "last_used_at", "TEXT")],
+         then=_give_ids)
 
 Role = Literal["viewer", "operator", "admin"]
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
