@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import sqlite_vec
 
+from runner import times
 from runner.errors import MemoryError_
 from runner.plan import store_path
 
@@ -217,7 +218,7 @@ class MemoryStore:
         self._ensure_table(int(vectors.shape[1]))
         vectors = _unit(vectors)
         cells = self._cells_of(vectors)
-        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        stamp = times.stamp(datetime.now(UTC), "seconds")
         with self.conn:
             first = int(self.conn.execute("SELECT coalesce(max(id), 0) + 1 FROM memories").fetchone()[0])
             ids = list(range(first, first + len(texts)))

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from runner.specs.models import AgentSpec
 from runner.state import Transaction, register
+from runner.times import utcnow
 
 register("""
 CREATE TABLE IF NOT EXISTS agents (
@@ -166,7 +166,7 @@ def set_trigger_condition(conn: sqlite3.Connection, client_id: str, name: str, w
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return utcnow()
 
 
 def _agent(r: sqlite3.Row) -> AppliedAgent:
