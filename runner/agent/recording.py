@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runner.agent.channel import printable
+from runner.errors import StorageFullError
 from runner.ledger.schema import journal
 from runner.sandbox.access import redact
 from runner.state import Transaction, connect
@@ -298,20 +299,26 @@ class LiveWriter:
                     for write, _then in batch:
                         write(tx)
                 return
-            except sqlite3.OperationalError as exc:  # locked past the busy timeout, or the disk is full
+            except sqlite3.Error as exc:  # locked past the busy timeout, or the disk is full (FULL or IOERR)
+                if not isinstance(exc, sqlite3.OperationalError) and StorageFullError.of(exc) is None:
+                    self._one_by_one(batch)  # a write that fails by itself (a bug): the others still land
+                    return
                 if not warned:
                     log.warning("live state: %d write(s) wait: %s", len(batch), exc)
                     warned = True
                 time.sleep(self.RETRY)
             except Exception:
-                log.exception("a batch of live writes failed: writing them one by one")
-                for write, _then in batch:
-                    try:
-                        with Transaction(self.conn) as tx:
-                            write(tx)
-                    except Exception:
-                        log.exception("a live write was dropped")
+                self._one_by_one(batch)
                 return
+
+    def _one_by_one(self, batch: list[tuple[Write, Callable[[], None] | None]]) -> None:
+        log.exception("a batch of live writes failed: writing them one by one")
+        for write, _then in batch:
+            try:
+                with Transaction(self.conn) as tx:
+                    write(tx)
+            except Exception:
+                log.exception("a live write was dropped")
 
 
 class RunRecord:
