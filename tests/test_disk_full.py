@@ -252,7 +252,8 @@ def test_a_full_disk_is_a_503_for_the_api_and_a_pause_for_the_ledger(served: Ser
     third = poll(lambda: (r := served.api("POST", "/agents/quick/runs", role="operator", body={"input": "after"}))
                  .status == 202 and r.json["run_id"], "the API to take runs again")
     assert served.wait_run(third)["status"] == "succeeded"
-    rows = wait_ledger(home, "SELECT run_id, status FROM runs ORDER BY run_id", until=lambda rows: len(rows) == 3,
+    rows = wait_ledger(home, "SELECT run_id, status FROM runs ORDER BY run_id",  # each archived with its final row
+                       until=lambda rows: [r["status"] for r in rows] == ["succeeded"] * 3,
                        what="the three runs in the ledger")
     assert rows == [{"run_id": r, "status": "succeeded"} for r in sorted([first, second, third])]
     refusals = 4 + (reconcile.status == 503)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import sys
 import threading
@@ -277,6 +278,9 @@ def logs(app: App, name: str, run_id: str | None, follow: bool, lines: int) -> N
         click.echo(line, nl=False)
     if not follow:
         return
+    sys.stdout.flush()
+    # Ctrl-C is how following ends: at once, whatever it interrupts (a write to a reader that went away too).
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
     try:
         while True:
             for line in tail.read():
