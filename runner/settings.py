@@ -197,6 +197,22 @@ class Settings(BaseSettings):
         "unconfined; off: no run is confined (for measuring and debugging). The run's record says which.",
         "sandbox",
     )
+    executor: Literal["local", "ray"] = _env(
+        "AGENT_ORCH_EXECUTOR", "local",
+        "Where runs execute: local (forked on this machine) or ray (on the nodes of a Ray cluster, each "
+        "forking sandboxed runs as local does; docs/scale-out.md). The daemon stays the control plane.",
+        "cluster",
+    )
+    ray_address: str = _env(
+        "RAY_ADDRESS", "auto",
+        "The Ray cluster to use with AGENT_ORCH_EXECUTOR=ray: host:port of its head (GCS), or auto for the "
+        "cluster started on this machine.", "cluster",
+    )
+    ray_insecure: bool = _env(
+        "AGENT_ORCH_RAY_INSECURE", False,
+        "Use a Ray cluster that does not require token authentication. Anyone who reaches such a cluster's "
+        "ports runs code on every node: only for a cluster on a private network you trust.", "cluster",
+    )
     max_memory_mb: int = _env("AGENT_ORCH_MAX_MEMORY_MB", 4096,
                               "Address-space limit of a run, MiB: the default, and the most a spec's "
                               "constraints.max_memory_mb may ask.", "sandbox", gt=16)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.agent.memory import MemoryStore
+from runner.agent.memory import Remembers
 from runner.errors import DeniedError
 from runner.sandbox.access import HostRule, PathRule
 
@@ -44,7 +44,7 @@ class ToolEnv:
     timeout: float = 30.0
     allowed_domains: list[str] = field(default_factory=list)
     remote_enabled: bool = False
-    memory: MemoryStore | None = None
+    memory: Remembers | None = None
     run_id: str = ""
     scratch: str = "/tmp"
 

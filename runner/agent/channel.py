@@ -2,9 +2,11 @@
 
 A message is one JSON object on one line, with the format's version ``v`` and a type ``t``:
 - into the run: ``plan`` (first, once: what to run, secrets masked), ``stop`` (end now, politely; the
-  supervisor follows it with signals), and ``answer`` (kept for runs that ask questions);
+  supervisor follows it with signals), and ``answer`` (to the run's ``ask``, with the same ``id``);
 - out of the run: ``event`` (a step: model call, tool call, memory, log), ``usage`` (tokens of a model
-  call), ``tool`` (a tool was called), ``log`` (a line for the agent's log), ``result`` (the last one).
+  call), ``tool`` (a tool was called), ``log`` (a line for the agent's log), ``ask`` (a question only the
+  control plane can answer: its memory store's search and save; the run waits for the answer), and
+  ``result`` (the last one).
 
 The framing is the same over a socketpair (the local executor) and a TCP stream (a remote node), so
 every executor shares ``Decoder`` and ``checked``. The run's code holds its end of the channel, so
@@ -32,6 +34,8 @@ EVENT_KINDS = ("llm_call", "tool_call", "memory", "log")  # 'status' rows are th
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_COUNT = 2_000_000  # tokens one model call may report (the largest contexts today)
 MAX_OVERSHOOT = 100_000  # tokens past twice its budget a run's own loop never reaches
+ASKS = ("memory.search", "memory.save")  # what a run may ask its control plane
+MAX_ASK_TEXT = 8000  # characters of a text a run saves or searches for
 RUN_STATUSES = ("succeeded", "failed", "budget_exceeded")  # what a run may say of itself; the rest are its supervisor's
 
 
@@ -154,6 +158,12 @@ def checked(message: dict[str, Any], size: int) -> dict[str, Any]:
         if level not in LOG_LEVELS:
             raise ChannelError("the run sent a message its supervisor refuses: a log line of an unknown level")
         return {"t": "log", "level": level, "message": printable(str(message.get("message", ""))[:4000])}
+    if kind == "ask":
+        ask_id, op, text, k = message.get("id"), message.get("op"), message.get("text"), message.get("k", 5)
+        if type(ask_id) is not int or op not in ASKS or not isinstance(text, str) or type(k) is not int:
+            raise ChannelError("the run sent a message its supervisor refuses: an ask that is not {id, op, text, k}")
+        return {"t": "ask", "id": ask_id, "op": op, "text": text[:MAX_ASK_TEXT], "k": max(1, min(k, 50)),
+                "kind": "run_summary" if message.get("kind") == "run_summary" else "note"}
     if kind in ("tool", "egress"):
         return {"t": kind}
     if kind == "result":
@@ -196,6 +206,9 @@ class Bounds:
             if len(self.strangers) > MAX_STRANGERS:
                 raise ChannelError(f"the run sent a message its supervisor refuses: calls of more than "
                                    f"{MAX_STRANGERS} tools the agent does not have")
+        elif message["t"] == "ask" and (self.spec.memory is None or self.spec.memory.type == "none"):
+            raise ChannelError("the run sent a message its supervisor refuses: an ask of the memory of an agent "
+                               "that has none")
         elif message["t"] == "event" and message["kind"] == "log" and message["name"] is not None and \
                 (not message["name"].isascii() or message["name"].strip().lower().startswith("egress")):
             raise ChannelError("the run sent a message its supervisor refuses: a log event named like the proxy's "

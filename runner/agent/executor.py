@@ -18,8 +18,9 @@ from typing import Any, Protocol
 from runner.plan import RunPlan
 
 # Why an executor ended a run, when it did: the run exited by itself (None), broke its channel
-# ("fault"), passed its deadline ("timed_out"), or was asked to stop ("stopped").
-ENDED_BY = (None, "fault", "timed_out", "stopped")
+# ("fault"), passed its deadline ("timed_out"), was asked to stop ("stopped"), or was lost with the node
+# that ran it ("lost": its fault says how).
+ENDED_BY = (None, "fault", "timed_out", "stopped", "lost")
 
 
 @dataclass
@@ -60,6 +61,10 @@ class Executor(Protocol):
     def stop(self, run_id: str) -> None:
         """End the run early (its outcome is ``stopped``); nothing when it is not in flight."""
 
+    def answer(self, run_id: str, message: dict[str, Any]) -> None:
+        """Write ``message`` (``{"t": "answer", "id": ...}``, to a run's ``ask``) on the run's channel;
+        nothing when the run is not in flight."""
+
     def close(self) -> None:
         """Stop every run in flight and release what the executor holds."""
 
@@ -80,6 +85,8 @@ def _status(ended_by: str | None, result: dict[str, Any] | None, fault: str | No
         return "timed_out", None, f"exceeded max_runtime of {deadline:g}s"
     if ended_by == "stopped":
         return "stopped", None, "stopped on request"
+    if ended_by == "lost":
+        return "interrupted", None, fault or "the run's node was lost"
     if result is None:
         return "failed", None, f"run process died without a result ({exit_text})"
     return str(result["status"]), result.get("output"), result.get("error")

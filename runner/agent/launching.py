@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from runner.agent.asking import Asks
 from runner.agent.executor import Executor
 from runner.agent.local import LocalExecutor
 from runner.agent.recording import LiveWriter, RunRecord, RunRow, new_run_id, stops_requested
@@ -75,6 +76,24 @@ def _folders(settings: Settings) -> tuple[tuple[tuple[str, str], ...], tuple[tup
     return protected_folders(settings), tuple(runtime_overlaps(list(private_folders(settings))))
 
 
+def start(plan: RunPlan, executor: Executor, asks: Asks, writer: LiveWriter, conn: sqlite3.Connection, *,
+          queued_at: str, requested_by: str | None = None, retry_of: str | None = None, attempt: int = 1,
+          on_end: Callable[[RunRow], None] | None = None,
+          on_message: Callable[[dict[str, Any]], None] | None = None) -> RunRecord:
+    """Record the run as running (durably, first), then hand it to ``executor``: the one way a run starts,
+    for the daemon's process table and a foreground run alike. A run its executor refuses ends failed."""
+    row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "queued", queued_at=queued_at,
+                 input=plan.input, requested_by=requested_by, retry_of=retry_of, attempt=attempt)
+    record = RunRecord(writer, row, plan.settings.logs_dir, on_end=on_end, on_message=on_message,
+                       on_ask=functools.partial(asks.take, plan))
+    record.begin(conn)
+    try:
+        executor.submit(plan, record)
+    except OrchestratorError as exc:
+        record.fail(f"the run could not start: {exc.message}")
+    return record
+
+
 def run_foreground(settings: Settings, source: GitSource, name: str, *, input: str | None = None,
                    trigger: str = "manual", requested_by: str | None = None, run_id: str | None = None,
                    executor: Executor | None = None, archive: bool = True,
@@ -91,6 +110,7 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     own = executor is None
     writer: LiveWriter | None = None
+    asks: Asks | None = None
     try:
         plan = prepare(settings, conn, source, name, input=input, trigger=trigger, run_id=run_id)
         executor = executor or LocalExecutor(settings.kill_grace)
@@ -102,14 +122,9 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
             done.append(row)
             ended.set()
 
-        record = RunRecord(writer, RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger,
-                                          "queued", queued_at=utcnow(), input=plan.input, requested_by=requested_by),
-                           settings.logs_dir, on_end=on_end, on_message=on_message)
-        record.begin(conn)
-        try:
-            executor.submit(plan, record)
-        except OrchestratorError as exc:
-            record.fail(f"the run could not start: {exc.message}")
+        asks = Asks(executor)
+        start(plan, executor, asks, writer, conn, queued_at=utcnow(), requested_by=requested_by, on_end=on_end,
+              on_message=on_message)
         stopping = False
         while not ended.wait(0.2):
             if not stopping and (interrupted.is_set() or plan.run_id in stops_requested(conn, plan.client_id)):
@@ -124,6 +139,8 @@ def run_foreground(settings: Settings, source: GitSource, name: str, *, input: s
             signal.signal(sig, handler)
         if writer is not None:
             writer.close()
+        if asks is not None:
+            asks.close()
         if own and executor is not None:
             executor.close()
         conn.close()

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.agent.channel import Bounds, ChannelError, Decoder, checked, message
+from runner.agent.channel import Bounds, ChannelError, Decoder, checked, encode, message
 from runner.agent.executor import Usage, Watcher, decide, exit_text
 from runner.agent.spawning import Zygote
 from runner.plan import RunPlan
@@ -39,6 +39,7 @@ from runner.sandbox.egress import Budget, EgressPolicy, EgressProxy
 log = logging.getLogger("runner.executor")
 REAP_WAIT = 5.0  # seconds a run that exited may wait for the zygote's report of its status
 SCM_MAX_FD = 253  # descriptors one unix socket message can carry (the kernel's limit)
+ANSWER_WAIT = 30.0  # seconds an answer may wait for room on a run's channel
 TICK = 1.0  # seconds the loop sleeps at most when nothing happens (deadlines wake it sooner)
 
 
@@ -109,6 +110,21 @@ class LocalExecutor:
             if run is not None:
                 run.stop_asked = True
         self._wake()
+
+    def answer(self, run_id: str, message: dict[str, Any]) -> None:
+        with self._lock:
+            run = self._runs.get(run_id)
+        if run is None or run.exited is not None:
+            return
+        data = memoryview(encode(message))
+        try:  # the run waits for this answer, reading: a full buffer drains at once (the channel is non-blocking)
+            while data:
+                if not writable(run.channel.fileno(), ANSWER_WAIT):
+                    raise TimeoutError
+                sent = run.channel.send(data)
+                data = data[sent:]
+        except (OSError, TimeoutError):
+            pass  # the run is gone or stuck; its end is the loop's to see
 
     def close(self) -> None:
         with self._lock:
@@ -362,3 +378,10 @@ def readable(fds: list[int], timeout: float) -> list[int]:
     for fd in fds:
         poller.register(fd, select.POLLIN)
     return [fd for fd, _event in poller.poll(max(0.0, timeout) * 1000)]
+
+
+def writable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` takes writes within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(max(0.0, timeout) * 1000))

@@ -27,6 +27,7 @@ import re
 import sqlite3
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ import sqlite_vec
 
 from runner import times
 from runner.errors import MemoryError_
-from runner.plan import store_path
+from runner.plan import RunPlan, store_path
 
 __all__ = ["Embedder", "HashingEmbedder", "MemoryError_", "MemoryStore", "OllamaEmbedder", "store_path"]
 
@@ -154,6 +155,36 @@ class Memory:
 
     def as_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+class Remembers(Protocol):
+    """What a run uses of its memory: the store itself (on the control plane) or ``ChannelMemory``."""
+
+    def add(self, text: str, *, kind: str = "note", run_id: str | None = None) -> int: ...
+
+    def search(self, query: str, k: int = 5) -> list[Memory]: ...
+
+    def close(self) -> None: ...
+
+
+class ChannelMemory:
+    """A run's memory, asked of the control plane over the run's channel: the store stays with the
+    daemon (one store an agent, whichever node runs it), and the run never opens its file."""
+
+    def __init__(self, ask: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.ask = ask
+
+    def add(self, text: str, *, kind: str = "note", run_id: str | None = None) -> int:
+        answer = self.ask({"op": "memory.save", "text": text, "k": 1, "kind": kind})
+        return int(answer.get("memory_id") or 0)
+
+    def search(self, query: str, k: int = 5) -> list[Memory]:
+        answer = self.ask({"op": "memory.search", "text": query, "k": k})
+        return [Memory(int(m["id"]), str(m["text"]), str(m["kind"]), m.get("run_id"), str(m["created_at"]),
+                       float(m["distance"])) for m in answer.get("found", [])]
+
+    def close(self) -> None:
+        pass
 
 
 IVF_MIN = 20_000  # below this a search scans every vector (a few milliseconds)
@@ -301,3 +332,13 @@ class MemoryStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def open_memory(plan: RunPlan) -> MemoryStore | None:
+    """The memory store of a plan's agent (None when it has none), with the embedder the settings name."""
+    mem = plan.spec.memory
+    if mem is None or mem.type == "none":
+        return None
+    s = plan.settings
+    embedder: Embedder = OllamaEmbedder(s.ollama_host, s.embed_model) if s.embed_model else HashingEmbedder()
+    return MemoryStore(store_path(s.memory_dir, plan.client_id, plan.agent, mem.collection), embedder)

@@ -62,6 +62,7 @@ class RunRow:
     cpu_seconds: float | None = None  # what the kernel says the run's processes used
     max_rss_mb: float | None = None
     bytes_written: int | None = None
+    node: str | None = None  # the host that ran it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_ledger(self) -> dict[str, Any]:
@@ -72,19 +73,26 @@ class RunRow:
         return row
 
 
+def live_row(progress_row: sqlite3.Row, status: str) -> RunRow:
+    """A run's row as the live store has it (its counts as of its last recorded event)."""
+    r = progress_row
+    data = json.loads(r["row"]) if r["row"] else {}
+    return RunRow(run_id=r["run_id"], client_id=r["client_id"], agent=r["agent"],
+                  spec_revision=data.get("spec_revision"), trigger=data.get("trigger") or "unknown",
+                  status=status, queued_at=data.get("queued_at"), started_at=data.get("started_at"),
+                  input_tokens=int(r["input_tokens"]), output_tokens=int(r["output_tokens"]),
+                  model_calls=int(r["model_calls"]), tool_calls=int(r["tool_calls"]),
+                  input=data.get("input"), requested_by=data.get("requested_by"), pid=r["pid"],
+                  retry_of=data.get("retry_of"), attempt=int(data.get("attempt") or 1),
+                  denied=int(data.get("denied") or 0), tool_errors=int(data.get("tool_errors") or 0),
+                  node=data.get("node"))
+
+
 def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: str, error: str) -> RunRow:
     """Write the final row (and status event) of a run whose supervisor can no longer do it, from what
     the live store knows of it."""
     r = progress_row
-    data = json.loads(r["row"]) if r["row"] else {}
-    row = RunRow(run_id=r["run_id"], client_id=r["client_id"], agent=r["agent"],
-                 spec_revision=data.get("spec_revision"), trigger=data.get("trigger") or "unknown",
-                 status=status, queued_at=data.get("queued_at"), started_at=data.get("started_at"),
-                 ended_at=utcnow(), input_tokens=int(r["input_tokens"]), output_tokens=int(r["output_tokens"]),
-                 model_calls=int(r["model_calls"]), tool_calls=int(r["tool_calls"]), error=error,
-                 input=data.get("input"), requested_by=data.get("requested_by"), pid=r["pid"],
-                 retry_of=data.get("retry_of"), attempt=int(data.get("attempt") or 1),
-                 denied=int(data.get("denied") or 0), tool_errors=int(data.get("tool_errors") or 0))
+    row = replace(live_row(r, status), ended_at=utcnow(), error=error)
     with Transaction(conn) as tx:
         journal(tx, "run_events", _status_event(row, int(r["seq"]) + 1))
         _write_run(tx, row)
@@ -326,11 +334,25 @@ class RunRecord:
 
     def __init__(self, writer: LiveWriter, row: RunRow, logs_dir: Path,
                  on_end: Callable[[RunRow], None] | None = None,
-                 on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_message: Callable[[dict[str, Any]], None] | None = None,
+                 on_ask: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.writer, self.row, self.on_end, self.on_message = writer, row, on_end, on_message
+        self.on_ask = on_ask  # answers the run's questions (runner.agent.asking)
         self.seq = 0
+        self.skip = 0  # events on record already (a run followed again after a daemon's crash): not written again
         self.started = time.monotonic()
         self.log = AgentLog(agent_log_path(logs_dir, row.client_id, row.agent), row.run_id)
+
+    @classmethod
+    def resume(cls, writer: LiveWriter, progress_row: sqlite3.Row, logs_dir: Path,
+               on_end: Callable[[RunRow], None] | None = None,
+               on_ask: Callable[[dict[str, Any]], None] | None = None) -> RunRecord:
+        """The record of a run a dead supervisor was following, to be fed the run's messages again from the
+        first: those up to its last recorded event are counted (denials, tool errors), not recorded twice."""
+        record = cls(writer, live_row(progress_row, "running"), logs_dir, on_end=on_end, on_ask=on_ask)
+        record.row.denied = record.row.tool_errors = 0  # counted again from the events replayed
+        record.seq = record.skip = int(progress_row["seq"])
+        return record
 
     def begin(self, conn: sqlite3.Connection) -> None:
         """The row says running, durably, before the run is submitted: a crash from here on leaves a record
@@ -341,23 +363,25 @@ class RunRecord:
 
     def message(self, message: dict[str, Any]) -> None:
         row, kind = self.row, message["t"]
+        if self.skip:
+            if kind == "event":
+                self.skip -= 1
+                _count(row, message)
+            return  # what came before the last recorded event is on record (its counts with that event)
         if kind == "event":
             self.seq += 1
             event = {"run_id": row.run_id, "seq": self.seq, "ts": message.get("ts") or utcnow(),
                      "kind": str(message["kind"]), "name": message.get("name"), "decision": message.get("decision"),
                      "detail": redact(message.get("detail"))}
-            if event["kind"] == "tool_call":
-                if event["decision"] == "denied":
-                    row.denied += 1
-                elif isinstance(event["detail"], dict) and event["detail"].get("error"):
-                    row.tool_errors += 1
+            _count(row, event)
             counts = (self.seq, row.input_tokens, row.output_tokens, row.model_calls, row.tool_calls)
             self.writer.put(functools.partial(_event, run_id=row.run_id, event=event, counts=counts))
             if self.on_message is not None:
                 self.on_message(event)
         elif kind == "placed":  # the live row learns where the run is (the ledger, with its final row)
-            row.pid = message.get("pid")
-            self.writer.put(functools.partial(_placed, run_id=row.run_id, pid=row.pid))
+            row.pid, row.node = message.get("pid"), message.get("node")
+            self.writer.put(functools.partial(_placed, run_id=row.run_id, pid=row.pid, node=row.node,
+                                              executor=message.get("executor", "local")))
         elif kind == "usage":
             row.input_tokens += int(message["input"])
             row.output_tokens += int(message["output"])
@@ -366,6 +390,8 @@ class RunRecord:
             row.tool_calls += 1
         elif kind == "log":
             self.log.write(str(message.get("message", ""))[:4000], str(message.get("level", "INFO")))
+        elif kind == "ask" and self.on_ask is not None:
+            self.on_ask(message)
 
     def ended(self, outcome: Any) -> None:
         """The final event and row, one log line saying how it ended, then ``on_end`` once they are durable."""
@@ -389,8 +415,17 @@ class RunRecord:
         self.ended(Outcome("failed", error=error))
 
 
-def _placed(tx: sqlite3.Connection, run_id: str, pid: int | None) -> None:
-    tx.execute("UPDATE run_progress SET pid = ?, row = json_set(row, '$.pid', ?) WHERE run_id = ?", (pid, pid, run_id))
+def _count(row: RunRow, event: dict[str, Any]) -> None:
+    if event["kind"] == "tool_call":
+        if event["decision"] == "denied":
+            row.denied += 1
+        elif isinstance(event.get("detail"), dict) and event["detail"].get("error"):
+            row.tool_errors += 1
+
+
+def _placed(tx: sqlite3.Connection, run_id: str, pid: int | None, node: str | None, executor: str) -> None:
+    tx.execute("UPDATE run_progress SET pid = ?, executor = ?, row = json_set(row, '$.pid', ?, '$.node', ?) "
+               "WHERE run_id = ?", (pid, executor, pid, node, run_id))
 
 
 def _final(tx: sqlite3.Connection, event: dict[str, Any], final: RunRow) -> None:

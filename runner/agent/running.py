@@ -20,12 +20,12 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from runner.agent.builtin_tools import ToolEnv
-from runner.agent.memory import Embedder, HashingEmbedder, MemoryStore, OllamaEmbedder
+from runner.agent.memory import ChannelMemory, Remembers, open_memory
 from runner.agent.providers import ModelRef, chat_model, limit_kwargs, preflight
 from runner.agent.recording import LogWriter, Recorder
 from runner.agent.toolbox import Toolbox
 from runner.errors import OrchestratorError
-from runner.plan import RunPlan, store_path
+from runner.plan import RunPlan
 from runner.sandbox.access import PathRule
 
 DEFAULT_MAX_OUTPUT = 2048  # output tokens per model call when no budget says less
@@ -44,16 +44,17 @@ class RunResult:
                            "error": (self.error or "")[:4000] or None})
 
 
-def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict[str, Any] | None = None
-            ) -> RunResult:
-    """Run the agent once, recording through ``sink``. Never raises: every ending is a RunResult."""
+def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict[str, Any] | None = None,
+            ask: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> RunResult:
+    """Run the agent once, recording through ``sink``; ``ask`` reaches the control plane (its memory),
+    or without it the run opens its memory store itself. Never raises: every ending is a RunResult."""
     recorder = Recorder(sink, plan.run_id)
     log = recorder.log
-    memory: MemoryStore | None = None
+    memory: Remembers | None = None
     try:
         plan.scratch.mkdir(parents=True, exist_ok=True)
         recorder.event("log", "sandbox", None, sandbox or {"mode": "none"})
-        memory = open_memory(plan)
+        memory = open_memory(plan) if ask is None else _asked_memory(plan, ask)
         result = _loop(plan, recorder, log, memory)
         if memory is not None and result.status == "succeeded":
             summary = f"Run {plan.run_id} ({plan.trigger}): input: {(plan.input or '-')[:300]} | " \
@@ -74,16 +75,12 @@ def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict
             memory.close()
 
 
-def open_memory(plan: RunPlan) -> MemoryStore | None:
+def _asked_memory(plan: RunPlan, ask: Callable[[dict[str, Any]], dict[str, Any]]) -> Remembers | None:
     mem = plan.spec.memory
-    if mem is None or mem.type == "none":
-        return None
-    s = plan.settings
-    embedder: Embedder = OllamaEmbedder(s.ollama_host, s.embed_model) if s.embed_model else HashingEmbedder()
-    return MemoryStore(store_path(s.memory_dir, plan.client_id, plan.agent, mem.collection), embedder)
+    return None if mem is None or mem.type == "none" else ChannelMemory(ask)
 
 
-def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: MemoryStore | None) -> RunResult:
+def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers | None) -> RunResult:
     spec, s = plan.spec, plan.settings
     ref = ModelRef.parse(spec.model)
     log.write(f"run started ({plan.trigger}) model={spec.model} revision={(plan.revision or '-')[:12]}")
@@ -143,7 +140,7 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: MemoryStore
     raise AssertionError("unreachable")
 
 
-def _system_prompt(plan: RunPlan, recorder: Recorder, memory: MemoryStore | None) -> str:
+def _system_prompt(plan: RunPlan, recorder: Recorder, memory: Remembers | None) -> str:
     spec = plan.spec
     text = (f"You are '{spec.name}', an agent run by agent-orchestrator.\n\nYour task:\n{spec.task}\n\n"
             "Use the tools you are given when they help. A tool answer starting with 'error:' means the action "

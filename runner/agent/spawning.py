@@ -302,13 +302,34 @@ def _agent(plan: Any, channel: socket.socket, namespaces: list[str]) -> int:
         if select.select([channel], [], [], 0)[0]:  # the supervisor said something: only 'stop' comes now
             os._exit(143)
 
+    asked = iter(range(1, 1 << 62))
+    pending = bytearray()
+
+    def ask(question: dict[str, Any]) -> dict[str, Any]:
+        """Ask the control plane and wait for its answer (a 'stop' instead ends the run)."""
+        ask_id = next(asked)
+        channel.sendall(encode({"t": "ask", "id": ask_id, **question}))
+        while b"\n" not in pending:
+            chunk = channel.recv(1 << 20)
+            if not chunk:
+                os._exit(143)
+            pending.extend(chunk)
+        line, _, rest = bytes(pending).partition(b"\n")
+        pending[:] = rest
+        answer = json.loads(line)
+        if answer.get("t") != "answer" or answer.get("id") != ask_id:
+            os._exit(143)
+        if answer.get("error"):
+            raise OrchestratorError(str(answer["error"]))
+        return dict(answer)
+
     isolation = isolate(plan, namespaces, channel)
     try:
         sandbox = confine(plan, isolation)
     except OrchestratorError as exc:
         result = RunResult("failed", error=f"sandbox: {exc.message}")
     else:
-        result = execute(isolation.get("plan", plan), sink, sandbox=sandbox)
+        result = execute(isolation.get("plan", plan), sink, sandbox=sandbox, ask=ask)
     tail = output_tail(plan)
     if tail is not None:
         sink({"t": "event", "kind": "log", "name": "output", "decision": None, "detail": tail})

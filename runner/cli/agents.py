@@ -39,8 +39,14 @@ def status(app: App, name: str | None) -> None:
     rows = [agent_row(a, last.get(a.name)) for a in agents.values()]
     from runner.sandbox import capabilities
 
-    data = {"daemon": daemon_of(app), "source": source_of(app, dict(record) if record else None), "agents": rows,
-            "client_id": app.settings.client_id, "sandbox": {"mode": app.settings.sandbox, **capabilities.detect()}}
+    daemon = daemon_of(app)
+    cluster = daemon.pop("cluster", None)
+    for row in rows:  # a run that waits for a node says why on its agent (docs/scale-out.md)
+        if cluster and row["name"] in cluster.get("waiting", {}):
+            row["waiting"] = cluster["waiting"][row["name"]]
+    data = {"daemon": daemon, "source": source_of(app, dict(record) if record else None), "agents": rows,
+            "client_id": app.settings.client_id, "sandbox": {"mode": app.settings.sandbox, **capabilities.detect()},
+            **({"cluster": cluster} if cluster else {})}
     app.emit(data, lambda: _print_status(data))
 
 
@@ -62,7 +68,7 @@ def daemon_of(app: App) -> dict[str, Any]:
              "version": holder.get("version") or about.get("version"), "api": holder.get("api") or about.get("api"),
              "started_at": holder.get("started_at"),
              "runs": {"running": about.get("running"), "queued": about.get("queued")},
-             "settings": about.get("settings")}
+             "settings": about.get("settings"), **({"cluster": about["cluster"]} if about.get("cluster") else {})}
     if problem is not None:
         found["error"] = f"its control socket does not answer: {problem}"
     return found
@@ -118,6 +124,19 @@ def last_runs(app: App) -> dict[str, dict[str, Any]]:
             for agent, run in found.items()}
 
 
+def _print_cluster(console: Console, cluster: dict[str, Any]) -> None:
+    live = [n for n in cluster["nodes"] if n["alive"]]
+    console.print(f"executor ray at {cluster['address']}: {len(live)} live node(s), {cluster['pending']} run(s) "
+                  "waiting for a node", highlight=False)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NODE", "NODE ID", "LABELS", "RUNS", "STATE"):
+        table.add_column(col)
+    for n in cluster["nodes"]:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(n["labels"].items())) or "-"
+        table.add_row(n["node"], n["node_id"][:12], labels, str(n["runs"]), "alive" if n["alive"] else "lost")
+    console.print(table)
+
+
 def _print_status(data: dict[str, Any]) -> None:
     console = Console(width=160 if not sys.stdout.isatty() else None)
     d = data["daemon"]
@@ -146,14 +165,16 @@ def _print_status(data: dict[str, Any]) -> None:
     sb = data["sandbox"]
     console.print(f"sandbox {sb['mode']}: files {sb['filesystem']}, network {sb['network']}, "
                   f"processes {sb['process_limit']}", highlight=False)
+    if data.get("cluster"):
+        _print_cluster(console, data["cluster"])
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("NAME", "STATE", "REVISION", "LAST RUN", "NEXT RUN", "MESSAGE"):
         table.add_column(col, overflow="fold" if col == "MESSAGE" else "ellipsis", no_wrap=col != "MESSAGE")
     for row in data["agents"]:
         last = row["last_run"]
         last_text = f"{last['status']} {str(last['started_at'] or '')[:19]}" if last else "-"
-        table.add_row(row["name"], row["state"], row["revision"] or "-", last_text, row["next_run"] or "-",
-                      row["message"])
+        message = "; ".join(m for m in (row["message"], row.get("waiting")) if m)
+        table.add_row(row["name"], row["state"], row["revision"] or "-", last_text, row["next_run"] or "-", message)
     if not data["agents"]:
         console.print("no agents applied yet: run 'agentctl apply'")
     else:

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from runner.agent.channel import printable
 from runner.cli.main import App, cli, pass_app
-from runner.errors import NotFoundError, OrchestratorError, UsageError
+from runner.errors import NotFoundError, OrchestratorError, TransientError, UsageError
 from runner.ledger.runs import TERMINAL, get_run, run_events, step_of, transcript
 from runner.settings import Settings
 from runner.state import connect
@@ -56,6 +56,7 @@ def run(app: App, name: str, input_text: str | None, input_file: str | None) -> 
     sys.exit(0 if data["status"] == "succeeded" else 1)
 
 
+STARTING_WAIT = 60.0  # seconds `agentctl run` waits for a daemon that is starting
 RUN_FIELDS = ("run_id", "status", "agent", "output", "error", "input_tokens", "output_tokens", "started_at",
               "ended_at", "denied", "tool_errors")
 
@@ -196,7 +197,14 @@ def ask_daemon(app: App, request: dict[str, Any]) -> dict[str, Any] | None:
 
     path = socket_path(app.settings.home, app.settings.client_id)
     about = call(path, {"op": "ping"})
+    waited = time.monotonic() + STARTING_WAIT
+    while about is None and _starting(app) and time.monotonic() < waited:
+        time.sleep(0.2)  # a daemon holds the home and is starting (joining a cluster takes seconds): its runs are its
+        about = call(path, {"op": "ping"})
     if about is None:
+        if _starting(app):
+            raise TransientError(f"the daemon holding this home has not finished starting after {STARTING_WAIT:.0f}s: "
+                                 "see its log")
         return None
     for line in settings_not_applied(app.settings, about.get("settings")):
         click.echo(f"warning: {line}", err=True)
@@ -207,6 +215,14 @@ def ask_daemon(app: App, request: dict[str, Any]) -> dict[str, Any] | None:
         error = NotFoundError if answer.get("code") == "not_found" else UsageError
         raise error(str(answer.get("error")))
     return answer
+
+
+def _starting(app: App) -> bool:
+    """A daemon holds the home but has not finished starting (it records that it is ready last)."""
+    from runner.supervise.owning import running_daemon
+
+    holder = running_daemon(app.settings.home)
+    return holder is not None and not holder.get("ready")
 
 
 # Settings that change what a run (or the daemon's handling of it) does; a difference in the others
@@ -486,8 +502,7 @@ def memory() -> None:
 @pass_app
 def memory_search(app: App, name: str, query: str, k: int) -> None:
     """Search an agent's memory."""
-    from runner.agent.memory import MemoryStore, store_path
-    from runner.agent.running import open_memory
+    from runner.agent.memory import MemoryStore, open_memory, store_path
     from runner.plan import RunPlan
     from runner.reconcile.applied import load_applied
 

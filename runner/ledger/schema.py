@@ -44,7 +44,8 @@ TABLES: dict[str, str] = {
             tool_errors INTEGER DEFAULT 0,
             cpu_seconds DOUBLE,
             max_rss_mb DOUBLE,
-            bytes_written BIGINT
+            bytes_written BIGINT,
+            node VARCHAR
         );
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS retry_of VARCHAR;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS attempt INTEGER DEFAULT 1;
@@ -52,7 +53,8 @@ TABLES: dict[str, str] = {
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS tool_errors INTEGER DEFAULT 0;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS cpu_seconds DOUBLE;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS max_rss_mb DOUBLE;
-        ALTER TABLE runs ADD COLUMN IF NOT EXISTS bytes_written BIGINT""",
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS bytes_written BIGINT;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS node VARCHAR""",
     "run_events": """
         CREATE TABLE IF NOT EXISTS run_events (
             run_id VARCHAR NOT NULL,
@@ -151,4 +153,5 @@ CREATE TABLE IF NOT EXISTS journal (        -- ledger rows not archived yet (run
     run_id TEXT                     -- the run a runs or run_events row belongs to: its live events are read by it
 );
 """, migrations=[("run_progress", "launcher_pid", "INTEGER"), ("run_progress", "row", "TEXT"),
-                  ("run_progress", "retry_of", "TEXT"), ("journal", "run_id", "TEXT")], then=_index_journal)
+                  ("run_progress", "retry_of", "TEXT"), ("journal", "run_id", "TEXT"),
+                  ("run_progress", "executor", "TEXT")], then=_index_journal)

@@ -7,7 +7,7 @@ Landlock is enforced last, after which the process can open only what its rules 
   libraries and programs (/usr, /lib, /bin), and a handful of /etc files programs need (TLS roots,
   time zone, resolver) - not /etc as a whole, so not /etc/shadow;
 - read: the paths of the spec's tools that may read;
-- read and write: the paths of tools that may write, the run's scratch folder and its memory store
+- read and write: the paths of tools that may write, and the run's scratch folder
   (not the state database, not the logs: the run reports its steps to its launcher over a pipe);
 - TCP: connect only to the egress proxy, on the loopback of the run's own network namespace
   (``isolating``, ``egress``); nothing at all when the run needs no network;
@@ -29,7 +29,7 @@ import urllib.parse
 from typing import Any
 
 from runner.errors import DeniedError
-from runner.plan import RunPlan, store_path
+from runner.plan import RunPlan
 from runner.sandbox import isolating, landlock, privileges, seccomp
 from runner.sandbox.egress import MODEL_HOST, Upstream, proxy_environment
 from runner.specs.catalog import BUILTIN_TOOLS
@@ -349,16 +349,11 @@ def _paths(plan: RunPlan) -> tuple[set[str], set[str]]:
 
 
 def _own_folders(plan: RunPlan) -> set[str]:
-    """The run's scratch folder and its memory store's: in the home, made by the runner, never by a
-    run, so their rules may follow links (a home reached through one keeps working)."""
-    own = {str(plan.scratch)}
-    s = plan.settings
-    if plan.spec.memory and plan.spec.memory.type != "none":
-        store = store_path(s.memory_dir, plan.client_id, plan.agent, plan.spec.memory.collection)
-        store.parent.mkdir(parents=True, exist_ok=True)
-        own.add(str(store.parent))
-    # No state database and no log folder: the run reports its steps over its channel.
-    return own
+    """The run's scratch folder: in the home, made by the runner, never by a run, so its rule may
+    follow links (a home reached through one keeps working)."""
+    # No state database, no log folder and no memory store: the run reports its steps over its channel,
+    # and asks its memory of the control plane there (runner.agent.asking).
+    return {str(plan.scratch)}
 
 
 @functools.cache
@@ -393,14 +388,11 @@ def runtime_overlaps(private: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def model_endpoints(plan: RunPlan, *, tls: bool = False) -> set[tuple[str, int]]:
     """(host, port) of the model servers the run talks to: its chat model's (none for a scripted
-    model), and Ollama's when memory embeds with an Ollama model (EMBED_MODEL). ``tls``: only those
-    on https."""
+    model; memory's embeddings are the control plane's). ``tls``: only those on https."""
     s = plan.settings
     urls = []
     if not plan.spec.model.startswith("scripted:"):
         urls.append(s.langchain_api_url if plan.spec.model.startswith("openai:") else s.ollama_host)
-    if s.embed_model and plan.spec.memory and plan.spec.memory.type != "none":
-        urls.append(s.ollama_host)
     return {_host_port(url) for url in urls if not tls or url.startswith("https://")}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Permission = Literal["read", "write", "execute", "network"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -126,6 +126,23 @@ class Retry(Strict):
     )
 
 
+class Placement(Strict):
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a node must have, all of them, to run this agent "
+        "(Ray's node labels, e.g. {zone: lab}). Only with AGENT_ORCH_EXECUTOR=ray.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources one run holds on its node while it runs (e.g. "
+        "{CPU: 1, GPU: 1}): a node runs as many at once as its totals allow.")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if amount <= 0:
+                raise ValueError(f"resource '{name}' must be more than 0, not {amount:g}")
+        return value
+
+
 class AgentSpec(Strict):
     name: str = Field(
         pattern=NAME_PATTERN,
@@ -148,6 +165,10 @@ class AgentSpec(Strict):
     memory: MemorySpec | None = Field(None, description="The agent's memory; none when omitted.")
     triggers: list[Trigger] = Field(default_factory=list, description="What starts a run besides a user.")
     constraints: Constraints = Field(default_factory=Constraints, description="Limits of each run.")
+    placement: Placement | None = Field(
+        None, description="Where runs go on a Ray cluster: nodes with these labels and resources. Without "
+        "it, runs go to any node (a file_change trigger's runs stay on the daemon's node).",
+    )
     retry: Retry | None = Field(
         None, description="Retry runs started by a trigger that end in one of the 'on' states; each retry is "
         "a new run whose retry_of names the run it retries. Runs started by a user are not retried.",

@@ -51,6 +51,7 @@ from runner.reconcile.applied import (
 )
 from runner.reconcile.reconciling import open_source, reconcile
 from runner.sandbox import capabilities, egress
+from runner.scale import shared_executor
 from runner.settings import Settings, client_ids, shadowed_environment
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
@@ -60,7 +61,7 @@ from runner.supervise.control import ControlServer, socket_path
 from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
 from runner.supervise.owning import HomeLock
-from runner.supervise.recovery import sweep
+from runner.supervise.recovery import interrupt, sweep
 from runner.supervise.runtime import Runtime
 from runner.supervise.table import ProcessTable
 from runner.supervise.triggers import Scheduler, Watcher
@@ -96,6 +97,12 @@ class Daemon:
                                      self.stopping) for cid in ids]
 
     def run(self) -> None:
+        # Ray's executor is the daemon's, shared by its clients; None: each client's table runs runs locally.
+        # Joined first: Ray installs signal handlers of its own, which ours replace just below.
+        self.executor = shared_executor(self.settings)
+        if self.executor is not None:
+            log.info("executor ray: cluster at %s, %d live node(s)", self.settings.ray_address,
+                     len(self.executor.cluster()["nodes"]))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         caps = capabilities.detect()
@@ -109,6 +116,7 @@ class Daemon:
         for line in (shadowed for c in self.clients for shadowed in shadowed_environment(c.settings)):
             log.warning("%s", line)  # a client's section of the settings file wins over the environment
         for client in self.clients:
+            client.executor = self.executor
             client.start()
         runtimes: dict[str, Runtime] = {c.settings.client_id: c.runtime for c in self.clients}
         self.metrics = Metrics(runtimes)
@@ -131,6 +139,7 @@ class Daemon:
                  for c in self.clients]
         for t in loops:
             t.start()
+        self.lock.record(ready=True)  # `agentctl run` waits for this before it runs anything in the foreground
         log.info("ready: client(s) %s", ", ".join(runtimes))
         while not self.stopping.wait(0.5):
             pass
@@ -140,6 +149,8 @@ class Daemon:
             self.api.close()
         for client in self.clients:
             client.shutdown(now=self.signals > 1)
+        if self.executor is not None:
+            self.executor.close()
         flush(self.clients[0].conn, s.ledger_path, wait=True, observe=self.metrics.observe_row)
         checkpoint(s.ledger_path)
         log.info("stopped")
@@ -192,6 +203,7 @@ class ClientDaemon:
         self._first_wait = settings.sync_interval
         self._armed_agents: set[str] = set()
         self.api_address: str | None = None
+        self.executor: Any = None  # the daemon's shared executor (Ray's), or None for a local one of its own
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -203,7 +215,7 @@ class ClientDaemon:
     def start(self) -> None:
         s = self.settings
         log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
-        self.table = ProcessTable(s, open_source(s))
+        self.table = ProcessTable(s, open_source(s), executor=self.executor)
         left = sweep(self.conn, s.client_id, s.home / "scratch" / s.client_id)
         if left.interrupted:
             log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
@@ -214,6 +226,11 @@ class ClientDaemon:
                         len(left.queued), ", ".join(r["run_id"] for r in left.queued))
         for row in left.queued:
             self.table.requeue(row)
+        for row in left.remote:
+            if not self.table.reattach(row):
+                interrupt(self.conn, row, "the daemon died while the run was in flight, and no node has it now")
+                log.warning("run %s: no node has it now: interrupted", row["run_id"])
+                left.interrupted.append(row)
         for row in left.interrupted:
             self.table.interrupted(row)  # queues its retry, if its spec asks for one
         # The triggers are armed only now, after the first reconcile: the catch-up of missed slots must see an
@@ -343,8 +360,10 @@ class ClientDaemon:
         op, agent = request.get("op"), request.get("agent")
         client = self.settings.client_id
         if op == "ping":
+            cluster = self.executor.cluster() if self.executor is not None else None
             return {"ok": True, "pid": os.getpid(), **self.table.in_flight(), "armed_generation": self.armed_generation,
-                    **({"api": self.api_address} if self.api_address else {})}
+                    **({"api": self.api_address} if self.api_address else {}),
+                    **({"cluster": cluster} if cluster is not None else {})}
         if op == "reconcile":
             self._request_now.set()
             return {"ok": True}
@@ -466,7 +485,9 @@ class DaemonRuntime:
         source = dict(row) if row else {}
         agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL",
                                      (self.settings.client_id,)).fetchone()[0]
+        cluster = self.daemon.executor.cluster() if getattr(self.daemon.executor, "cluster", None) else None
         return {"sandbox": {"mode": self.settings.sandbox, **capabilities.detect()},
+                **({"cluster": cluster} if cluster is not None else {}),
                 "source": source.get("location"), "revision": source.get("revision"),
                 "reconciled_at": source.get("reconciled_at"), "error": source.get("error"), "agents": agents,
                 "uptime_seconds": round(time.time() - self.started, 1), **self.in_flight()}

@@ -4,6 +4,8 @@ The launcher (the daemon's, or a foreground ``agentctl run``) owns a run's row. 
 power loss), nobody will write the final row, so the next daemon start sorts its runs in two:
 - a run that was ``running`` (its process had started) is ``interrupted``, and whatever is left of its
   process group is killed: part of it ran, and running it again is the spec's choice (``retry``);
+- a run on a Ray node (``executor`` ray) may still run there: the caller asks the executor to follow it
+  again (``ProcessTable.reattach``), and ends it interrupted (``interrupt``) when no node has it;
 - a run that was still ``queued`` had not started: nothing of it ran, so it goes back on the queue,
   under its own run id, ahead of anything new.
 """
@@ -24,6 +26,7 @@ from runner.supervise.table import pid_alive
 @dataclass
 class Recovered:
     interrupted: list[sqlite3.Row] = field(default_factory=list)  # now 'interrupted'
+    remote: list[sqlite3.Row] = field(default_factory=list)  # running on a cluster node: to follow again
     queued: list[sqlite3.Row] = field(default_factory=list)  # to put back on the queue, oldest first
 
 
@@ -38,6 +41,9 @@ def sweep(conn: sqlite3.Connection, client_id: str, scratch: Path | None = None)
         if r["status"] == "queued" and not r["pid"]:
             found.queued.append(r)
             continue
+        if r["executor"] == "ray":  # its pid is on its node, not here: the executor may find it again
+            found.remote.append(r)
+            continue
         if r["pid"]:
             try:
                 os.killpg(int(r["pid"]), signal.SIGKILL)
@@ -48,3 +54,7 @@ def sweep(conn: sqlite3.Connection, client_id: str, scratch: Path | None = None)
         if scratch is not None:
             shutil.rmtree(scratch / r["run_id"], ignore_errors=True)
     return found
+
+
+def interrupt(conn: sqlite3.Connection, progress_row: sqlite3.Row, why: str) -> None:
+    end_in_flight(conn, progress_row, "interrupted", why)

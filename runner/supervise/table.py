@@ -16,6 +16,7 @@ time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.agent.asking import Asks
 from runner.agent.executor import Executor
-from runner.agent.launching import prepare
+from runner.agent.launching import prepare, start
 from runner.agent.local import LocalExecutor
 from runner.agent.recording import LiveWriter, RunRecord, RunRow, new_run_id, stops_requested, write_run
 from runner.errors import OrchestratorError
@@ -70,8 +72,10 @@ class ProcessTable:
         self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
         self._local = threading.local()
         self.on_dispatch: Callable[[float], None] | None = None
+        self.owns_executor = executor is None  # a shared one (Ray's) is closed by the daemon
         self.executor: Executor = executor or LocalExecutor(settings.kill_grace)
         self.writer = LiveWriter(settings.state_path)
+        self.asks = Asks(self.executor)
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.dispatcher.start()
 
@@ -140,6 +144,36 @@ class ProcessTable:
         request.done.set()
         log.info("run %s of %s %s: %s", request.run_id, request.agent, status, error)
         return request
+
+    def reattach(self, progress_row: Any) -> bool:
+        """Follow again a run a previous daemon left in flight on a cluster node, when its node still has it
+        (its story is read again from the first message; what is on record is not written twice). False:
+        nobody has it, and the caller ends it interrupted."""
+        reattach = getattr(self.executor, "reattach", None)
+        if reattach is None:
+            return False
+        data = json.loads(progress_row["row"]) if progress_row["row"] else {}
+        request = Request(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
+                          data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
+                          status="running", retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1))
+        try:
+            plan = prepare(self.settings, self.conn, self.source, request.agent, input=request.input,
+                           trigger=request.trigger, run_id=request.run_id, allow_suspended=True)
+        except OrchestratorError:
+            plan = None  # it runs still; only its memory asks go unanswered
+        record = RunRecord.resume(self.writer, progress_row, self.settings.logs_dir,
+                                  on_end=lambda final: self._ended(request, final),
+                                  on_ask=functools.partial(self.asks.take, plan) if plan is not None else None)
+        with self.cond:
+            self.running[request.run_id] = request
+        deadline = plan.deadline_seconds if plan is not None else self.settings.default_agent_timeout
+        if not reattach(request.run_id, plan, record, deadline):
+            with self.cond:
+                self.running.pop(request.run_id, None)
+            return False
+        self.conn.execute("UPDATE run_progress SET launcher_pid = ? WHERE run_id = ?", (os.getpid(), request.run_id))
+        log.info("run %s of %s: followed again on its node", request.run_id, request.agent)
+        return True
 
     def interrupted(self, progress_row: Any) -> Request | None:
         """A run a previous daemon left running, now on record as interrupted (recovery.sweep): its retry."""
@@ -211,17 +245,10 @@ class ProcessTable:
         self.latencies.append(latency)
         if self.on_dispatch is not None:
             self.on_dispatch(latency)
-        row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "queued",
-                     queued_at=request.queued_at, input=plan.input, requested_by=request.requested_by,
-                     retry_of=request.retry_of, attempt=request.attempt)
-        record = RunRecord(self.writer, row, self.settings.logs_dir, on_end=lambda final: self._ended(request, final))
-        record.begin(self.conn)
         request.status = "running"
-        try:
-            self.executor.submit(plan, record)
-        except OrchestratorError as exc:
-            record.fail(f"the run could not start: {exc.message}")
-            return
+        start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
+              requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
+              on_end=lambda final: self._ended(request, final))
         self.dispatched += 1
 
     def _ended(self, request: Request, row: RunRow) -> None:
@@ -273,7 +300,9 @@ class ProcessTable:
             deadline = time.monotonic() + kill_grace + 5
             while self.running and time.monotonic() < deadline:
                 self.cond.wait(timeout=0.2)
-        self.executor.close()
+        if self.owns_executor:
+            self.executor.close()
+        self.asks.close()
         self.writer.close()
 
     def in_flight(self) -> dict[str, int]:

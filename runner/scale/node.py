@@ -1,0 +1,193 @@
+"""The node runner: on each node of a Ray cluster, one detached actor that runs that node's runs.
+
+It holds a ``LocalExecutor``, so a run on a node is forked, confined and supervised by the same code as
+a local run: the zygote (LangChain loaded once) forks it into its namespaces, with Landlock, seccomp,
+limits and the egress proxy in force before agent code runs. Agent code never runs in this actor's
+process, which is a Ray worker: the zygote is a process of its own, started here, and runs are its
+children.
+
+The control plane (``runner.scale.cluster``) sends plans (``submit``), polls for what runs say
+(``poll``: every message after a cursor, and the outcome once the run ended), and passes ``stop`` and
+``answer``. Each run's messages are kept until the control plane says ``forget``, so a daemon that
+died can reattach and read them again. This class imports no Ray: ``cluster`` makes it an actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.agent.executor import Outcome
+from runner.agent.local import LocalExecutor
+from runner.errors import OrchestratorError
+from runner.plan import RunPlan
+from runner.sandbox.confining import check_paths, runtime_overlaps
+from runner.settings import Settings
+from runner.specs.checking import private_folders, protected_folders
+
+log = logging.getLogger("runner.scale")
+MAX_BATCH = 2000  # messages one poll returns at most for one run
+FORGET_AFTER = 600.0  # seconds an ended run is kept for a control plane that never says forget
+
+
+@dataclass
+class _Buffer:
+    """One run's story as the node heard it, kept for the control plane to read (and read again)."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    outcome: dict[str, Any] | None = None
+    ended_at: float | None = None
+    answered: set[int] = field(default_factory=set)
+
+
+class _Watcher:
+    def __init__(self, node: NodeRunner, run_id: str) -> None:
+        self.node, self.run_id = node, run_id
+
+    def message(self, message: dict[str, Any]) -> None:
+        if message["t"] == "placed":
+            message = {**message, "executor": "ray"}
+        self.node._add(self.run_id, message=message)
+
+    def ended(self, outcome: Outcome) -> None:
+        self.node._add(self.run_id, outcome=asdict(outcome))
+
+
+class NodeRunner:
+    """The node's side. Thread-safe: the actor serves calls on several threads (a poll waits)."""
+
+    def __init__(self, home: str | None = None, kill_grace: float = 5.0) -> None:
+        settings = Settings.load(home=Path(home)) if home else Settings.load()
+        self.home = settings.home.resolve()
+        (self.home / "scratch").mkdir(parents=True, exist_ok=True)
+        self.executor = LocalExecutor(kill_grace)
+        self.cond = threading.Condition()
+        self.runs: dict[str, _Buffer] = {}
+        self.started = time.time()
+
+    # -- what the control plane calls ---------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Who this node is and what its kernel enforces (``sandbox.detect``)."""
+        from runner.sandbox.capabilities import detect
+
+        with self.cond:
+            in_flight = sum(1 for b in self.runs.values() if b.outcome is None)
+        from runner.scale.cluster import auth_mode
+
+        return {"node": os.uname().nodename, "pid": os.getpid(), "home": str(self.home), "runs": in_flight,
+                "enforced": detect(), "version": _version(), "auth": auth_mode()}
+
+    def submit(self, plan_json: dict[str, Any]) -> dict[str, Any]:
+        """Start a run; ``{"error": ...}`` when it cannot start here."""
+        try:
+            plan = self._localised(RunPlan.from_json(plan_json))
+            with self.cond:
+                if plan.run_id in self.runs:
+                    return {"error": f"run {plan.run_id} was submitted to this node already"}
+                self.runs[plan.run_id] = _Buffer()
+            self.executor.submit(plan, _Watcher(self, plan.run_id))
+        except OrchestratorError as exc:
+            self._drop(plan_json.get("run_id"))
+            return {"error": exc.message}
+        except Exception as exc:  # a plan this node cannot read (a version apart?) is refused, not crashed on
+            log.exception("submitting a run on this node failed")
+            self._drop(plan_json.get("run_id"))
+            return {"error": f"the node could not start the run: {type(exc).__name__}: {exc}"}
+        return {"ok": True}
+
+    def poll(self, cursors: dict[str, int], wait: float = 1.0) -> dict[str, Any]:
+        """For each run in ``cursors``: its messages from that index on and, once it ended, its outcome;
+        ``{"unknown": true}`` for a run this node does not have. Waits up to ``wait`` seconds for news."""
+        deadline = time.monotonic() + max(0.0, min(wait, 10.0))
+        with self.cond:
+            while True:
+                out = self._news(cursors)
+                left = deadline - time.monotonic()
+                if out or left <= 0:
+                    self._expire()
+                    return out
+                self.cond.wait(left)
+
+    def stop(self, run_id: str) -> None:
+        self.executor.stop(run_id)
+
+    def answer(self, run_id: str, message: dict[str, Any]) -> None:
+        """An answer to a run's ask, once: a daemon that reattached may answer an ask again."""
+        with self.cond:
+            buffer = self.runs.get(run_id)
+            if buffer is None or message.get("id") in buffer.answered:
+                return
+            buffer.answered.add(int(message["id"]))
+        self.executor.answer(run_id, message)
+
+    def forget(self, run_ids: list[str]) -> None:
+        with self.cond:
+            for run_id in run_ids:
+                buffer = self.runs.get(run_id)
+                if buffer is not None and buffer.outcome is not None:
+                    del self.runs[run_id]
+
+    def known(self) -> dict[str, bool]:
+        """The runs this node has: run id to whether it ended."""
+        with self.cond:
+            return {run_id: b.outcome is not None for run_id, b in self.runs.items()}
+
+    # -- inside -------------------------------------------------------------------------------------
+
+    def _localised(self, plan: RunPlan) -> RunPlan:
+        """The plan as this node runs it: its scratch in this node's home; its data paths checked
+        against this node's own folders."""
+        plan.settings = plan.settings.model_copy(update={"home": self.home})
+        plan.private = list(runtime_overlaps(list(private_folders(plan.settings))))
+        check_paths(plan, list(protected_folders(plan.settings)))
+        return plan
+
+    def _add(self, run_id: str, message: dict[str, Any] | None = None, outcome: dict[str, Any] | None = None) -> None:
+        with self.cond:
+            buffer = self.runs.get(run_id)
+            if buffer is None:
+                return
+            if message is not None:
+                buffer.messages.append(message)
+            if outcome is not None:
+                buffer.outcome, buffer.ended_at = outcome, time.monotonic()
+            self.cond.notify_all()
+
+    def _news(self, cursors: dict[str, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for run_id, cursor in cursors.items():
+            buffer = self.runs.get(run_id)
+            if buffer is None:
+                out[run_id] = {"unknown": True}
+                continue
+            messages = buffer.messages[cursor:cursor + MAX_BATCH]
+            done = cursor + len(messages) >= len(buffer.messages)
+            if messages or (done and buffer.outcome is not None):
+                out[run_id] = {"messages": messages, "outcome": buffer.outcome if done else None}
+        return out
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for run_id in [r for r, b in self.runs.items() if b.ended_at is not None and now - b.ended_at > FORGET_AFTER]:
+            del self.runs[run_id]
+
+    def _drop(self, run_id: Any) -> None:
+        with self.cond:
+            buffer = self.runs.get(str(run_id))
+            if buffer is not None and not buffer.messages:
+                del self.runs[str(run_id)]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("agent-orchestrator")
+    except PackageNotFoundError:
+        return "unknown"
