@@ -360,3 +360,20 @@ def test_one_answer_per_model_call_and_no_proxy_lookalikes() -> None:
         with pytest.raises(DeniedError):
             capped(json.dumps({"model": "m", **body}).encode(), "/v1/completions", 100)
     assert json.loads(capped(b'{"model": "m", "max_tokens": 9999}', "/v1/chat/completions", 100))["max_tokens"] == 100
+
+
+def test_a_run_that_asks_without_reading_ends_alone(repo: SpecRepo, cli, home: Path, tmp_path: Path) -> None:
+    """Ray round, F1: a run flooded asks and never read the answers; each answer held a thread of the
+    control plane (on Ray, every thread of its node's runner) until the node was given up. A run has
+    one ask open at most (it waits for each answer): a second one before the answer is a fault, and
+    answers are written by the executor's loop when the channel takes them, never by a waiting thread."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ask = json.dumps({"t": "ask", "id": 1, "op": "memory.search", "text": "x" * 8000, "k": 50})
+    (data / "msg.txt").write_text("\n".join(ask.replace('"id": 1', f'"id": {i}') for i in range(1, 200)) + "\n")
+    _agent(repo, "asker", [f"channel-file:{data / 'msg.txt'}|stay"], [str(data)], extra="memory: {type: vector_db}\n")
+    repo.commit()
+    assert cli("apply").returncode == 0
+    done = cli("--output", "json", "run", "asker", timeout=90)
+    result = json.loads(done.stdout)
+    assert result["status"] == "failed" and "an ask before the answer" in result["error"], result

@@ -1153,3 +1153,39 @@ def test_validate_tree_names_invalid_specs_when_it_can() -> None:
 ])
 def test_is_spec_path(rel: str, is_spec: bool) -> None:
     assert is_spec_path(rel) is is_spec
+
+
+@pytest.mark.parametrize("amount", [".nan", ".inf", "1e999", "0", "-1", "2000000"])
+def test_a_placement_resource_is_a_finite_amount_above_zero(tmp_path: Path, amount: str) -> None:
+    """Found by the attack on the Ray executor: NaN and infinity passed, were stored as null, and the
+    applied spec could no longer be read (the dispatcher died on it)."""
+    write(tmp_path, "specs/a.yaml", f"""
+        name: a
+        model: llama2
+        placement: {{resources: {{CPU: {amount}}}}}
+        """)
+    out = validate(str(tmp_path / "specs"), root=tmp_path)
+    assert out.proc.returncode == 1, out.proc.stdout
+    assert "resource 'CPU'" in out.proc.stdout and "placement" in out.proc.stdout, out.proc.stdout
+
+
+def test_placement_by_rays_own_labels_is_refused(tmp_path: Path) -> None:
+    """Ray labels every node with its id (ray.io/node-id): a spec may not pin itself to a node the
+    operator did not label for it."""
+    write(tmp_path, "specs/a.yaml", """
+        name: a
+        model: llama2
+        placement: {labels: {"ray.io/node-id": "abc"}}
+        """)
+    out = validate(str(tmp_path / "specs"), root=tmp_path)
+    assert out.proc.returncode == 1 and "ray.io/" in out.proc.stdout, out.proc.stdout
+
+
+def test_a_placement_that_fits_is_valid(tmp_path: Path) -> None:
+    write(tmp_path, "specs/a.yaml", """
+        name: a
+        model: llama2
+        placement: {labels: {zone: lab}, resources: {CPU: 1, GPU: 0.5}}
+        """)
+    out = validate(str(tmp_path / "specs"), root=tmp_path)
+    assert out.proc.returncode == 0, out.proc.stdout

@@ -39,7 +39,6 @@ from runner.sandbox.egress import Budget, EgressPolicy, EgressProxy
 log = logging.getLogger("runner.executor")
 REAP_WAIT = 5.0  # seconds a run that exited may wait for the zygote's report of its status
 SCM_MAX_FD = 253  # descriptors one unix socket message can carry (the kernel's limit)
-ANSWER_WAIT = 30.0  # seconds an answer may wait for room on a run's channel
 TICK = 1.0  # seconds the loop sleeps at most when nothing happens (deadlines wake it sooner)
 
 
@@ -61,6 +60,8 @@ class _Run:
     exited: float | None = None  # when its pidfd said it exited (monotonic)
     reading: bool = True  # its channel is still read (not after a fault, nor after EOF)
     stop_asked: bool = False
+    asking: int | None = None  # the id of its ask still unanswered (a run waits for each answer: one at a time)
+    outbox: bytearray = field(default_factory=bytearray)  # answers not yet written on its channel
 
 
 class LocalExecutor:
@@ -112,19 +113,15 @@ class LocalExecutor:
         self._wake()
 
     def answer(self, run_id: str, message: dict[str, Any]) -> None:
+        """Queue the answer to the run's one open ask; the loop writes it when the channel takes it (never
+        a caller's thread: a run that does not read would hold it)."""
         with self._lock:
             run = self._runs.get(run_id)
-        if run is None or run.exited is not None:
-            return
-        data = memoryview(encode(message))
-        try:  # the run waits for this answer, reading: a full buffer drains at once (the channel is non-blocking)
-            while data:
-                if not writable(run.channel.fileno(), ANSWER_WAIT):
-                    raise TimeoutError
-                sent = run.channel.send(data)
-                data = data[sent:]
-        except (OSError, TimeoutError):
-            pass  # the run is gone or stuck; its end is the loop's to see
+            if run is None or run.exited is not None or run.asking is None or message.get("id") != run.asking:
+                return  # not in flight, or not the ask it waits for (answered already)
+            run.asking = None
+            run.outbox += encode(message)
+        self._wake()
 
     def close(self) -> None:
         with self._lock:
@@ -159,8 +156,13 @@ class LocalExecutor:
             now = time.monotonic()
             timeout = TICK
             for run in runs:
-                for fd, what in ((run.channel.fileno(), "channel") if run.reading else (-1, ""),
-                                 (run.pidfd, "exit") if run.exited is None else (-1, ""),
+                with self._lock:
+                    sending = bool(run.outbox) and run.exited is None and run.fault is None
+                if run.reading or sending:
+                    poller.register(run.channel.fileno(), (select.POLLIN if run.reading else 0) |
+                                    (select.POLLOUT if sending else 0))
+                    owners[run.channel.fileno()] = (run, "channel")
+                for fd, what in ((run.pidfd, "exit") if run.exited is None else (-1, ""),
                                  (run.proxy.wake_fd, "proxy") if run.proxy is not None else (-1, "")):
                     if fd >= 0:
                         poller.register(fd, select.POLLIN)
@@ -169,13 +171,16 @@ class LocalExecutor:
                 if run.exited is not None:
                     timeout = min(timeout, 0.05)  # waiting for the zygote's report
             ready = poller.poll(timeout * 1000)
-            for fd, _event in ready:
+            for fd, event in ready:
                 if fd == self._wake_r:
                     _drain_pipe(self._wake_r)
                     continue
                 run, what = owners[fd]
                 try:
-                    self._on_ready(run, what)
+                    if what == "channel" and event & select.POLLOUT:
+                        self._send_answers(run)
+                    if what != "channel" or event & ~select.POLLOUT:
+                        self._on_ready(run, what)
                 except Exception:  # a bug here must not leave every other run unsupervised
                     log.exception("supervising run %s failed", run.plan.run_id)
                     run.fault = run.fault or "its supervisor failed (see the daemon's log)"
@@ -193,6 +198,8 @@ class LocalExecutor:
 
     def _on_ready(self, run: _Run, what: str) -> None:
         if what == "channel":
+            if run.proxy is not None:  # what the proxy decided came before what the run says of it now
+                self._egress(run, run.proxy.decisions())
             self._receive(run)
         elif what == "exit":
             run.exited = time.monotonic()
@@ -281,9 +288,25 @@ class LocalExecutor:
             except OSError:
                 pass
 
+    def _send_answers(self, run: _Run) -> None:
+        with self._lock:
+            try:
+                sent = run.channel.send(run.outbox)
+            except BlockingIOError:
+                return
+            except OSError:
+                sent = len(run.outbox)  # the run is gone: its end is seen by its pidfd
+            del run.outbox[:sent]
+
     def _message(self, run: _Run, msg: dict[str, Any]) -> None:
         assert run.bounds is not None
         run.bounds.check(msg)
+        if msg["t"] == "ask":
+            with self._lock:
+                if run.asking is not None:
+                    raise ChannelError("the run sent a message its supervisor refuses: an ask before the answer to "
+                                       "its last")
+                run.asking = msg["id"]
         if msg["t"] == "result":
             run.result = msg
         elif msg["t"] != "egress":
@@ -379,9 +402,3 @@ def readable(fds: list[int], timeout: float) -> list[int]:
         poller.register(fd, select.POLLIN)
     return [fd for fd, _event in poller.poll(max(0.0, timeout) * 1000)]
 
-
-def writable(fd: int, timeout: float) -> bool:
-    """Whether ``fd`` takes writes within ``timeout`` seconds."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(max(0.0, timeout) * 1000))

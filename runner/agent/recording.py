@@ -390,7 +390,7 @@ class RunRecord:
             row.tool_calls += 1
         elif kind == "log":
             self.log.write(str(message.get("message", ""))[:4000], str(message.get("level", "INFO")))
-        elif kind == "ask" and self.on_ask is not None:
+        elif kind == "ask" and self.on_ask is not None and not message.get("answered"):
             self.on_ask(message)
 
     def ended(self, outcome: Any) -> None:

@@ -34,6 +34,7 @@ POLL_WAIT = 1.0  # seconds a poll waits on the node for news
 CALL_TIMEOUT = 20.0  # seconds a call to a node runner may take before the node is suspect
 LOST_AFTER = 6.0  # seconds a node runner may fail to answer before its runs are given up
 REFRESH = 2.0  # seconds between two looks at the cluster's nodes
+READOPT = 30.0  # seconds before a node given up while Ray still lists it alive is tried again
 BACKSTOP = 30.0  # seconds past a run's deadline and grace before the daemon ends it itself
 FORGET_DELAY = 5.0  # seconds after a run's end before its node may drop its messages
 
@@ -116,6 +117,7 @@ class _Node:
     handle: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     alive: bool = True
+    lost_at: float | None = None  # monotonic, when it was given up
     failing_since: float | None = None
     thread: threading.Thread | None = None
 
@@ -128,9 +130,10 @@ class _Run:
     cursor: int = 0
     claims: dict[str, float] = field(default_factory=dict)
     deadline: float = 0.0  # monotonic: deadline and grace, past which the daemon ends it itself
+    stop_asked: bool = False
     stop_sent: float | None = None
     ended: float | None = None  # monotonic, once its outcome reached the watcher
-    placed: bool = False
+    placed: bool = False  # its node has it (submit returned): its poller follows it
 
 
 class RayExecutor:
@@ -168,14 +171,16 @@ class RayExecutor:
     def stop(self, run_id: str) -> None:
         with self.cond:
             run = self.runs.get(run_id)
-            if run is None:
+            if run is None or run.ended is not None:
                 return
-            if not run.placed:  # never started: ends here
-                self._end_locally(run_id, decide("stopped", None))
-                return
-            node = self.nodes.get(run.node_id or "")
-            run.stop_sent = time.monotonic()
-        if node is not None and node.handle is not None:
+            run.stop_asked = True
+            waiting = run_id in self.pending  # never sent to a node: it ends here
+            node = self.nodes.get(run.node_id or "") if run.placed else None  # else: stopped once its node has it
+            if node is not None:
+                run.stop_sent = time.monotonic()
+        if waiting:
+            self._end_locally(run_id, decide("stopped", None))
+        elif node is not None and node.handle is not None:
             node.handle.stop.remote(run_id)
 
     def answer(self, run_id: str, message: dict[str, Any]) -> None:
@@ -260,7 +265,7 @@ class RayExecutor:
                     return
                 run_id, run, node = choice
                 self.pending.remove(run_id)
-                run.node_id, run.placed = node.node_id, True
+                run.node_id = node.node_id
                 assert run.plan is not None
                 run.deadline = time.monotonic() + run.plan.deadline_seconds + self.settings.kill_grace + BACKSTOP
             self._send(run_id, run, node)
@@ -304,7 +309,10 @@ class RayExecutor:
                                                                   f"{answer['error']}"))
             return
         with self.cond:
+            run.placed = True
             self.cond.notify_all()  # its node's poller has a run to follow
+        if run.stop_asked:
+            self.stop(run_id)
 
     def _end_locally(self, run_id: str, outcome: Outcome) -> None:
         """End a run here, without its node (never placed, refused, lost, or past the backstop)."""
@@ -351,6 +359,8 @@ class RayExecutor:
                 continue
             if known is None and node_id not in self.refused:  # a node id is never reused
                 self._adopt(node_id, n)
+            elif known is not None and not known.alive and time.monotonic() - (known.lost_at or 0) > READOPT:
+                self._adopt(node_id, n)  # its runner stopped answering, yet Ray says the node lives: try again
 
     def _adopt(self, node_id: str, n: dict[str, Any]) -> None:
         labels = {str(k): str(v) for k, v in (n.get("Labels") or {}).items()}
@@ -361,7 +371,7 @@ class RayExecutor:
             node.handle = self._actor.options(
                 name=f"node-{node_id}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
                 max_concurrency=32, max_restarts=0,
-                scheduling_strategy=self._affinity(node_id, soft=False)).remote()
+                scheduling_strategy=self._affinity(node_id, soft=False)).remote(None, self.settings.kill_grace)
             node.info = self.ray.get(node.handle.info.remote(), timeout=120)
             node.name = str(node.info.get("node") or node.name)
         except Exception as exc:
@@ -384,12 +394,16 @@ class RayExecutor:
         with self.cond:
             if not node.alive:
                 return
-            node.alive = False
+            node.alive, node.lost_at = False, time.monotonic()
             mine = [rid for rid, r in self.runs.items() if r.node_id == node.node_id and r.ended is None and r.placed]
             self.cond.notify_all()
         log.warning("node %s lost (%s): %d run(s) interrupted", node.name, why, len(mine))
         for run_id in mine:
             self._end_locally(run_id, decide("lost", None, fault=f"node {node.name} was lost mid-run ({why})"))
+            try:  # should the node live after all, the run does not go on beside its retry
+                node.handle.stop.remote(run_id)
+            except Exception:
+                pass
 
     def _poller(self, node: _Node) -> None:
         while True:

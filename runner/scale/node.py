@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,6 @@ from runner.agent.local import LocalExecutor
 from runner.errors import OrchestratorError
 from runner.plan import RunPlan
 from runner.sandbox.confining import check_paths, runtime_overlaps
-from runner.settings import Settings
 from runner.specs.checking import private_folders, protected_folders
 
 log = logging.getLogger("runner.scale")
@@ -51,7 +51,7 @@ class _Watcher:
 
     def message(self, message: dict[str, Any]) -> None:
         if message["t"] == "placed":
-            message = {**message, "executor": "ray"}
+            message = {**message, "node": self.node.name, "executor": "ray"}
         self.node._add(self.run_id, message=message)
 
     def ended(self, outcome: Outcome) -> None:
@@ -62,13 +62,16 @@ class NodeRunner:
     """The node's side. Thread-safe: the actor serves calls on several threads (a poll waits)."""
 
     def __init__(self, home: str | None = None, kill_grace: float = 5.0) -> None:
-        settings = Settings.load(home=Path(home)) if home else Settings.load()
-        self.home = settings.home.resolve()
+        # The node's own home (AGENT_ORCH_HOME where its Ray node was started) holds scratch folders only.
+        home = home or os.environ.get("AGENT_ORCH_HOME") or os.path.join(tempfile.gettempdir(),
+                                                                          f"agent-orchestrator-node-{os.getuid()}")
+        self.home = Path(home).resolve()
         (self.home / "scratch").mkdir(parents=True, exist_ok=True)
         self.executor = LocalExecutor(kill_grace)
         self.cond = threading.Condition()
         self.runs: dict[str, _Buffer] = {}
         self.started = time.time()
+        self.name = node_name()
 
     # -- what the control plane calls ---------------------------------------------------------------
 
@@ -80,7 +83,7 @@ class NodeRunner:
             in_flight = sum(1 for b in self.runs.values() if b.outcome is None)
         from runner.scale.cluster import auth_mode
 
-        return {"node": os.uname().nodename, "pid": os.getpid(), "home": str(self.home), "runs": in_flight,
+        return {"node": self.name, "pid": os.getpid(), "home": str(self.home), "runs": in_flight,
                 "enforced": detect(), "version": _version(), "auth": auth_mode()}
 
     def submit(self, plan_json: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +127,10 @@ class NodeRunner:
             if buffer is None or message.get("id") in buffer.answered:
                 return
             buffer.answered.add(int(message["id"]))
+            for asked in reversed(buffer.messages):  # a daemon that reads the run again does not ask again
+                if asked.get("t") == "ask" and asked.get("id") == message["id"]:
+                    asked["answered"] = True
+                    break
         self.executor.answer(run_id, message)
 
     def forget(self, run_ids: list[str]) -> None:
@@ -191,3 +198,15 @@ def _version() -> str:
         return version("agent-orchestrator")
     except PackageNotFoundError:
         return "unknown"
+
+
+def node_name() -> str:
+    """This node as the ledger's ``node`` column and operators say it: its host name and the start of its Ray
+    node id (several nodes may share a host)."""
+    try:
+        import ray
+
+        node_id = str(ray.get_runtime_context().get_node_id())[:8]
+    except Exception:  # not in a Ray worker (a test of this class alone)
+        return os.uname().nodename
+    return f"{os.uname().nodename}/{node_id}"

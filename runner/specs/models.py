@@ -6,6 +6,7 @@ live in ``checking.py``; here are only the shapes.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -126,6 +127,9 @@ class Retry(Strict):
     )
 
 
+MAX_RESOURCE = 1e6  # of one resource a run may claim
+
+
 class Placement(Strict):
     labels: dict[str, str] = Field(
         default_factory=dict, description="Node labels a node must have, all of them, to run this agent "
@@ -138,8 +142,17 @@ class Placement(Strict):
     @classmethod
     def _positive(cls, value: dict[str, float]) -> dict[str, float]:
         for name, amount in value.items():
-            if amount <= 0:
-                raise ValueError(f"resource '{name}' must be more than 0, not {amount:g}")
+            if not math.isfinite(amount) or not 0 < amount <= MAX_RESOURCE:
+                raise ValueError(f"resource '{name}' must be a number from above 0 to {MAX_RESOURCE:g}, not {amount}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _operators_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith("ray.io/"):
+                raise ValueError(f"label '{key}': labels under ray.io/ are Ray's own (a node's id among them); "
+                                 "place runs by the labels the operator gave the nodes")
         return value
 
 

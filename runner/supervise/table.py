@@ -163,7 +163,8 @@ class ProcessTable:
             plan = None  # it runs still; only its memory asks go unanswered
         record = RunRecord.resume(self.writer, progress_row, self.settings.logs_dir,
                                   on_end=lambda final: self._ended(request, final),
-                                  on_ask=functools.partial(self.asks.take, plan) if plan is not None else None)
+                                  on_ask=functools.partial(self.asks.take, plan) if plan is not None else
+                                  functools.partial(self._cannot_answer, request.run_id))
         with self.cond:
             self.running[request.run_id] = request
         deadline = plan.deadline_seconds if plan is not None else self.settings.default_agent_timeout
@@ -174,6 +175,10 @@ class ProcessTable:
         self.conn.execute("UPDATE run_progress SET launcher_pid = ? WHERE run_id = ?", (os.getpid(), request.run_id))
         log.info("run %s of %s: followed again on its node", request.run_id, request.agent)
         return True
+
+    def _cannot_answer(self, run_id: str, ask: dict[str, Any]) -> None:
+        self.executor.answer(run_id, {"t": "answer", "id": ask["id"],
+                                      "error": "the agent's spec cannot be read now: its memory is unavailable"})
 
     def interrupted(self, progress_row: Any) -> Request | None:
         """A run a previous daemon left running, now on record as interrupted (recovery.sweep): its retry."""
@@ -235,10 +240,13 @@ class ProcessTable:
         try:
             plan = prepare(self.settings, self.conn, self.source, request.agent, input=request.input,
                            trigger=request.trigger, run_id=request.run_id, allow_suspended=True)
-        except OrchestratorError as exc:
+        except Exception as exc:  # whatever one run's preparation meets, the dispatcher goes on with the next
+            if not isinstance(exc, OrchestratorError):
+                log.exception("preparing run %s of %s failed", request.run_id, request.agent)
             with self.cond:
                 self.running.pop(request.run_id, None)
-                self._record(request, "failed", exc.message)
+                self._record(request, "failed", exc.message if isinstance(exc, OrchestratorError) else
+                             f"the run could not be prepared: {type(exc).__name__} (see the daemon's log)")
                 self.cond.notify_all()
             return
         latency = time.monotonic() - request.submitted
