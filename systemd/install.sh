@@ -73,7 +73,9 @@ if [ -n "$CLIENT_ID" ]; then
   chown agent-orchestrator:agent-orchestrator "$HOME_DIR" "$HOME_DIR/data" "$HOME_DIR/data/$CLIENT_ID"
 fi
 chown -R agent-orchestrator:agent-orchestrator "$PREFIX"
-for unit in agent-orchestrator.service agent-orchestrator-run@.service agent-orchestrator-run@.timer; do
+# The Ray units are installed, not enabled: docs/scale-out.md says when and how to start them.
+for unit in agent-orchestrator.service agent-orchestrator-run@.service agent-orchestrator-run@.timer \
+    agent-orchestrator-ray-head.service agent-orchestrator-ray-worker.service; do
   sed "s#/opt/agent-orchestrator#$PREFIX#g" "$SRC/systemd/$unit" > "/etc/systemd/system/$unit"
 done
 

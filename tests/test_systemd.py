@@ -13,9 +13,10 @@ UNITS = ROOT / "systemd"
 
 
 def _copy_units(tmp_path: Path) -> Path:
-    agentctl = Path(sys.executable).parent / "agentctl"
+    venv = Path(sys.executable).parent
     for unit in UNITS.glob("*.service"):
-        text = unit.read_text().replace("/opt/agent-orchestrator/.venv/bin/agentctl", str(agentctl))
+        text = unit.read_text().replace("/opt/agent-orchestrator/.venv/bin/agentctl", str(venv / "agentctl"))
+        text = text.replace("/opt/agent-orchestrator/.venv/bin/ray", str(venv / "ray"))
         (tmp_path / unit.name).write_text(text)
     for unit in UNITS.glob("*.timer"):
         shutil.copy(unit, tmp_path / unit.name)
@@ -32,7 +33,8 @@ def verify(folder: Path, *units: str) -> subprocess.CompletedProcess[str]:
 def test_units_verify(tmp_path: Path) -> None:
     folder = _copy_units(tmp_path)
     done = verify(folder, "agent-orchestrator.service", "agent-orchestrator-run@hello.service",
-                  "agent-orchestrator-run@hello.timer")
+                  "agent-orchestrator-run@hello.timer", "agent-orchestrator-ray-head.service",
+                  "agent-orchestrator-ray-worker.service")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stderr.strip() == "", done.stderr  # not even a warning
 

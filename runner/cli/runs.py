@@ -378,6 +378,7 @@ def print_transcript(t: dict[str, Any]) -> None:
             f"peak memory {s['max_rss_mb']:.1f} MB" if s["max_rss_mb"] is not None else None,
             f"{_bytes(s['bytes_written'])} written" if s["bytes_written"] is not None else None,
             f"attempt {s['attempt']}" if s["attempt"] else None,
+            f"on node {esc(s['node'])}" if s.get("node") else None,
             f"retry of {s['retry_of']}" if s["retry_of"] else None]
     if any(cost):
         console.print("  " + ", ".join(c for c in cost if c))

@@ -226,7 +226,8 @@ def summary_of(run: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, A
                 1 for e in calls if e["decision"] != "denied" and isinstance(e["detail"], dict)
                 and e["detail"].get("error")),
             "cpu_seconds": run.get("cpu_seconds"), "max_rss_mb": run.get("max_rss_mb"),
-            "bytes_written": run.get("bytes_written"), "attempt": run.get("attempt"), "retry_of": run.get("retry_of")}
+            "bytes_written": run.get("bytes_written"), "attempt": run.get("attempt"), "retry_of": run.get("retry_of"),
+            "node": run.get("node")}
 
 
 def _pick(detail: dict[str, Any], *keys: str) -> dict[str, Any]:

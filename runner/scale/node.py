@@ -32,7 +32,7 @@ from runner.specs.checking import private_folders, protected_folders
 
 log = logging.getLogger("runner.scale")
 MAX_BATCH = 2000  # messages one poll returns at most for one run
-FORGET_AFTER = 600.0  # seconds an ended run is kept for a control plane that never says forget
+FORGET_AFTER = 6 * 3600.0  # seconds an ended run is kept for a daemon that never says forget (one that died)
 
 
 @dataclass
