@@ -84,7 +84,8 @@ RUN = {"type": "object", "required": ["run_id", "status"], "properties": {
     "input_tokens": COUNT, "output_tokens": COUNT, "model_calls": COUNT, "tool_calls": COUNT, "denied": COUNT,
     "tool_errors": COUNT, "attempt": COUNT, "retry_of": {"type": ["string", "null"]},
     "cpu_seconds": {"type": ["number", "null"]}, "max_rss_mb": {"type": ["number", "null"]},
-    "bytes_written": COUNT, "node": {"type": ["string", "null"]}, "input": {"type": ["string", "null"]}, "output": {"type": ["string", "null"]},
+    "bytes_written": COUNT, "node": {"type": ["string", "null"]}, "input": {"type": ["string", "null"]},
+    "output": {"type": ["string", "null"]},
     "error": {"type": ["string", "null"]}}}
 EVENT = {"type": "object", "required": ["seq", "ts", "kind", "detail"], "properties": {
     "seq": {"type": "integer"}, "ts": {"type": "string", "format": "date-time"}, "kind": {"type": "string"},

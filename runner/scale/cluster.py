@@ -47,6 +47,7 @@ def connect(settings: Settings) -> Any:
     except ImportError:
         raise UsageError("AGENT_ORCH_EXECUTOR=ray needs Ray: pip install 'agent-orchestrator[ray]'") from None
     if not ray.is_initialized():
+        _reachable(settings.ray_address)
         try:
             ray.init(address=settings.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
@@ -96,6 +97,23 @@ def open_to_anyone(gcs_address: str) -> str | None:
     if said == "open":
         return "does not require token authentication"
     return f"could not be checked for token authentication ({said})"
+
+
+def _reachable(address: str) -> None:
+    """Fail fast on a head that is not there: Ray itself waits minutes for a GCS that never answers."""
+    import socket
+
+    if address in ("", "auto") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=10):
+            pass
+    except ValueError:
+        raise UsageError(f"RAY_ADDRESS={address} is not HOST:PORT (or auto)") from None
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Ray head at RAY_ADDRESS={address}: {exc.strerror or exc} (is "
+                         "`ray start --head` running there, and its port open to this machine?)") from None
 
 
 def auth_mode() -> str:
