@@ -227,7 +227,7 @@ class LocalExecutor:
         except OSError:
             pass
         _signal_group(run.pid, signal.SIGTERM)
-        run.kill_at = time.monotonic() + self.kill_grace
+        run.kill_at = time.monotonic() + run.plan.settings.kill_grace  # the plan's: a node runs many daemons' plans
 
     # -- what the run says --------------------------------------------------------------------------
 

@@ -378,7 +378,14 @@ class RunRecord:
             self.writer.put(functools.partial(_event, run_id=row.run_id, event=event, counts=counts))
             if self.on_message is not None:
                 self.on_message(event)
+        elif kind == "waiting":  # its executor has no node for it yet: queued again, as far as the record goes
+            if row.pid is None and row.status == "running":
+                row.status, row.started_at = "queued", None
+                self.writer.put(functools.partial(_write_run, row=replace(row)))
         elif kind == "placed":  # the live row learns where the run is (the ledger, with its final row)
+            if row.status == "queued":  # it waited for a node: it starts now
+                row.status, row.started_at = "running", utcnow()
+                self.writer.put(functools.partial(_write_run, row=replace(row)))
             row.pid, row.node = message.get("pid"), message.get("node")
             self.writer.put(functools.partial(_placed, run_id=row.run_id, pid=row.pid, node=row.node,
                                               executor=message.get("executor", "local")))

@@ -26,6 +26,7 @@ from typing import Any
 from runner.agent.executor import Outcome, Watcher, decide
 from runner.errors import OrchestratorError, UsageError
 from runner.plan import RunPlan
+from runner.scale.node import code_id
 from runner.settings import Settings
 
 log = logging.getLogger("runner.scale")
@@ -48,6 +49,12 @@ def connect(settings: Settings) -> Any:
         raise UsageError("AGENT_ORCH_EXECUTOR=ray needs Ray: pip install 'agent-orchestrator[ray]'") from None
     if not ray.is_initialized():
         _reachable(settings.ray_address)
+        if _host_port(settings.ray_address) and not _have_token():
+            why = open_to_anyone(settings.ray_address)  # before joining: Ray takes 20 s to say "cannot connect"
+            if why is None:
+                raise UsageError(f"the Ray cluster at {settings.ray_address} requires token authentication and this "
+                                 "daemon has no token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or "
+                                 "RAY_AUTH_TOKEN) as on the cluster's nodes (docs/scale-out.md)")
         try:
             ray.init(address=settings.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
@@ -99,11 +106,27 @@ def open_to_anyone(gcs_address: str) -> str | None:
     return f"could not be checked for token authentication ({said})"
 
 
+def _host_port(address: str) -> bool:
+    return address not in ("", "auto") and "://" not in address
+
+
+def _have_token() -> bool:
+    """Whether this process joins with a token (Ray's rules: RAY_AUTH_MODE=token and a token from RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; without RAY_AUTH_MODE, the last file alone turns it on)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    home_token = os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+    if mode is None:
+        return home_token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return mode.strip().lower() == "token" and bool(os.environ.get("RAY_AUTH_TOKEN") or
+                                                    (path and os.path.exists(path)) or home_token)
+
+
 def _reachable(address: str) -> None:
     """Fail fast on a head that is not there: Ray itself waits minutes for a GCS that never answers."""
     import socket
 
-    if address in ("", "auto") or "://" in address:
+    if not _host_port(address):
         return
     host, _, port = address.rpartition(":")
     try:
@@ -152,6 +175,7 @@ class _Run:
     stop_sent: float | None = None
     ended: float | None = None  # monotonic, once its outcome reached the watcher
     placed: bool = False  # its node has it (submit returned): its poller follows it
+    waits: str | None = None  # why it waits for a node, as its watcher was told
 
 
 class RayExecutor:
@@ -172,7 +196,10 @@ class RayExecutor:
         self.refused: dict[str, str] = {}  # node id: why no run goes there
         self.closing = False
         self.home_node = self.ray.get_runtime_context().get_node_id()
+        self.owner = f"{os.uname().nodename}:{settings.home.resolve()}"  # one daemon per home
+        self._started = False
         self._refresh()
+        self._started = True  # nodes adopted from now on may hold runs of ours nobody follows (see _adopt)
         self._thread = threading.Thread(target=self._keeper, name="ray-nodes", daemon=True)
         self._thread.start()
 
@@ -234,7 +261,7 @@ class RayExecutor:
             nodes = [n for n in self.nodes.values() if n.alive and n.handle is not None]
         for node in nodes:
             try:
-                known = self.ray.get(node.handle.known.remote(), timeout=CALL_TIMEOUT)
+                known = self.ray.get(node.handle.known.remote(self.owner), timeout=CALL_TIMEOUT)
             except Exception as exc:
                 log.warning("node %s did not say which runs it has: %s", node.name, exc)
                 continue
@@ -265,8 +292,10 @@ class RayExecutor:
     # -- placement ----------------------------------------------------------------------------------
 
     def _place(self) -> None:
-        """Send each pending run whose node is found to that node, oldest first."""
+        """Send each pending run whose node is found to that node, oldest first; tell the others' watchers
+        why they wait (their record says queued meanwhile)."""
         while True:
+            told: list[tuple[_Run, str]] = []
             with self.cond:
                 choice = None
                 self.waiting = {}
@@ -276,12 +305,20 @@ class RayExecutor:
                     node, why = self._choose(run.plan, run.claims)
                     if node is None:
                         self.waiting.setdefault(run.plan.agent, why)
+                        if run.waits is None:
+                            run.waits = why
+                            told.append((run, why))
                         continue
                     choice = (run_id, run, node)
                     break
+            for waiting, why in told:
+                waiting.watcher.message({"t": "waiting", "reason": why})
+            with self.cond:
                 if choice is None:
                     return
                 run_id, run, node = choice
+                if run_id not in self.pending or run.ended is not None:
+                    continue  # placed meanwhile by another thread, or stopped
                 self.pending.remove(run_id)
                 run.node_id = node.node_id
                 assert run.plan is not None
@@ -319,7 +356,7 @@ class RayExecutor:
         # The model key goes to the node's egress proxy (the run itself is shown it masked, as locally).
         data["settings"]["openai_api_key"] = run.plan.settings.openai_api_key.get_secret_value()
         try:
-            answer = self.ray.get(node.handle.submit.remote(data), timeout=CALL_TIMEOUT)
+            answer = self.ray.get(node.handle.submit.remote(data, self.owner), timeout=CALL_TIMEOUT)
         except Exception as exc:
             answer = {"error": f"node {node.name} did not take the run: {type(exc).__name__}: {exc}"}
         if "error" in answer:
@@ -375,7 +412,8 @@ class RayExecutor:
                 if known is not None and known.alive:
                     self._lost(known, "Ray reports the node dead")
                 continue
-            if known is None and node_id not in self.refused:  # a node id is never reused
+            waiting = self.refused.get(node_id, "").startswith("waiting")
+            if known is None and (node_id not in self.refused or waiting):  # a node id is never reused
                 self._adopt(node_id, n)
             elif known is not None and not known.alive and time.monotonic() - (known.lost_at or 0) > READOPT:
                 self._adopt(node_id, n)  # its runner stopped answering, yet Ray says the node lives: try again
@@ -386,12 +424,17 @@ class RayExecutor:
         node = _Node(node_id, str(n.get("NodeManagerHostname") or n.get("NodeManagerAddress") or node_id[:12]),
                      labels, {str(k): float(v) for k, v in (n.get("Resources") or {}).items()})
         try:
-            node.handle = self._actor.options(
-                name=f"node-{node_id}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-                max_concurrency=32, max_restarts=0,
-                scheduling_strategy=self._affinity(node_id, soft=False)).remote(None, self.settings.kill_grace)
+            node.handle = self._handle(node_id)
             node.info = self.ray.get(node.handle.info.remote(), timeout=120)
             node.name = str(node.info.get("node") or node.name)
+            if node.info.get("code") != code_id():
+                node.handle, node.info = self._renewed(node), {}
+                node.info = self.ray.get(node.handle.info.remote(), timeout=120)
+        except _Busy as exc:
+            if node_id not in self.refused:
+                log.warning("node %s: %s", node_id[:12], exc)
+            self.refused[node_id] = f"waiting: {exc}"
+            return
         except Exception as exc:
             log.warning("no node runner on node %s: %s", node_id[:12], exc)
             return
@@ -403,10 +446,53 @@ class RayExecutor:
             return
         with self.cond:
             self.nodes[node_id] = node
+            self.refused.pop(node_id, None)
             self.cond.notify_all()
+        if self._started:
+            self._stop_orphans(node)
         node.thread = threading.Thread(target=self._poller, args=(node,), name=f"ray-poll-{node.name}", daemon=True)
         node.thread.start()
         log.info("node %s (%s) joined: labels %s", node.name, node_id[:12], node.labels)
+
+    def _handle(self, node_id: str) -> Any:
+        return self._actor.options(
+            name=f"node-{node_id}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+            max_concurrency=32, max_restarts=0,
+            scheduling_strategy=self._affinity(node_id, soft=False)).remote(None, self.settings.kill_grace)
+
+    def _renewed(self, node: _Node) -> Any:
+        """A node runner of this daemon's code in place of one of other code, once that one runs nothing."""
+        if node.info.get("runs"):
+            raise _Busy(f"its runner runs other code (from before an upgrade) with {node.info['runs']} run(s) in "
+                        "flight: it is replaced once they end")
+        self.ray.kill(node.handle)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the name is free once Ray has the old actor dead
+            try:
+                self.ray.get_actor(f"node-{node.node_id}", namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.2)
+        log.info("node %s: its runner ran other code; replaced", node.name)
+        return self._handle(node.node_id)
+
+    def _stop_orphans(self, node: _Node) -> None:
+        """Runs of this daemon on a node that answers again, which nobody follows (a previous daemon's, given up
+        as interrupted when this one started): stopped, so that none runs beside its retry."""
+        try:
+            known = self.ray.get(node.handle.known.remote(self.owner), timeout=CALL_TIMEOUT)
+        except Exception:
+            return
+        with self.cond:
+            orphans = [rid for rid, ended in known.items() if rid not in self.runs]
+        for run_id in orphans:
+            if not known[run_id]:
+                log.warning("node %s runs %s, which nobody follows (its record says interrupted): stopping it",
+                            node.name, run_id)
+                node.handle.stop.remote(run_id)
+        ended = [rid for rid in orphans if known[rid]]
+        if ended:
+            node.handle.forget.remote(ended)
 
     def _lost(self, node: _Node, why: str) -> None:
         with self.cond:
@@ -500,6 +586,10 @@ class RayExecutor:
         for node_id, run_ids in by_node.items():
             if node_id in handles:
                 handles[node_id].forget.remote(run_ids)
+
+
+class _Busy(Exception):
+    """A node runner that cannot be used yet, and says why."""
 
 
 def _placement(plan: RunPlan | None) -> tuple[dict[str, str], dict[str, float]]:

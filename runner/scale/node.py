@@ -14,6 +14,8 @@ died can reattach and read them again. This class imports no Ray: ``cluster`` ma
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -43,6 +45,7 @@ class _Buffer:
     outcome: dict[str, Any] | None = None
     ended_at: float | None = None
     answered: set[int] = field(default_factory=set)
+    owner: str = ""  # the daemon that submitted it (its host and home)
 
 
 class _Watcher:
@@ -84,16 +87,16 @@ class NodeRunner:
         from runner.scale.cluster import auth_mode
 
         return {"node": self.name, "pid": os.getpid(), "home": str(self.home), "runs": in_flight,
-                "enforced": detect(), "version": _version(), "auth": auth_mode()}
+                "enforced": detect(), "version": _version(), "code": code_id(), "auth": auth_mode()}
 
-    def submit(self, plan_json: dict[str, Any]) -> dict[str, Any]:
-        """Start a run; ``{"error": ...}`` when it cannot start here."""
+    def submit(self, plan_json: dict[str, Any], owner: str = "") -> dict[str, Any]:
+        """Start a run for the daemon ``owner``; ``{"error": ...}`` when it cannot start here."""
         try:
             plan = self._localised(RunPlan.from_json(plan_json))
             with self.cond:
                 if plan.run_id in self.runs:
                     return {"error": f"run {plan.run_id} was submitted to this node already"}
-                self.runs[plan.run_id] = _Buffer()
+                self.runs[plan.run_id] = _Buffer(owner=owner)
             self.executor.submit(plan, _Watcher(self, plan.run_id))
         except OrchestratorError as exc:
             self._drop(plan_json.get("run_id"))
@@ -140,10 +143,10 @@ class NodeRunner:
                 if buffer is not None and buffer.outcome is not None:
                     del self.runs[run_id]
 
-    def known(self) -> dict[str, bool]:
-        """The runs this node has: run id to whether it ended."""
+    def known(self, owner: str | None = None) -> dict[str, bool]:
+        """The runs this node has (those of daemon ``owner``): run id to whether it ended."""
         with self.cond:
-            return {run_id: b.outcome is not None for run_id, b in self.runs.items()}
+            return {run_id: b.outcome is not None for run_id, b in self.runs.items() if owner in (None, b.owner)}
 
     # -- inside -------------------------------------------------------------------------------------
 
@@ -210,3 +213,16 @@ def node_name() -> str:
     except Exception:  # not in a Ray worker (a test of this class alone)
         return os.uname().nodename
     return f"{os.uname().nodename}/{node_id}"
+
+
+@functools.cache
+def code_id() -> str:
+    """What code this process runs: a digest of the runner package's sources. A daemon uses no node runner
+    of other code (one left from before an upgrade): plans and messages are this code's."""
+    import runner
+
+    digest = hashlib.sha256()
+    root = Path(runner.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import SpecRepo, poll
 from daemon_helpers import ledger_rows, listed_runs, process_alive, state_rows, status_of
 from test_ray_executor import (
@@ -136,9 +135,6 @@ def test_a_killed_daemons_run_whose_node_died_too_is_interrupted(repo: SpecRepo,
     assert not process_alive(pid)
 
 
-@pytest.mark.xfail(strict=False, reason="runner bug: a run waiting for a node when its daemon is killed ends "
-                   "'interrupted' (recovery.sweep: status running, no pid, no executor) though it never ran; "
-                   "it should wait again (docs/scale-out.md: a run that had not started goes back on the queue)")
 def test_a_run_waiting_for_a_node_still_waits_after_a_daemon_crash(repo: SpecRepo, home: Path,
                                                                     ray_daemons: Any) -> None:
     scripted_agent(repo, "patient", [turn(content="-")], placement={"labels": {"zone": "later"}})
