@@ -227,8 +227,9 @@ def test_a_push_reconciles_in_about_a_second(tmp_path: Path, home: Path, daemons
           f"({pushed - began:.2f}s in git push with the hooks)")
     done = expect(agentctl("--output", "json", "status", home=home), 0)
     assert {a["name"]: a["state"] for a in json.loads(done.stdout)["agents"]} == {"first": "Ready", "second": "Ready"}
-    initiators = [r["initiator"] for r in ledger_rows(home, "SELECT initiator FROM reconciles") or []]
-    assert "daemon:request" in initiators
+    # the reconcile's row reaches the ledger with the next flush, not with the apply
+    wait_ledger(home, "SELECT initiator FROM reconciles", until=lambda rows: any(
+        r["initiator"] == "daemon:request" for r in rows), what="the push's reconcile in the ledger")
 
 
 # -- 4. the ledger is readable while the daemon runs ----------------------------------------------------

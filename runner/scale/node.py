@@ -84,7 +84,7 @@ class NodeRunner:
 
         with self.cond:
             in_flight = sum(1 for b in self.runs.values() if b.outcome is None)
-        from runner.scale.cluster import auth_mode
+        from runner.scale.joining import auth_mode
 
         return {"node": self.name, "pid": os.getpid(), "home": str(self.home), "runs": in_flight,
                 "enforced": detect(), "version": _version(), "code": code_id(), "auth": auth_mode()}
