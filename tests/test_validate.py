@@ -1189,3 +1189,17 @@ def test_a_placement_that_fits_is_valid(tmp_path: Path) -> None:
         """)
     out = validate(str(tmp_path / "specs"), root=tmp_path)
     assert out.proc.returncode == 0, out.proc.stdout
+
+
+@pytest.mark.parametrize("labels", ['{zone: "\\e]0;PWNED\\a[bold]x"}', '{"zo ne": a}', '{zone: "' + "v" * 64 + '"}',
+                                    '{"RAY.IO/node-id": x}'])
+def test_placement_labels_are_rays_label_syntax(tmp_path: Path, labels: str) -> None:
+    """Ray round 2, F6: a label went to operators' terminals in the waiting reason, escape codes and markup
+    included. Labels are Ray's syntax: letters, digits, '.', '_', '-' (and one '/' in a key)."""
+    write(tmp_path, "specs/a.yaml", f"""
+        name: a
+        model: llama2
+        placement: {{labels: {labels}}}
+        """)
+    out = validate(str(tmp_path / "specs"), root=tmp_path)
+    assert out.proc.returncode == 1 and "label" in out.proc.stdout, out.proc.stdout

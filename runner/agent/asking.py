@@ -8,6 +8,7 @@ run's executor, which writes it on the run's channel. The run never opens the st
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from runner.plan import RunPlan, store_path
 
 log = logging.getLogger("runner.agent")
 TEXT = 8000  # characters of a memory saved, as the memory_save tool has always kept
+MAX_ANSWER = 256 << 10  # bytes of an answer's memories (JSON): the nearest that fit, the rest left out
 
 
 class Asks:
@@ -50,7 +52,13 @@ class Asks:
         store = self._store(plan)
         if ask["op"] == "memory.save":
             return {"memory_id": store.add(ask["text"][:TEXT], kind=ask.get("kind", "note"), run_id=plan.run_id)}
-        return {"found": [m.as_json() for m in store.search(ask["text"], ask["k"])]}
+        found, size = [], 0
+        for memory in store.search(ask["text"], ask["k"]):
+            size += len(json.dumps(memory.as_json()))
+            if size > MAX_ANSWER:
+                break
+            found.append(memory.as_json())
+        return {"found": found}
 
     def _store(self, plan: RunPlan) -> Any:
         from runner.agent.memory import open_memory  # NumPy: loaded by the first run that asks

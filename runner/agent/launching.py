@@ -86,7 +86,7 @@ def start(plan: RunPlan, executor: Executor, asks: Asks, writer: LiveWriter, con
                  input=plan.input, requested_by=requested_by, retry_of=retry_of, attempt=attempt)
     record = RunRecord(writer, row, plan.settings.logs_dir, on_end=on_end, on_message=on_message,
                        on_ask=functools.partial(asks.take, plan))
-    record.begin(conn)
+    record.begin(conn, getattr(executor, "name", "local"))
     try:
         executor.submit(plan, record)
     except OrchestratorError as exc:

@@ -117,10 +117,10 @@ class LocalExecutor:
         a caller's thread: a run that does not read would hold it)."""
         with self._lock:
             run = self._runs.get(run_id)
-            if run is None or run.exited is not None or run.asking is None or message.get("id") != run.asking:
+            if run is None or run.exited is not None or run.asking is None or message.get("id") != run.asking \
+                    or run.outbox:
                 return  # not in flight, or not the ask it waits for (answered already)
-            run.asking = None
-            run.outbox += encode(message)
+            run.outbox += encode(message)  # its ask stays open until all of it is written
         self._wake()
 
     def close(self) -> None:
@@ -297,6 +297,8 @@ class LocalExecutor:
             except OSError:
                 sent = len(run.outbox)  # the run is gone: its end is seen by its pidfd
             del run.outbox[:sent]
+            if not run.outbox:
+                run.asking = None  # written whole: the run may ask again
 
     def _message(self, run: _Run, msg: dict[str, Any]) -> None:
         assert run.bounds is not None

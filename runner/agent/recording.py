@@ -340,6 +340,7 @@ class RunRecord:
         self.on_ask = on_ask  # answers the run's questions (runner.agent.asking)
         self.seq = 0
         self.skip = 0  # events on record already (a run followed again after a daemon's crash): not written again
+        self.durable = threading.Event()  # set once the final row is on disk
         self.started = time.monotonic()
         self.log = AgentLog(agent_log_path(logs_dir, row.client_id, row.agent), row.run_id)
 
@@ -349,17 +350,20 @@ class RunRecord:
                on_ask: Callable[[dict[str, Any]], None] | None = None) -> RunRecord:
         """The record of a run a dead supervisor was following, to be fed the run's messages again from the
         first: those up to its last recorded event are counted (denials, tool errors), not recorded twice."""
-        record = cls(writer, live_row(progress_row, "running"), logs_dir, on_end=on_end, on_ask=on_ask)
+        record = cls(writer, live_row(progress_row, progress_row["status"]), logs_dir, on_end=on_end, on_ask=on_ask)
         record.row.denied = record.row.tool_errors = 0  # counted again from the events replayed
         record.seq = record.skip = int(progress_row["seq"])
         return record
 
-    def begin(self, conn: sqlite3.Connection) -> None:
-        """The row says running, durably, before the run is submitted: a crash from here on leaves a record
-        that says so (the next daemon marks it interrupted, never starts it again)."""
+    def begin(self, conn: sqlite3.Connection, executor: str = "local") -> None:
+        """The row says running, and which executor has it, durably, before the run is submitted: a crash from
+        here on leaves a record that says so (the next daemon marks it interrupted or, for a cluster's run, asks
+        the nodes for it; it never starts it again)."""
         row = self.row
         row.status, row.started_at = "running", utcnow()
-        write_run(conn, row)
+        with Transaction(conn) as tx:
+            _write_run(tx, row)
+            tx.execute("UPDATE run_progress SET executor = ? WHERE run_id = ?", (executor, row.run_id))
 
     def message(self, message: dict[str, Any]) -> None:
         row, kind = self.row, message["t"]
@@ -412,8 +416,13 @@ class RunRecord:
         self.log.write(end_line(final, time.monotonic() - self.started),
                        "INFO" if row.status == "succeeded" else "WARNING")
         on_end = self.on_end
-        self.writer.put(lambda tx: _final(tx, event, final),
-                        then=(lambda: on_end(final)) if on_end is not None else None)
+
+        def then() -> None:
+            self.durable.set()
+            if on_end is not None:
+                on_end(final)
+
+        self.writer.put(lambda tx: _final(tx, event, final), then=then)
 
     def fail(self, error: str) -> None:
         """The run never started (its executor refused it): failed, with the reason."""

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from runner import tokens
 from runner.cli.main import App, cli, pass_app
+from runner.cli.runs import esc
 from runner.errors import NotFoundError, TransientError, UsageError
 from runner.ledger.reading import query, user_query
 from runner.ledger.runs import STATUSES, list_runs
@@ -133,7 +134,8 @@ def _print_cluster(console: Console, cluster: dict[str, Any]) -> None:
         table.add_column(col)
     for n in cluster["nodes"]:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(n["labels"].items())) or "-"
-        table.add_row(n["node"], n["node_id"][:12], labels, str(n["runs"]), "alive" if n["alive"] else "lost")
+        table.add_row(esc(n["node"]), esc(n["node_id"][:12]), esc(labels), str(n["runs"]),
+                      "alive" if n["alive"] else "lost")
     console.print(table)
 
 
@@ -173,7 +175,7 @@ def _print_status(data: dict[str, Any]) -> None:
     for row in data["agents"]:
         last = row["last_run"]
         last_text = f"{last['status']} {str(last['started_at'] or '')[:19]}" if last else "-"
-        message = "; ".join(m for m in (row["message"], row.get("waiting")) if m)
+        message = "; ".join(m for m in (row["message"], esc(row.get("waiting") or "")) if m)
         table.add_row(row["name"], row["state"], row["revision"] or "-", last_text, row["next_run"] or "-", message)
     if not data["agents"]:
         console.print("no agents applied yet: run 'agentctl apply'")

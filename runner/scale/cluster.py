@@ -16,6 +16,7 @@ story again from the node's buffer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -70,6 +71,8 @@ class _Run:
 
 
 class RayExecutor:
+    name = "ray"  # what run_progress.executor says of its runs, from their start on (runner.supervise.recovery)
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ray = connect(settings)
@@ -87,10 +90,9 @@ class RayExecutor:
         self.refused: dict[str, str] = {}  # node id: why no run goes there
         self.closing = False
         self.home_node = self.ray.get_runtime_context().get_node_id()
-        self.owner = f"{os.uname().nodename}:{settings.home.resolve()}"  # one daemon per home
-        self._started = False
+        self.owner = f"{_machine()}:{settings.home.resolve()}"  # one daemon per home
+        self._started = False  # until settle(): a node's runs of ours may be the previous daemon's, to follow
         self._refresh()
-        self._started = True  # nodes adopted from now on may hold runs of ours nobody follows (see _adopt)
         self._thread = threading.Thread(target=self._keeper, name="ray-nodes", daemon=True)
         self._thread.start()
 
@@ -164,6 +166,15 @@ class RayExecutor:
                     self.cond.notify_all()
                 return True
         return False
+
+    def settle(self) -> None:
+        """The daemon followed again what it could (``reattach``): what our nodes still run for this daemon
+        that nobody follows now is stopped (its record says interrupted, or queued again)."""
+        with self.cond:
+            self._started = True
+            nodes = [n for n in self.nodes.values() if n.alive and n.handle is not None]
+        for node in nodes:
+            self._stop_orphans(node)
 
     # -- what operators see -------------------------------------------------------------------------
 
@@ -353,9 +364,10 @@ class RayExecutor:
 
     def _renewed(self, node: _Node) -> Any:
         """A node runner of this daemon's code in place of one of other code, once that one runs nothing."""
-        if node.info.get("runs"):
-            raise _Busy(f"its runner runs other code (from before an upgrade) with {node.info['runs']} run(s) in "
-                        "flight: it is replaced once they end")
+        if node.info.get("held", node.info.get("runs")):
+            raise _Busy(f"its runner runs other code (from before an upgrade) and holds {node.info.get('held')} "
+                        "run(s), in flight or not yet collected: it is replaced once it holds none (every daemon "
+                        "of a cluster must run the same code)")
         self.ray.kill(node.handle)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the name is free once Ray has the old actor dead
@@ -441,9 +453,13 @@ class RayExecutor:
         if report.get("unknown"):
             self._end_locally(run_id, decide("lost", None, fault=f"node {node.name} no longer has the run"))
             return
-        for message in report.get("messages", []):
+        answered = set(report.get("answered", []))
+        for data in report.get("messages", []):
             run.cursor += 1
             try:
+                message = json.loads(data)
+                if message.get("t") == "ask" and message.get("id") in answered:
+                    message["answered"] = True  # a daemon before this one answered it: not asked again
                 run.watcher.message(message)
             except Exception:
                 log.exception("recording a message of run %s failed", run_id)
@@ -469,7 +485,9 @@ class RayExecutor:
         by_node: dict[str, list[str]] = {}
         with self.cond:
             for run_id, run in list(self.runs.items()):
-                if run.ended is not None and (force or now - run.ended > FORGET_DELAY):
+                durable = getattr(run.watcher, "durable", None)  # its final row is on disk (RunRecord)
+                if run.ended is not None and (force or (now - run.ended > FORGET_DELAY and
+                                                        (durable is None or durable.is_set()))):
                     del self.runs[run_id]
                     if run.node_id:
                         by_node.setdefault(run.node_id, []).append(run_id)
@@ -477,6 +495,15 @@ class RayExecutor:
         for node_id, run_ids in by_node.items():
             if node_id in handles:
                 handles[node_id].forget.remote(run_ids)
+
+
+def _machine() -> str:
+    """This machine, for telling our runs from another daemon's: its machine id (host names repeat)."""
+    try:
+        with open("/etc/machine-id") as handle:
+            return handle.read().strip() or os.uname().nodename
+    except OSError:
+        return os.uname().nodename
 
 
 class _Busy(Exception):

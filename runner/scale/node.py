@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -34,6 +35,8 @@ from runner.specs.checking import private_folders, protected_folders
 
 log = logging.getLogger("runner.scale")
 MAX_BATCH = 2000  # messages one poll returns at most for one run
+MAX_BATCH_BYTES = 4 << 20  # bytes of messages one poll returns at most, all runs together
+EXPIRE_EVERY = 60.0  # seconds between two looks for ended runs no daemon came to collect
 FORGET_AFTER = 6 * 3600.0  # seconds an ended run is kept for a daemon that never says forget (one that died)
 
 
@@ -41,7 +44,8 @@ FORGET_AFTER = 6 * 3600.0  # seconds an ended run is kept for a daemon that neve
 class _Buffer:
     """One run's story as the node heard it, kept for the control plane to read (and read again)."""
 
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)  # each as JSON: a dict of small ones costs 20 times more
+    size: int = 0  # bytes of messages
     outcome: dict[str, Any] | None = None
     ended_at: float | None = None
     answered: set[int] = field(default_factory=set)
@@ -75,6 +79,8 @@ class NodeRunner:
         self.runs: dict[str, _Buffer] = {}
         self.started = time.time()
         self.name = node_name()
+        self.ray_folders = _ray_folders()
+        threading.Thread(target=self._expiring, name="expire", daemon=True).start()
 
     # -- what the control plane calls ---------------------------------------------------------------
 
@@ -84,9 +90,10 @@ class NodeRunner:
 
         with self.cond:
             in_flight = sum(1 for b in self.runs.values() if b.outcome is None)
+            held = len(self.runs)
         from runner.scale.joining import auth_mode
 
-        return {"node": self.name, "pid": os.getpid(), "home": str(self.home), "runs": in_flight,
+        return {"node": self.name, "pid": os.getpid(), "home": str(self.home), "runs": in_flight, "held": held,
                 "enforced": detect(), "version": _version(), "code": code_id(), "auth": auth_mode()}
 
     def submit(self, plan_json: dict[str, Any], owner: str = "") -> dict[str, Any]:
@@ -116,7 +123,6 @@ class NodeRunner:
                 out = self._news(cursors)
                 left = deadline - time.monotonic()
                 if out or left <= 0:
-                    self._expire()
                     return out
                 self.cond.wait(left)
 
@@ -129,11 +135,7 @@ class NodeRunner:
             buffer = self.runs.get(run_id)
             if buffer is None or message.get("id") in buffer.answered:
                 return
-            buffer.answered.add(int(message["id"]))
-            for asked in reversed(buffer.messages):  # a daemon that reads the run again does not ask again
-                if asked.get("t") == "ask" and asked.get("id") == message["id"]:
-                    asked["answered"] = True
-                    break
+            buffer.answered.add(int(message["id"]))  # polls say so: a daemon that reads the run again asks not
         self.executor.answer(run_id, message)
 
     def forget(self, run_ids: list[str]) -> None:
@@ -155,7 +157,7 @@ class NodeRunner:
         against this node's own folders."""
         plan.settings = plan.settings.model_copy(update={"home": self.home})
         plan.private = list(runtime_overlaps(list(private_folders(plan.settings))))
-        check_paths(plan, list(protected_folders(plan.settings)))
+        check_paths(plan, [*protected_folders(plan.settings), *self.ray_folders])  # Ray's: its sockets, its token
         return plan
 
     def _add(self, run_id: str, message: dict[str, Any] | None = None, outcome: dict[str, Any] | None = None) -> None:
@@ -164,28 +166,44 @@ class NodeRunner:
             if buffer is None:
                 return
             if message is not None:
-                buffer.messages.append(message)
+                data = json.dumps(message).encode()
+                buffer.messages.append(data)
+                buffer.size += len(data)
             if outcome is not None:
                 buffer.outcome, buffer.ended_at = outcome, time.monotonic()
             self.cond.notify_all()
 
     def _news(self, cursors: dict[str, int]) -> dict[str, Any]:
+        """Messages as JSON text, at most MAX_BATCH_BYTES a poll (one at least), each run's in order."""
         out: dict[str, Any] = {}
+        budget = MAX_BATCH_BYTES
         for run_id, cursor in cursors.items():
             buffer = self.runs.get(run_id)
             if buffer is None:
                 out[run_id] = {"unknown": True}
                 continue
-            messages = buffer.messages[cursor:cursor + MAX_BATCH]
+            messages: list[bytes] = []
+            for data in buffer.messages[cursor:cursor + MAX_BATCH]:
+                if messages and len(data) > budget:
+                    break
+                messages.append(data)
+                budget -= len(data)
             done = cursor + len(messages) >= len(buffer.messages)
             if messages or (done and buffer.outcome is not None):
-                out[run_id] = {"messages": messages, "outcome": buffer.outcome if done else None}
+                out[run_id] = {"messages": messages, "outcome": buffer.outcome if done else None,
+                               "answered": sorted(buffer.answered)}
+            if budget <= 0:
+                break
         return out
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for run_id in [r for r, b in self.runs.items() if b.ended_at is not None and now - b.ended_at > FORGET_AFTER]:
-            del self.runs[run_id]
+    def _expiring(self) -> None:
+        while True:
+            time.sleep(EXPIRE_EVERY)
+            now = time.monotonic()
+            with self.cond:
+                for run_id in [r for r, b in self.runs.items()
+                               if b.ended_at is not None and now - b.ended_at > FORGET_AFTER]:
+                    del self.runs[run_id]
 
     def _drop(self, run_id: Any) -> None:
         with self.cond:
@@ -226,3 +244,18 @@ def code_id() -> str:
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _ray_folders() -> list[tuple[str, str]]:
+    """Ray's own folders on this node (its sockets, session files and logs; ~/.ray holds the token): no
+    spec path may be in or hold them."""
+    found = [("Ray's folder", os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")),
+             ("Ray's token folder", os.path.expanduser("~/.ray"))]
+    try:
+        import ray._private.worker as worker
+
+        node: Any = worker.global_worker.node
+        found.append(("Ray's folder", node.get_temp_dir_path()))
+    except Exception:  # not in a Ray worker (a test of this class alone)
+        pass
+    return [(what, os.path.realpath(path)) for what, path in found]

@@ -7,6 +7,7 @@ live in ``checking.py``; here are only the shapes.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -128,6 +129,8 @@ class Retry(Strict):
 
 
 MAX_RESOURCE = 1e6  # of one resource a run may claim
+LABEL_KEY = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,62}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+LABEL_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}")
 
 
 class Placement(Strict):
@@ -149,10 +152,16 @@ class Placement(Strict):
     @field_validator("labels")
     @classmethod
     def _operators_labels(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if key.startswith("ray.io/"):
+        for key, label in value.items():
+            if not LABEL_KEY.fullmatch(key):
+                raise ValueError(f"label key {key[:80]!r}: letters, digits, '.', '_', '-' and one '/' (as Ray's "
+                                 "labels), 1 to 127 characters")
+            if key.lower().startswith("ray.io/"):
                 raise ValueError(f"label '{key}': labels under ray.io/ are Ray's own (a node's id among them); "
                                  "place runs by the labels the operator gave the nodes")
+            if not LABEL_VALUE.fullmatch(label):
+                raise ValueError(f"label '{key}': its value {label[:80]!r} may hold letters, digits, '.', '_' and '-', "
+                                 "up to 63 characters")
         return value
 
 

@@ -118,6 +118,8 @@ class Daemon:
         for client in self.clients:
             client.executor = self.executor
             client.start()
+        if self.executor is not None:
+            self.executor.settle()  # what the clients did not follow again is stopped on its node
         runtimes: dict[str, Runtime] = {c.settings.client_id: c.runtime for c in self.clients}
         self.metrics = Metrics(runtimes)
         for client in self.clients:
@@ -221,16 +223,20 @@ class ClientDaemon:
             log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
                         len(left.interrupted), ", ".join(r["run_id"] for r in left.interrupted))
         self._first_wait = self.reconcile_once("daemon:start")
+        for row in left.remote:
+            if self.table.reattach(row):
+                continue
+            if row["status"] == "queued":  # it waited for a node and no node has it: nothing of it ran
+                left.queued.append(row)
+                continue
+            interrupt(self.conn, row, "the daemon died while the run was in flight, and no node has it now")
+            log.warning("run %s: no node has it now: interrupted", row["run_id"])
+            left.interrupted.append(row)
         if left.queued:
             log.warning("put %d run(s) back on the queue (queued, not started, when the last daemon stopped): %s",
                         len(left.queued), ", ".join(r["run_id"] for r in left.queued))
         for row in left.queued:
             self.table.requeue(row)
-        for row in left.remote:
-            if not self.table.reattach(row):
-                interrupt(self.conn, row, "the daemon died while the run was in flight, and no node has it now")
-                log.warning("run %s: no node has it now: interrupted", row["run_id"])
-                left.interrupted.append(row)
         for row in left.interrupted:
             self.table.interrupted(row)  # queues its retry, if its spec asks for one
         # The triggers are armed only now, after the first reconcile: the catch-up of missed slots must see an

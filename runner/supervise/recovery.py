@@ -38,11 +38,11 @@ def sweep(conn: sqlite3.Connection, client_id: str, scratch: Path | None = None)
     for r in rows:
         if pid_alive(r["launcher_pid"]) and r["launcher_pid"] != os.getpid():
             continue  # a foreground run still in its launcher's care
+        if r["executor"] == "ray":  # on a node, or waiting for one: the executor may find it there
+            found.remote.append(r)
+            continue
         if r["status"] == "queued" and not r["pid"]:
             found.queued.append(r)
-            continue
-        if r["executor"] == "ray":  # its pid is on its node, not here: the executor may find it again
-            found.remote.append(r)
             continue
         if r["pid"]:
             try:
