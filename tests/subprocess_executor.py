@@ -55,6 +55,9 @@ class SubprocessExecutor:
         if stop is not None:
             stop.set()
 
+    def answer(self, run_id: str, message: dict[str, Any]) -> None:
+        """Nothing is asked of it: its runs call ``execute`` without ``ask``, and open their memory themselves."""
+
     def close(self) -> None:
         with self._lock:
             for stop in self._stops.values():
