@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SpecRepo, agentctl, git
+from daemon_helpers import wait_ledger
 from doubles import FakeOpenAIServer
 from test_daemon import MakeDaemon, daemons  # noqa: F401 (the fixture)
 from test_escape_classes import _agent, _found, _ledger
@@ -126,9 +127,10 @@ def flood(n: str) -> str:
     daemon = daemons()
     row = daemon.run("flood")
     assert row["status"] == "succeeded", row
-    refused = _ledger(home, "SELECT detail FROM run_events WHERE run_id = ? AND name = 'egress' AND "
-                            "decision = 'denied'", [row["run_id"]])
-    assert any("connections open through the proxy" in r[0] for r in refused), refused
+    # read as the daemon's flusher lets us (it holds the ledger's lock while it writes)
+    wait_ledger(home, "SELECT detail FROM run_events WHERE run_id = ? AND name = 'egress' AND decision = 'denied'",
+                [row["run_id"]], until=lambda rows: any("connections open through the proxy" in r["detail"]
+                                                        for r in rows), what="the proxy's refusals in the ledger")
     assert daemon.run("flood")["status"] == "succeeded"  # the daemon is still there and well
 
 
