@@ -21,6 +21,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -139,7 +140,8 @@ def throughput(root: Path) -> None:
           f"on 2 cores at most")
 
 
-def _one(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+def _one(con: Any, sql: str) -> int:
+    """The first column of the first row (a DuckDB or a SQLite connection)."""
     row = con.execute(sql).fetchone()
     return int(row[0]) if row else 0
 

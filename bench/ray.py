@@ -43,6 +43,7 @@ import yaml
 
 from bench import commit_all
 from bench.daemon import _one, make_repo, start_daemon, stop
+from bench.processes import descendants, has_marker, kill_all, with_marker
 from runner.supervise.control import call, socket_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,49 +93,15 @@ class Cluster:
 
     def note(self) -> None:
         """Remember the processes the cluster has now (a killed node's orphans are not our children)."""
-        self.seen |= _descendants(os.getpid()) | _with_marker(self.marker)
+        self.seen |= descendants(os.getpid()) | with_marker(MARKER, self.marker)
 
     def shutdown(self) -> None:
         self.note()
         try:
             self.ray_cluster.shutdown()
-        finally:
-            mine = _descendants(os.getpid()) | _with_marker(self.marker)
-            for pid in mine | {p for p in self.seen if _alive_with_marker(p, self.marker)}:
-                if pid != os.getpid():
-                    try:  # what the cluster left: detached actors' workers, their zygotes and runs
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _with_marker(marker: str) -> set[int]:
-    return {int(e) for e in os.listdir("/proc") if e.isdigit() and _alive_with_marker(int(e), marker)}
-
-
-def _alive_with_marker(pid: int, marker: str) -> bool:
-    try:
-        return f"{MARKER}={marker}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
+        finally:  # what the cluster left: detached actors' workers, their zygotes and runs
+            kill_all(descendants(os.getpid()) | with_marker(MARKER, self.marker) |
+                     {p for p in self.seen if has_marker(p, MARKER, self.marker)})
 
 
 # -- figure 1: dispatch ----------------------------------------------------------------------------------
@@ -281,7 +248,7 @@ def ledger(root: Path, ray_rate: float) -> None:
         for _ in range(LEDGER_RUNS):  # each run's final row is durable once its on_end ran
             ended.acquire()
         live = time.perf_counter() - t
-        journal = _one_sqlite(conn, "SELECT count(*) FROM journal")
+        journal = _one(conn, "SELECT count(*) FROM journal")
         t = time.perf_counter()
         moved = flush(conn, ledger_path, wait=True)
         archive = time.perf_counter() - t
@@ -311,11 +278,6 @@ def ledger(root: Path, ray_rate: float) -> None:
           f"Assuming a node runs R = {ray_rate:.1f} runs/s (figure 2, Ray, one node) of S = {per_run} events: "
           f"nodes = ceiling / (R*S) = {ceiling:.0f} / ({ray_rate:.1f}*{per_run}) = {ceiling / need:.1f} nodes "
           f"(at 1 run/s a node: {ceiling / per_run:.0f} nodes)")
-
-
-def _one_sqlite(conn: sqlite3.Connection, sql: str) -> int:
-    row = conn.execute(sql).fetchone()
-    return int(row[0]) if row else 0
 
 
 def _sqlite_baseline(path: Path, rows: list[Any], messages: list[list[dict[str, Any]]]) -> float:

@@ -39,6 +39,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
+from runner.agent.recording import end_in_flight
 from runner.errors import PermanentError, SourceError, StorageFullError, TransientError, UsageError
 from runner.ledger import reading
 from runner.ledger.ingesting import checkpoint, flush, retry_rejected
@@ -61,7 +62,7 @@ from runner.supervise.control import ControlServer, socket_path
 from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
 from runner.supervise.owning import HomeLock
-from runner.supervise.recovery import interrupt, sweep
+from runner.supervise.recovery import sweep
 from runner.supervise.runtime import Runtime
 from runner.supervise.table import ProcessTable
 from runner.supervise.triggers import Scheduler, Watcher
@@ -229,7 +230,8 @@ class ClientDaemon:
             if row["status"] == "queued":  # it waited for a node and no node has it: nothing of it ran
                 left.queued.append(row)
                 continue
-            interrupt(self.conn, row, "the daemon died while the run was in flight, and no node has it now")
+            end_in_flight(self.conn, row, "interrupted", "the daemon died while the run was in flight, and no node "
+                          "has it now")
             log.warning("run %s: no node has it now: interrupted", row["run_id"])
             left.interrupted.append(row)
         if left.queued:

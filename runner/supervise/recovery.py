@@ -5,7 +5,7 @@ power loss), nobody will write the final row, so the next daemon start sorts its
 - a run that was ``running`` (its process had started) is ``interrupted``, and whatever is left of its
   process group is killed: part of it ran, and running it again is the spec's choice (``retry``);
 - a run on a Ray node (``executor`` ray) may still run there: the caller asks the executor to follow it
-  again (``ProcessTable.reattach``), and ends it interrupted (``interrupt``) when no node has it;
+  again (``ProcessTable.reattach``), and ends it interrupted (``end_in_flight``) when no node has it;
 - a run that was still ``queued`` had not started: nothing of it ran, so it goes back on the queue,
   under its own run id, ahead of anything new.
 """
@@ -55,6 +55,3 @@ def sweep(conn: sqlite3.Connection, client_id: str, scratch: Path | None = None)
             shutil.rmtree(scratch / r["run_id"], ignore_errors=True)
     return found
 
-
-def interrupt(conn: sqlite3.Connection, progress_row: sqlite3.Row, why: str) -> None:
-    end_in_flight(conn, progress_row, "interrupted", why)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +33,11 @@ from typing import Any
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+for _path in (TESTS, TESTS.parent):  # the tests' helpers; bench.processes, the one cleanup of a local cluster
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench.processes import descendants, kill_all, with_marker  # noqa: E402
 
 SESSION_MARKER = "AORCH_RAY_TEST_SESSION"  # not AGENT_ORCH_*: the suite's autouse fixture clears those
 NAMESPACE = "agent-orchestrator"
@@ -112,39 +114,6 @@ class RayCluster:
                 "RAY_AUTH_TOKEN": self.token, **more}
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _with_marker(marker: str) -> set[int]:
-    wanted = f"{SESSION_MARKER}={marker}".encode()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if wanted in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                found.add(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
     why = private_network()
@@ -175,15 +144,11 @@ def ray_cluster() -> Iterator[RayCluster]:
         cluster.wait_for_nodes()
         yield made
     finally:
-        spawned = _descendants(os.getpid()) | _with_marker(marker)
+        spawned = descendants(os.getpid()) | with_marker(SESSION_MARKER, marker)
         try:
             cluster.shutdown()
-        finally:
-            for pid in (_descendants(os.getpid()) | _with_marker(marker) | spawned) - {os.getpid()}:
-                try:  # what the cluster left: detached actors' workers, their zygotes and runs
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        finally:  # what the cluster left: detached actors' workers, their zygotes and runs
+            kill_all(descendants(os.getpid()) | with_marker(SESSION_MARKER, marker) | spawned)
             for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", SESSION_MARKER):
                 os.environ.pop(key, None)
             shutil.rmtree(base, ignore_errors=True)
@@ -229,11 +194,7 @@ def insecure_cluster(ray_cluster: RayCluster) -> Iterator[str]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        for pid in _with_marker(marker):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_all(with_marker(SESSION_MARKER, marker))
         shutil.rmtree(base, ignore_errors=True)
 
 
