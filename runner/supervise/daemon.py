@@ -130,7 +130,6 @@ class Daemon:
         if self.app_factory is not None:
             self.api = ApiServer(self.app_factory(runtimes, self.metrics), s.host, s.port)
             address = f"[{s.host}]:{self.api.port}" if ":" in s.host else f"{s.host}:{self.api.port}"
-            self.lock.record(api=address)
             for client in self.clients:
                 client.api_address = address
             log.info("API on http://%s/agents/v1 (health: /healthz)", address)
@@ -142,7 +141,9 @@ class Daemon:
                  for c in self.clients]
         for t in loops:
             t.start()
-        self.lock.record(ready=True)  # `agentctl run` waits for this before it runs anything in the foreground
+        # One record: the API's address and that the daemon is ready (`agentctl run` waits for this before it runs
+        # anything in the foreground).
+        self.lock.record(ready=True, **({"api": self.clients[0].api_address} if self.api is not None else {}))
         log.info("ready: client(s) %s", ", ".join(runtimes))
         while not self.stopping.wait(0.5):
             pass
