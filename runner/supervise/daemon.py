@@ -228,7 +228,9 @@ class ClientDaemon:
         for row in left.remote:
             if self.table.reattach(row):
                 continue
-            if row["status"] == "queued":  # it waited for a node and no node has it: nothing of it ran
+            # It waited for a node (the record may not say so yet: the daemon died before writing it down)
+            # and no node has it: nothing of it ran, it was never placed, nothing of it is on record.
+            if row["status"] == "queued" or (not row["pid"] and not row["seq"]):
                 left.queued.append(row)
                 continue
             end_in_flight(self.conn, row, "interrupted", "the daemon died while the run was in flight, and no node "
