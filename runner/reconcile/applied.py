@@ -20,7 +20,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.specs.models import AgentSpec
+from runner.specs.models import AgentSpec, WorkflowSpec
 from runner.state import Transaction, register
 from runner.times import utcnow
 
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS applied_changes ( -- bumped with every change to a cl
     generation INTEGER NOT NULL DEFAULT 0,   -- the daemon re-arms its triggers when it moves
     changed_at TEXT
 );
-""", migrations=[("sources", "invalid", "TEXT")])
+""", migrations=[("sources", "invalid", "TEXT"), ("agents", "kind", "TEXT NOT NULL DEFAULT 'agent'")])
 
 
 @dataclass
@@ -70,11 +70,16 @@ class AppliedAgent:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     suspended: bool = False
     updated_at: str | None = None
+    kind: str = "agent"  # or workflow: the same table, names unique across both
     _parsed: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def spec(self) -> AgentSpec | None:
         return AgentSpec.model_validate_json(self.spec_json) if self.spec_json else None
+
+    @property
+    def workflow(self) -> WorkflowSpec | None:
+        return WorkflowSpec.model_validate_json(self.spec_json) if self.spec_json and self.kind == "workflow" else None
 
     @property
     def spec_dict(self) -> dict[str, Any] | None:
@@ -114,10 +119,13 @@ class AppliedAgent:
         return str(self.condition("Ready").get("message", ""))
 
 
-def load_applied(conn: sqlite3.Connection, client_id: str, name: str | None = None) -> dict[str, AppliedAgent]:
-    sql = "SELECT * FROM agents WHERE client_id = ?" + (" AND name = ?" if name else "") + " ORDER BY name"
-    rows = conn.execute(sql, (client_id, name) if name else (client_id,)).fetchall()
-    return {r["name"]: _agent(r) for r in rows}
+def load_applied(conn: sqlite3.Connection, client_id: str, name: str | None = None,
+                 kind: str | None = "agent") -> dict[str, AppliedAgent]:
+    """The client's applied agents (``kind`` agent), workflows (workflow) or both (None), by name."""
+    sql = ("SELECT * FROM agents WHERE client_id = ?" + (" AND name = ?" if name else "")
+           + (" AND kind = ?" if kind else "") + " ORDER BY name")
+    args = (client_id, *([name] if name else []), *([kind] if kind else []))
+    return {r["name"]: _agent(r) for r in conn.execute(sql, args).fetchall()}
 
 
 def set_suspended(conn: sqlite3.Connection, client_id: str, name: str, suspended: bool) -> bool:
@@ -175,4 +183,5 @@ def _agent(r: sqlite3.Row) -> AppliedAgent:
         generation=r["generation"], applied_revision=r["applied_revision"],
         attempted_revision=r["attempted_revision"], fingerprint=r["fingerprint"],
         conditions=json.loads(r["conditions"]), suspended=bool(r["suspended"]), updated_at=r["updated_at"],
+        kind=r["kind"],
     )

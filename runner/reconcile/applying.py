@@ -104,15 +104,15 @@ def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> No
         synced = _condition("Synced", True, "Applied", "", stamp)
         tx.execute(
             """INSERT INTO agents (client_id, name, path, blob, spec, generation, applied_revision,
-                   attempted_revision, fingerprint, conditions, updated_at)
-               VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
-               ON CONFLICT(client_id, name) DO UPDATE SET path = excluded.path, blob = excluded.blob,
+                   attempted_revision, fingerprint, conditions, updated_at, kind)
+               VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(client_id, name) DO UPDATE SET path = excluded.path, blob = excluded.blob, kind = excluded.kind,
                    spec = excluded.spec, generation = agents.generation + 1,
                    applied_revision = excluded.applied_revision, attempted_revision = excluded.attempted_revision,
                    fingerprint = excluded.fingerprint, conditions = excluded.conditions,
                    updated_at = excluded.updated_at""",
-            (*key, r.rel_path, r.blob, r.spec.model_dump_json(), plan.revision, plan.revision, plan.fingerprint,
-             json.dumps([ready, synced]), stamp))
+            (*key, r.rel_path, r.blob, r.spec.model_dump_json(by_alias=True), plan.revision, plan.revision,
+             plan.fingerprint, json.dumps([ready, synced]), stamp, r.kind))
         return
     # invalid: keep the last good spec (if any); say why it is not what the source says
     problems = errors_in(change.problems)
@@ -123,11 +123,12 @@ def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> No
              else _condition("Ready", False, "NeverValid", "no valid spec applied yet", stamp))
     synced = _condition("Synced", False, "Invalid", message, stamp)
     tx.execute(
-        """INSERT INTO agents (client_id, name, path, blob, attempted_revision, conditions, updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?)
+        """INSERT INTO agents (client_id, name, path, blob, attempted_revision, conditions, updated_at, kind)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT(client_id, name) DO UPDATE SET conditions = excluded.conditions,
                blob = NULL, attempted_revision = excluded.attempted_revision, updated_at = excluded.updated_at""",
-        (*key, r.rel_path if r else None, None, plan.revision, json.dumps([ready, synced]), stamp))
+        (*key, r.rel_path if r else None, None, plan.revision, json.dumps([ready, synced]), stamp,
+         r.kind if r else "agent"))
 
 
 def _condition(kind: str, status: bool, reason: str, message: str, stamp: str) -> dict[str, Any]:

@@ -78,9 +78,10 @@ class Plan:
 
 def make_plan(conn: sqlite3.Connection, source: GitSource, revision: str, *, client_id: str, home: str,
               allow_empty: bool = False) -> Plan:
-    applied = load_applied(conn, client_id)
+    applied = load_applied(conn, client_id, kind=None)
+    # Workflows are always validated (through the cache): their steps' agents are checked against the tree.
     known = {a.path: (a.blob or "", a.fingerprint or "", a.name) for a in applied.values()
-             if a.path and a.spec_json and a.synced}
+             if a.path and a.spec_json and a.synced and a.kind == "agent"}
     cache = SpecCache(conn)
     try:
         files = source.files(revision)
@@ -121,8 +122,10 @@ def diff(results: list[SpecResult], applied: dict[str, AppliedAgent]) -> list[Ch
         elif current is None or current.spec_json is None:
             changes.append(Change("create", name or r.file, result=r))
         else:
-            new = r.spec.model_dump(mode="json") if r.spec else {}
+            new = r.spec.model_dump(mode="json", by_alias=True) if r.spec else {}
             fields = changed_fields(current.spec_dict or {}, new)
+            if current.kind != r.kind:
+                fields = ["kind", *fields]
             if not fields and not current.synced:
                 fields = ["recovered from Invalid"]
             if fields:

@@ -83,7 +83,7 @@ def check_document(doc: Document, ctx: Context, rel_path: str) -> tuple[AgentSpe
     try:
         spec = AgentSpec.model_validate(doc.data)
     except ValidationError as exc:
-        problems.extend(_from_pydantic(doc, exc))
+        problems.extend(from_pydantic(doc, exc))
     problems.extend(_Semantics(doc, ctx, rel_path).run())
     problems.sort(key=lambda p: (p.line, p.col))
     if any(p.severity == "error" for p in problems):
@@ -227,14 +227,15 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 # -- shape errors -------------------------------------------------------------------------------
 
 
-def _from_pydantic(doc: Document, exc: ValidationError) -> list[Problem]:
+def from_pydantic(doc: Document, exc: ValidationError, root: type[BaseModel] = AgentSpec) -> list[Problem]:
+    """Pydantic's errors for a document validated as ``root``, as problems at their positions."""
     out = []
     for err in exc.errors(include_url=False):
         loc = _data_loc(doc.data, tuple(err["loc"]))
         kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
         at_key = False
         if kind == "extra_forbidden":
-            known = _fields_at(loc[:-1], doc.data)
+            known = _fields_at(loc[:-1], doc.data, root)
             message = f"unknown field '{loc[-1]}'{did_you_mean(str(loc[-1]), known)}"
             if known:
                 message += f" (known: {', '.join(sorted(known))})" if not did_you_mean(str(loc[-1]), known) else ""
@@ -247,7 +248,7 @@ def _from_pydantic(doc: Document, exc: ValidationError) -> list[Problem]:
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
             if kind == "union_tag_not_found":  # pydantic names no tags here: take them from the models
-                message = f"required field 'type' is missing (one of {', '.join(_tags_at(loc))})"
+                message = f"required field 'type' is missing (one of {', '.join(_tags_at(loc, root))})"
                 loc = (*loc, "type")
             else:
                 message = f"{ctx.get('tag')!r} is not one of {', '.join(choices)}"
@@ -280,9 +281,9 @@ def _data_loc(data: Any, loc: Loc) -> Loc:
     return tuple(out)
 
 
-def _fields_at(loc: Loc, data: Any) -> set[str]:
+def _fields_at(loc: Loc, data: Any, root: type[BaseModel]) -> set[str]:
     """Field names of the model found at ``loc`` (for did-you-mean on unknown fields)."""
-    tp: Any = AgentSpec
+    tp: Any = root
     node = data
     for part in loc:
         node = node.get(part) if isinstance(node, dict) else (
@@ -290,12 +291,12 @@ def _fields_at(loc: Loc, data: Any) -> set[str]:
         tp = _unwrap(tp.model_fields[part].annotation if isinstance(part, str) and _is_model(tp)
                      and part in tp.model_fields else tp, node)
     tp = _unwrap(tp, node)
-    return set(tp.model_fields) if _is_model(tp) else set()
+    return {f.alias or n for n, f in tp.model_fields.items()} if _is_model(tp) else set()
 
 
-def _tags_at(loc: Loc) -> list[str]:
+def _tags_at(loc: Loc, root: type[BaseModel]) -> list[str]:
     """The 'type' values the tagged union at ``loc`` accepts (triggers[0] -> schedule, file_change)."""
-    tp: Any = AgentSpec
+    tp: Any = root
     for part in (*loc, None):
         while typing.get_origin(tp) in (typing.Annotated, list):
             tp = typing.get_args(tp)[0]
@@ -479,6 +480,13 @@ class _Semantics:
         if uses_http and not domains:
             self._add(("constraints",), "http_get can reach nothing: constraints.allowed_domains is empty",
                       "warning")
+
+
+def trigger_problems(doc: Document, ctx: Context, rel_path: str) -> list[Problem]:
+    """The problems of a document's triggers (cron, time zone, watched folder), for any kind of spec."""
+    semantics = _Semantics(doc, ctx, rel_path)
+    semantics._triggers()
+    return semantics.problems
 
 
 def cron_problem(expr: str) -> str | None:

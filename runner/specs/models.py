@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -166,6 +166,8 @@ class Placement(Strict):
 
 
 class AgentSpec(Strict):
+    kind: Literal["agent"] = Field("agent", exclude=True, description="agent, the default (a workflow says kind: "
+                                   "workflow).")
     name: str = Field(
         pattern=NAME_PATTERN,
         description="Unique within the repository; lowercase letters, digits, '-' and '_' (it names files).",
@@ -199,3 +201,71 @@ class AgentSpec(Strict):
     @property
     def task(self) -> str:
         return self.instructions or self.description
+
+
+# -- workflows ------------------------------------------------------------------------------------
+
+InputType = Literal["string", "number", "integer", "boolean", "object", "array"]
+STEP_ID_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"  # usable in an expression as steps.<id>
+
+
+class WorkflowInput(Strict):
+    type: InputType = Field("string", description="What the input holds: string, number, integer, boolean, "
+                            "object or array.")
+    default: Any = Field(None, description="Its value when a run does not give one; without a default the "
+                         "input is required.")
+    description: str = Field("", description="What the input is for.")
+
+
+class Approval(Strict):
+    timeout: float = Field(86400, gt=0, le=90 * 24 * 3600,
+                           description="Seconds the step waits for a person before on_timeout decides.")
+    on_timeout: Literal["fail", "approve", "reject"] = Field(
+        "fail", description="What a timed-out approval becomes: fail (the step fails: timed_out), approve, or "
+        "reject (the step fails).")
+    message: str = Field("", description="What the person is asked (a template, as input).")
+
+
+class WorkflowStep(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    id: str = Field(pattern=STEP_ID_PATTERN, description="Unique in the workflow; lowercase letters, digits and "
+                    "'_' (it is written steps.<id> in expressions).")
+    agent: str | None = Field(None, pattern=NAME_PATTERN, description="The agent whose run this step is (in the "
+                              "same repository). A step has agent or approval.")
+    approval: Approval | None = Field(None, description="The step waits for a person: agentctl approve, or the "
+                                      "API (operator role).")
+    needs: list[str] = Field(default_factory=list, description="Steps that must have succeeded (or been skipped) "
+                             "before this one starts.")
+    if_: str | None = Field(None, alias="if", description="An expression, without braces: the step runs when it "
+                            "is true, and is skipped otherwise.")
+    for_each: str | None = Field(None, description="An expression, without braces, giving a list: one run per "
+                                 "item ({{ item }} in input), their answers in steps.<id>.outputs, in order.")
+    max_parallel: int | None = Field(None, ge=1, le=1000, description="Runs of a fan-out at once (MAX_AGENTS "
+                                     "bounds them too); default: as many as MAX_AGENTS allows.")
+    input: str = Field("", description="The run's input: a template over inputs, steps, item.")
+    retry: Retry | None = Field(None, description="Retry the step's run when it ends in one of the 'on' "
+                                "states: the agents' retry shape.")
+    continue_on_error: bool = Field(False, description="A failure of this step does not fail the workflow; "
+                                    "steps that need it still wait for its success.")
+
+
+class WorkflowConstraints(Strict):
+    max_runtime: float | None = Field(None, gt=0, le=90 * 24 * 3600, description="Seconds the whole workflow "
+                                      "may take (approvals included); runs in flight are stopped at the deadline.")
+    max_tokens: int | None = Field(None, gt=0, description="Tokens every step and retry together may use: each "
+                                   "run's budget is capped at what is left.")
+
+
+class WorkflowSpec(Strict):
+    kind: Literal["workflow"] = Field(description="This file is a workflow (agents say kind: agent, the default).")
+    name: str = Field(pattern=NAME_PATTERN, description="Unique within the repository, across agents and "
+                      "workflows.")
+    description: str = Field("", description="What the workflow is for.")
+    enabled: bool = Field(True, description="A disabled workflow is applied but never triggered.")
+    inputs: dict[str, WorkflowInput] = Field(default_factory=dict, description="Named inputs of a run "
+                                             "(inputs.<name> in expressions).")
+    triggers: list[Trigger] = Field(default_factory=list, description="What starts a run besides a user.")
+    constraints: WorkflowConstraints = Field(default_factory=WorkflowConstraints,
+                                             description="Limits of the whole workflow run.")
+    steps: list[WorkflowStep] = Field(min_length=1, description="The steps: a DAG through 'needs'.")

@@ -20,8 +20,11 @@ from runner.specs.catalog import ToolInfo
 from runner.specs.checking import Context, check_document
 from runner.specs.custom_tools import describe_module
 from runner.specs.loading import load_document
-from runner.specs.models import AgentSpec
+from runner.specs.models import AgentSpec, WorkflowSpec
 from runner.specs.problems import Problem
+from runner.specs.workflow_checking import Ref, check_workflow, check_workflow_refs
+
+KINDS = ("agent", "workflow")
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 
@@ -40,11 +43,13 @@ class SpecResult:
     blob: str
     file: str  # as problems name it
     name: str | None  # known even for most invalid files, so an invalid agent is not taken as deleted
-    spec: AgentSpec | None
+    spec: AgentSpec | WorkflowSpec | None
     problems: list[Problem] = field(default_factory=list)
     # Known valid without re-reading: same blob, path and context as an applied, valid agent.
     known_good: bool = False
     name_at: tuple[int, int] = (1, 1)  # where the name is written, for problems about it
+    kind: str = "agent"  # or workflow
+    refs: list[Ref] = field(default_factory=list)  # a workflow's agents, where its steps name them
 
     @property
     def valid(self) -> bool:
@@ -115,6 +120,7 @@ def validate_tree(
         else:
             results.append(validate_file(f, ctx, fingerprint, cache))
     check_unique_names(results)
+    check_workflow_refs(results)
     return results, fingerprint
 
 
@@ -126,21 +132,31 @@ def validate_file(
     if cache is not None and key in cache:
         return _from_cache(f, cache[key])
     doc, problems = load_document(f.read(), display)
-    spec = None
+    spec: AgentSpec | WorkflowSpec | None = None
     name = None
+    kind, refs = "agent", []
     if doc is not None:
-        spec, problems = check_document(doc, ctx, f.rel_path)
+        raw_kind = doc.data.get("kind", "agent") if isinstance(doc.data, dict) else "agent"
+        if raw_kind == "workflow":
+            kind = "workflow"
+            spec, problems, refs = check_workflow(doc, ctx, f.rel_path)
+        elif raw_kind in KINDS:
+            spec, problems = check_document(doc, ctx, f.rel_path)
+        else:
+            problems = [Problem(display, *doc.position(("kind",)), "kind",
+                                f"{raw_kind!r} is not a kind of spec: write agent (the default) or workflow")]
         raw_name = doc.data.get("name") if isinstance(doc.data, dict) else None
         name = raw_name if isinstance(raw_name, str) and raw_name else None
     result = SpecResult(f.rel_path, f.blob, display, spec.name if spec else name, spec, problems,
-                        name_at=doc.position(("name",)) if doc is not None else (1, 1))
+                        name_at=doc.position(("name",)) if doc is not None else (1, 1), kind=kind, refs=refs)
     if cache is not None:
         cache[key] = _to_cache(result)
     return result
 
 
 def check_unique_names(results: list[SpecResult]) -> None:
-    """Two files naming the same agent are both invalid: picking a winner by file order would be a guess."""
+    """Two files naming the same agent or workflow are both invalid: picking a winner by file order would be a
+    guess."""
     by_name: dict[str, list[SpecResult]] = {}
     for r in results:
         if r.name:
@@ -149,8 +165,12 @@ def check_unique_names(results: list[SpecResult]) -> None:
         if len(group) < 2:
             continue
         for r in group:
-            others = ", ".join(o.rel_path for o in group if o is not r)
-            problem = Problem(r.file, *r.name_at, "name", f"agent '{name}' is also defined in {others}")
+            others = ", ".join(f"{o.rel_path} ({'an agent' if o.kind == 'agent' else 'a workflow'})"
+                               if o.kind != r.kind else o.rel_path
+                               for o in group if o is not r)
+            problem = Problem(r.file, *r.name_at, "name", f"{r.kind} '{name}' is also defined in {others}"
+                              + ("; agents and workflows share one set of names" if any(o.kind != r.kind
+                                                                                       for o in group) else ""))
             if problem not in r.problems:  # idempotent: callers may check a tree and then all trees
                 r.problems = [*r.problems, problem]
             r.spec = None
@@ -197,17 +217,23 @@ def _fingerprint(ctx: Context, all_paths: set[str]) -> str:
 def _to_cache(r: SpecResult) -> dict[str, Any]:
     return {
         "name": r.name,
-        "spec": r.spec.model_dump(mode="json") if r.spec else None,
+        "spec": r.spec.model_dump(mode="json", by_alias=True) if r.spec else None,
         "problems": [p.as_json() for p in r.problems],
         "name_at": list(r.name_at),
+        "kind": r.kind,
+        "refs": [list(ref) for ref in r.refs],
     }
 
 
 def _from_cache(f: SpecFile, entry: dict[str, Any]) -> SpecResult:
-    spec = AgentSpec.model_validate(entry["spec"]) if entry["spec"] else None
+    kind = entry.get("kind", "agent")
+    model: type[AgentSpec] | type[WorkflowSpec] = WorkflowSpec if kind == "workflow" else AgentSpec
+    spec = model.model_validate(entry["spec"]) if entry["spec"] else None
     problems = [Problem.from_json(p) for p in entry["problems"]]
     line, col = entry.get("name_at", [1, 1])
-    return SpecResult(f.rel_path, f.blob, f.display or f.rel_path, entry["name"], spec, problems, name_at=(line, col))
+    refs: list[Ref] = [(str(n), int(a), int(b), str(c)) for n, a, b, c in entry.get("refs", [])]
+    return SpecResult(f.rel_path, f.blob, f.display or f.rel_path, entry["name"], spec, problems, name_at=(line, col),
+                      kind=kind, refs=refs)
 
 
 def normalize_rel(path: str) -> str:

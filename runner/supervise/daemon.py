@@ -494,7 +494,7 @@ class DaemonRuntime:
     def health(self) -> dict[str, Any]:
         row = self.conn().execute("SELECT * FROM sources WHERE client_id = ?", (self.settings.client_id,)).fetchone()
         source = dict(row) if row else {}
-        agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL",
+        agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL AND kind = 'agent'",
                                      (self.settings.client_id,)).fetchone()[0]
         cluster = self.daemon.executor.cluster() if getattr(self.daemon.executor, "cluster", None) else None
         return {"sandbox": {"mode": self.settings.sandbox, **capabilities.detect()},

@@ -1,0 +1,111 @@
+"""Workflow expressions and templates: Jinja2 in its ``SandboxedEnvironment``, never a parser of our own.
+
+``if`` and ``for_each`` are expressions written without braces; ``input`` (and an approval's message) is a
+template with them. Both see ``inputs``, ``steps``, ``item``, and from triggers ``event``, ``headers`` and
+``payload``. A missing name or key is an error (``StrictUndefined``), not an empty string: a typo in a spec
+must fail its step loudly, not feed a model an empty prompt.
+
+Validation reads a text's parse tree for the steps it names (``steps.review`` or ``steps['review']``), so
+an unknown step is a spec error with its position, before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.lexer import describe_token
+from jinja2.parser import Parser
+from jinja2.sandbox import SandboxedEnvironment
+
+NAMES = ("inputs", "steps", "item", "event", "headers", "payload")
+MAX_RENDERED = 256 * 1024  # characters of one rendered template (a run's input is capped at 1 MiB anyway)
+
+
+class ExpressionError(ValueError):
+    """An expression or template that cannot be read or evaluated; its message says why."""
+
+
+def _tojson(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)  # plain JSON: a prompt is not HTML
+
+
+def _fromjson(value: Any) -> Any:
+    return json.loads(str(value))
+
+
+_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_env.filters["tojson"] = _tojson
+_env.filters["fromjson"] = _fromjson
+
+
+def _parse(text: str, template: bool) -> nodes.Node:
+    """The parse tree of a template, or of an expression read as Jinja2's compile_expression reads it."""
+    try:
+        if template:
+            return _env.parse(text)
+        parser = Parser(_env, text, state="variable")
+        expression = parser.parse_expression()
+        if not parser.stream.eos:
+            parser.fail(f"unexpected {describe_token(parser.stream.current)} after the expression",
+                        parser.stream.current.lineno)
+        return expression
+    except TemplateError as exc:
+        raise ExpressionError(_message(exc)) from None
+
+
+@dataclass(frozen=True)
+class Names:
+    """What an expression or template reads: the steps (``steps.x``, ``steps['x']``), the inputs
+    (``inputs.x``, ``inputs['x']``) and its top-level names."""
+
+    steps: frozenset[str]
+    inputs: frozenset[str]
+    used: frozenset[str]
+
+
+def check(text: str, *, template: bool) -> Names:
+    """Parse ``text`` and say what it reads. Raises ExpressionError when it cannot be parsed."""
+    tree = _parse(text, template)
+    read: dict[str, set[str]] = {"steps": set(), "inputs": set()}
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        if isinstance(base, nodes.Name) and base.name in read:
+            if isinstance(node, nodes.Getattr):
+                read[base.name].add(node.attr)
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                read[base.name].add(node.arg.value)
+    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    used = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"} - assigned
+    return Names(frozenset(read["steps"]), frozenset(read["inputs"]), frozenset(used))
+
+
+def evaluate(text: str, context: dict[str, Any]) -> Any:
+    """The value of expression ``text`` (no braces) over ``context``."""
+    try:
+        return _env.compile_expression(text, undefined_to_none=False)(**context)
+    except TemplateError as exc:
+        raise ExpressionError(_message(exc)) from None
+    except Exception as exc:  # a filter's own error (int('x'), a key of a list): the expression's fault
+        raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
+
+
+def render(text: str, context: dict[str, Any]) -> str:
+    """Template ``text`` rendered over ``context``."""
+    try:
+        out = _env.from_string(text).render(**context)
+    except TemplateError as exc:
+        raise ExpressionError(_message(exc)) from None
+    except Exception as exc:
+        raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
+    if len(out) > MAX_RENDERED:
+        raise ExpressionError(f"it renders {len(out)} characters, over {MAX_RENDERED}: pass a path to the data, "
+                              "not the data")
+    return out
+
+
+def _message(exc: TemplateError) -> str:
+    text = (exc.message or type(exc).__name__).replace("end of template", "end of the text")
+    return text.replace("'jinja2.runtime.StrictUndefined object'", "an undefined value")
