@@ -170,8 +170,10 @@ def checked(message: dict[str, Any], size: int) -> dict[str, Any]:
         if message.get("status") not in RUN_STATUSES:
             raise ChannelError("the run sent a message its supervisor refuses: a result with a status a run "
                                "cannot end with")
+        full = message.get("output_chars")
         return {"t": "result", "status": message["status"], "output": _text(message.get("output"), 16000),
-                "error": _text(message.get("error"), 4000)}
+                "error": _text(message.get("error"), 4000),
+                **({"output_chars": full} if type(full) is int and 16000 < full < 1 << 40 else {})}
     raise ChannelError(f"the run sent a message its supervisor refuses: a message of type {str(kind)[:40]!r}")
 
 

@@ -33,6 +33,7 @@ class Outcome:
     cpu_seconds: float | None = None
     max_rss_mb: float | None = None
     bytes_written: int | None = None
+    output_chars: int | None = None  # the answer's full length, when over what a record keeps of it
 
 
 @dataclass
@@ -74,7 +75,9 @@ def decide(ended_by: str | None, result: dict[str, Any] | None, *, fault: str | 
     """The one place a run's final status is decided. ``result`` is the run's last (checked) message."""
     status, output, error = _status(ended_by, result, fault, deadline, exit_text)
     u = usage or Usage()
-    return Outcome(status, output, error, u.cpu_seconds, u.max_rss_mb, u.bytes_written)
+    full = result.get("output_chars") if result is not None and status == "succeeded" else None
+    return Outcome(status, output, error, u.cpu_seconds, u.max_rss_mb, u.bytes_written,
+                   full if type(full) is int else None)
 
 
 def _status(ended_by: str | None, result: dict[str, Any] | None, fault: str | None, deadline: float,

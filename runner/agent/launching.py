@@ -79,11 +79,14 @@ def _folders(settings: Settings) -> tuple[tuple[tuple[str, str], ...], tuple[tup
 def start(plan: RunPlan, executor: Executor, asks: Asks, writer: LiveWriter, conn: sqlite3.Connection, *,
           queued_at: str, requested_by: str | None = None, retry_of: str | None = None, attempt: int = 1,
           on_end: Callable[[RunRow], None] | None = None,
-          on_message: Callable[[dict[str, Any]], None] | None = None) -> RunRecord:
+          on_message: Callable[[dict[str, Any]], None] | None = None,
+          step: tuple[str | None, str | None] = (None, None)) -> RunRecord:
     """Record the run as running (durably, first), then hand it to ``executor``: the one way a run starts,
-    for the daemon's process table and a foreground run alike. A run its executor refuses ends failed."""
+    for the daemon's process table and a foreground run alike. A run its executor refuses ends failed.
+    ``step``: the workflow run and step this run is, if it is one."""
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "queued", queued_at=queued_at,
-                 input=plan.input, requested_by=requested_by, retry_of=retry_of, attempt=attempt)
+                 input=plan.input, requested_by=requested_by, retry_of=retry_of, attempt=attempt,
+                 workflow_run_id=step[0], step=step[1])
     record = RunRecord(writer, row, plan.settings.logs_dir, on_end=on_end, on_message=on_message,
                        on_ask=functools.partial(asks.take, plan))
     record.begin(conn, getattr(executor, "name", "local"))

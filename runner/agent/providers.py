@@ -102,7 +102,8 @@ def _get_json(url: str, what: str, fix: str) -> dict[str, Any]:
 
 
 def parse_script(text: str, variables: dict[str, str]) -> list[dict[str, Any]]:
-    """Turns from a scripted model file; ${VAR} in tool arguments expands like spec paths."""
+    """Turns from a scripted model file; ${VAR} expands like spec paths, and ${INPUT} is the run's input (a script
+    that echoes what it was given: a workflow's data passing, shown without a model)."""
     data = yaml.safe_load(text) or {}
     turns = data.get("turns") if isinstance(data, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):

@@ -63,7 +63,9 @@ class RunRow:
     max_rss_mb: float | None = None
     bytes_written: int | None = None
     node: str | None = None  # the host that ran it
-    extra: dict[str, Any] = field(default_factory=dict)
+    workflow_run_id: str | None = None  # the workflow run whose step this run is
+    step: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # not in the ledger: output_chars (an answer's full length)
 
     def as_ledger(self) -> dict[str, Any]:
         row = asdict(self)
@@ -85,7 +87,7 @@ def live_row(progress_row: sqlite3.Row, status: str) -> RunRow:
                   input=data.get("input"), requested_by=data.get("requested_by"), pid=r["pid"],
                   retry_of=data.get("retry_of"), attempt=int(data.get("attempt") or 1),
                   denied=int(data.get("denied") or 0), tool_errors=int(data.get("tool_errors") or 0),
-                  node=data.get("node"))
+                  node=data.get("node"), workflow_run_id=data.get("workflow_run_id"), step=data.get("step"))
 
 
 def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: str, error: str) -> RunRow:
@@ -410,6 +412,8 @@ class RunRecord:
         row.status, row.output, row.error, row.ended_at = outcome.status, outcome.output, outcome.error, utcnow()
         row.cpu_seconds, row.max_rss_mb, row.bytes_written = outcome.cpu_seconds, outcome.max_rss_mb, \
             outcome.bytes_written
+        if outcome.output_chars is not None:
+            row.extra["output_chars"] = outcome.output_chars
         self.seq += 1
         event = _status_event(row, self.seq)
         final = replace(row)

@@ -40,8 +40,10 @@ class RunResult:
     error: str | None = None
 
     def to_json(self) -> str:
+        full = len(self.output or "")
         return json.dumps({"status": self.status, "output": (self.output or "")[:16000] or None,
-                           "error": (self.error or "")[:4000] or None})
+                           "error": (self.error or "")[:4000] or None,
+                           **({"output_chars": full} if full > 16000 else {})})
 
 
 def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict[str, Any] | None = None,
@@ -86,7 +88,8 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers |
     log.write(f"run started ({plan.trigger}) model={spec.model} revision={(plan.revision or '-')[:12]}")
     preflight(ref, ollama_host=s.ollama_host, openai_base=s.langchain_api_url)
     model = chat_model(ref, ollama_host=s.ollama_host, openai_base=s.langchain_api_url,
-                       timeout=plan.deadline_seconds, script=plan.script, variables=plan.variables)
+                       timeout=plan.deadline_seconds, script=plan.script,
+                       variables={**plan.variables, "INPUT": plan.input or ""})  # a script may answer ${INPUT}
     base_env = ToolEnv(paths=PathRule.of([]), allowed_domains=list(spec.constraints.allowed_domains),
                        remote_enabled=s.enable_remote_tools, memory=memory, run_id=plan.run_id,
                        scratch=str(plan.scratch))

@@ -34,7 +34,7 @@ from runner.ledger.schema import TABLES, column_types, columns
 
 LIVE = ("queued", "running")  # a run in these states stays in the live store when its row is archived
 KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("reconcile_id",),
-        "audit": ("audit_id",)}
+        "audit": ("audit_id",), "workflow_runs": ("workflow_run_id",), "approvals": ("approval_id",)}
 BATCH = 5000
 CHECKPOINT_WAL = "8MB"  # WAL size past which a flush's commit folds it into the ledger file
 log = logging.getLogger("runner.ledger")
@@ -324,7 +324,8 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any
             for row in rows:
                 out.write(json.dumps({c: _cell(row.get(c)) for c in cols}) + "\n")
         spec = "{" + ", ".join(f"'{c}': '{types[c]}'" for c in cols) + "}"
-        con.execute(f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM "
+        quoted = ", ".join(f'"{c}"' for c in cols)
+        con.execute(f"INSERT OR REPLACE INTO {table} ({quoted}) SELECT {quoted} FROM "
                     f"read_json('{name}', format = 'newline_delimited', columns = {spec})")
     finally:
         os.unlink(name)

@@ -45,7 +45,9 @@ TABLES: dict[str, str] = {
             cpu_seconds DOUBLE,
             max_rss_mb DOUBLE,
             bytes_written BIGINT,
-            node VARCHAR
+            node VARCHAR,
+            workflow_run_id VARCHAR,
+            step VARCHAR
         );
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS retry_of VARCHAR;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS attempt INTEGER DEFAULT 1;
@@ -54,7 +56,9 @@ TABLES: dict[str, str] = {
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS cpu_seconds DOUBLE;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS max_rss_mb DOUBLE;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS bytes_written BIGINT;
-        ALTER TABLE runs ADD COLUMN IF NOT EXISTS node VARCHAR""",
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS node VARCHAR;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS workflow_run_id VARCHAR;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS step VARCHAR""",
     "run_events": """
         CREATE TABLE IF NOT EXISTS run_events (
             run_id VARCHAR NOT NULL,
@@ -80,6 +84,31 @@ TABLES: dict[str, str] = {
             initiator VARCHAR,
             error VARCHAR
         )""",
+    "workflow_runs": """
+        CREATE TABLE IF NOT EXISTS workflow_runs (
+            workflow_run_id VARCHAR PRIMARY KEY,
+            client_id VARCHAR NOT NULL,
+            workflow VARCHAR NOT NULL,
+            spec_revision VARCHAR,
+            trigger VARCHAR,
+            status VARCHAR NOT NULL,
+            attempt INTEGER DEFAULT 1,
+            started_at TIMESTAMP,
+            ended_at TIMESTAMP,
+            input_tokens BIGINT DEFAULT 0,
+            output_tokens BIGINT DEFAULT 0,
+            error VARCHAR
+        )""",
+    "approvals": """
+        CREATE TABLE IF NOT EXISTS approvals (
+            approval_id VARCHAR PRIMARY KEY,
+            workflow_run_id VARCHAR NOT NULL,
+            step VARCHAR NOT NULL,
+            approved BOOLEAN NOT NULL,
+            "by" VARCHAR,
+            "at" TIMESTAMP NOT NULL,
+            comment VARCHAR
+        )""",
     "audit": """
         CREATE TABLE IF NOT EXISTS audit (
             audit_id VARCHAR PRIMARY KEY,
@@ -99,7 +128,7 @@ def columns(table: str) -> list[str]:
     body = TABLES[table].split("(", 1)[1]
     names = []
     for line in body.splitlines():
-        word = line.strip().split(" ", 1)[0]
+        word = line.strip().split(" ", 1)[0].strip('"')  # "by", "at": keywords of SQL, quoted
         if word and word.islower() and not line.strip().startswith("PRIMARY"):
             names.append(word)
     return names
@@ -112,7 +141,7 @@ def column_types(table: str) -> dict[str, str]:
     for line in body.splitlines():
         parts = line.strip().rstrip(",").split()
         if len(parts) >= 2 and parts[0].islower() and parts[0] != "primary":
-            out[parts[0]] = "VARCHAR" if parts[1] == "JSON" else parts[1]
+            out[parts[0].strip('"')] = "VARCHAR" if parts[1] == "JSON" else parts[1]
     return out
 
 

@@ -106,8 +106,8 @@ def _apply(tx: sqlite3.Connection, plan: Plan, change: Change, stamp: str) -> No
             """INSERT INTO agents (client_id, name, path, blob, spec, generation, applied_revision,
                    attempted_revision, fingerprint, conditions, updated_at, kind)
                VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT(client_id, name) DO UPDATE SET path = excluded.path, blob = excluded.blob, kind = excluded.kind,
-                   spec = excluded.spec, generation = agents.generation + 1,
+               ON CONFLICT(client_id, name) DO UPDATE SET path = excluded.path, blob = excluded.blob,
+                   kind = excluded.kind, spec = excluded.spec, generation = agents.generation + 1,
                    applied_revision = excluded.applied_revision, attempted_revision = excluded.attempted_revision,
                    fingerprint = excluded.fingerprint, conditions = excluded.conditions,
                    updated_at = excluded.updated_at""",

@@ -71,11 +71,12 @@ def check(text: str, *, template: bool) -> Names:
     tree = _parse(text, template)
     read: dict[str, set[str]] = {"steps": set(), "inputs": set()}
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        base = node.node
+        base: Any = getattr(node, "node", None)
         if isinstance(base, nodes.Name) and base.name in read:
             if isinstance(node, nodes.Getattr):
                 read[base.name].add(node.attr)
-            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) \
+                    and isinstance(node.arg.value, str):
                 read[base.name].add(node.arg.value)
     assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
     used = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"} - assigned

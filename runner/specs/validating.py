@@ -134,7 +134,7 @@ def validate_file(
     doc, problems = load_document(f.read(), display)
     spec: AgentSpec | WorkflowSpec | None = None
     name = None
-    kind, refs = "agent", []
+    kind, refs = "agent", list[Ref]()
     if doc is not None:
         raw_kind = doc.data.get("kind", "agent") if isinstance(doc.data, dict) else "agent"
         if raw_kind == "workflow":

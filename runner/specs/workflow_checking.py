@@ -89,7 +89,8 @@ class _Checker:
         ids: dict[str, int] = {}
         for i, step in self.steps:
             if step["id"] in ids:
-                self._add(("steps", i, "id"), f"step id '{step['id']}' is used twice (first as steps[{ids[step['id']]}])")
+                first = ids[step["id"]]
+                self._add(("steps", i, "id"), f"step id '{step['id']}' is used twice (first as steps[{first}])")
             else:
                 ids[step["id"]] = i
         return ids

@@ -27,6 +27,7 @@ loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -40,7 +41,7 @@ from types import FrameType
 from typing import Any
 
 from runner.agent.recording import end_in_flight
-from runner.errors import PermanentError, SourceError, StorageFullError, TransientError, UsageError
+from runner.errors import OrchestratorError, PermanentError, SourceError, StorageFullError, TransientError, UsageError
 from runner.ledger import reading
 from runner.ledger.ingesting import checkpoint, flush, retry_rejected
 from runner.reconcile.applied import (
@@ -66,6 +67,7 @@ from runner.supervise.recovery import sweep
 from runner.supervise.runtime import Runtime
 from runner.supervise.table import ProcessTable
 from runner.supervise.triggers import Scheduler, Watcher
+from runner.supervise.workflows import WorkflowEngine
 
 log = logging.getLogger("runner.daemon")
 # Builds the WSGI app from the runtimes and metrics; the entry point (runner.__main__) hands in
@@ -206,6 +208,7 @@ class ClientDaemon:
         self.armed_generation = -1  # the generation of applied agents the triggers were last armed from
         self._first_wait = settings.sync_interval
         self._armed_agents: set[str] = set()
+        self._armed_workflows: set[str] = set()
         self.api_address: str | None = None
         self.executor: Any = None  # the daemon's shared executor (Ray's), or None for a local one of its own
 
@@ -220,6 +223,7 @@ class ClientDaemon:
         s = self.settings
         log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
         self.table = ProcessTable(s, open_source(s), executor=self.executor)
+        self.workflows = WorkflowEngine(s, self.table)
         left = sweep(self.conn, s.client_id, s.home / "scratch" / s.client_id)
         if left.interrupted:
             log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
@@ -237,6 +241,8 @@ class ClientDaemon:
                           "has it now")
             log.warning("run %s: no node has it now: interrupted", row["run_id"])
             left.interrupted.append(row)
+        steps = [r for r in left.queued if r["row"] and json.loads(r["row"]).get("workflow_run_id")]
+        left.queued = [r for r in left.queued if r not in steps]
         if left.queued:
             log.warning("put %d run(s) back on the queue (queued, not started, when the last daemon stopped): %s",
                         len(left.queued), ", ".join(r["run_id"] for r in left.queued))
@@ -244,6 +250,7 @@ class ClientDaemon:
             self.table.requeue(row)
         for row in left.interrupted:
             self.table.interrupted(row)  # queues its retry, if its spec asks for one
+        self.workflows.recover(steps)  # a workflow's step runs go back to their steps
         # The triggers are armed only now, after the first reconcile: the catch-up of missed slots must see an
         # empty schedule, whatever the reconcile applied.
         self.scheduler = Scheduler(lambda: self.conn, s.client_id, self.submit)
@@ -336,7 +343,11 @@ class ClientDaemon:
             present = {name for name, a in applied.items() if a.spec_json is not None}
             for name in sorted(self._armed_agents - present):
                 self.table.stop_agent(name, "agent deleted from the source")
-            agents = {name: spec for name, a in applied.items() if (spec := _runnable(a)) is not None}
+            agents: dict[str, Any] = {name: spec for name, a in applied.items() if (spec := _runnable(a)) is not None}
+            flows = {name: a.workflow for name, a in load_applied(self.conn, cid, kind="workflow").items()
+                     if a.workflow is not None and a.workflow.enabled and not a.suspended}
+            self._armed_workflows = set(flows)
+            agents.update(flows)  # triggers work alike for both: only their runs differ (``submit``)
             self.scheduler.update(agents, catch_up=catch_up)
             s = self.settings
             self.watcher.update(agents, lambda name: {"CLIENT_ID": s.client_id, "AGENT_NAME": name,
@@ -364,6 +375,13 @@ class ClientDaemon:
 
     def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
                overlap: str | None = None) -> Any:
+        """A run of ``agent`` (a trigger's, or a user's); a trigger of a workflow starts a run of the workflow."""
+        if agent in self._armed_workflows:
+            try:
+                return self.workflows.start(agent, {}, trigger=trigger, requested_by=requested_by or trigger)
+            except OrchestratorError as exc:
+                log.warning("workflow %s: its %s trigger could not start it: %s", agent, trigger, exc.message)
+                return None
         return self.table.submit(agent, trigger=trigger, input=input, requested_by=requested_by, overlap=overlap)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -378,6 +396,8 @@ class ClientDaemon:
         if op == "reconcile":
             self._request_now.set()
             return {"ok": True}
+        if op in ("workflow.run", "workflow.cancel", "workflow.resume", "approve"):
+            return self.workflows.handle(request)
         applied = load_applied(self.conn, client, agent) if isinstance(agent, str) else {}
         if not isinstance(agent, str) or agent not in applied:
             hint = " (run 'agentctl apply')" if op == "run" else ""  # as agentctl says it without a daemon
@@ -435,7 +455,9 @@ class ClientDaemon:
 
     def shutdown(self, *, now: bool) -> None:
         s = self.settings
+        self.workflows.detach()  # what the table's stop does to step runs is for the next start to take up
         self.table.shutdown(grace=0 if now else s.shutdown_grace, kill_grace=s.kill_grace)
+        self.workflows.park()
 
 
 def _runnable(agent: AppliedAgent) -> AgentSpec | None:
@@ -482,6 +504,20 @@ class DaemonRuntime:
         self.daemon.refresh_triggers()
         return stopping
 
+    def start_workflow(self, name: str, inputs: dict[str, Any], requested_by: str, trigger: str = "manual") -> str:
+        return self.daemon.workflows.start(name, inputs, trigger=trigger, requested_by=requested_by)
+
+    def cancel_workflow(self, workflow_run_id: str, requested_by: str) -> dict[str, Any]:
+        return self.daemon.workflows.cancel(workflow_run_id, requested_by)
+
+    def resume_workflow(self, workflow_run_id: str, from_step: str | None, at_head: bool,
+                        requested_by: str) -> dict[str, Any]:
+        return self.daemon.workflows.resume(workflow_run_id, from_step, at_head, requested_by)
+
+    def approve_step(self, workflow_run_id: str, step: str, approve: bool, comment: str | None,
+                     requested_by: str) -> dict[str, Any]:
+        return self.daemon.workflows.approve(workflow_run_id, step, approve, comment, requested_by)
+
     def request_reconcile(self, initiator: str) -> None:
         self.daemon._request_now.set()
 
@@ -494,8 +530,8 @@ class DaemonRuntime:
     def health(self) -> dict[str, Any]:
         row = self.conn().execute("SELECT * FROM sources WHERE client_id = ?", (self.settings.client_id,)).fetchone()
         source = dict(row) if row else {}
-        agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL AND kind = 'agent'",
-                                     (self.settings.client_id,)).fetchone()[0]
+        agents = self.conn().execute("SELECT count(*) FROM agents WHERE client_id = ? AND spec IS NOT NULL "
+                                     "AND kind = 'agent'", (self.settings.client_id,)).fetchone()[0]
         cluster = self.daemon.executor.cluster() if getattr(self.daemon.executor, "cluster", None) else None
         return {"sandbox": {"mode": self.settings.sandbox, **capabilities.detect()},
                 **({"cluster": cluster} if cluster is not None else {}),

@@ -58,6 +58,15 @@ class Request:
     attempt: int = 1  # 1, then 2 for its first retry, ...
     not_before: float = 0.0  # monotonic time before which it is not handed off (a retry's backoff)
     row: RunRow | None = None  # its final row, once it ended
+    workflow_run_id: str | None = None  # a workflow's step: runs beside other runs of its agent
+    step: str | None = None
+    limits: dict[str, float] | None = None  # constraints narrowed for this run (a workflow's time and tokens left)
+    on_end: Callable[[Request, RunRow], None] | None = None  # told once the final row is durable
+
+    @property
+    def concurrent(self) -> bool:
+        """One run of an agent at a time holds for runs its triggers and users start, not for workflow steps."""
+        return self.workflow_run_id is not None
 
 
 class ProcessTable:
@@ -89,15 +98,19 @@ class ProcessTable:
 
     def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
                overlap: str | None = None, retry_of: str | None = None, attempt: int = 1,
-               delay: float = 0.0) -> Request:
-        """Queue a run of ``agent`` (or record it skipped, per its overlap policy)."""
-        request = Request(new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
-                          attempt=attempt, not_before=time.monotonic() + delay)
+               delay: float = 0.0, step: tuple[str, str] | None = None, limits: dict[str, float] | None = None,
+               on_end: Callable[[Request, RunRow], None] | None = None, run_id: str | None = None) -> Request:
+        """Queue a run of ``agent`` (or record it skipped, per its overlap policy). ``step``: (workflow run id,
+        step id) of a workflow's step, which runs beside other runs of its agent with ``limits``."""
+        request = Request(run_id or new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
+                          attempt=attempt, not_before=time.monotonic() + delay,
+                          workflow_run_id=step[0] if step else None, step=step[1] if step else None,
+                          limits=limits, on_end=on_end)
         with self.cond:
             if not self.accepting:
                 return self._record(request, "skipped", "the daemon is shutting down")
-            policy = overlap or self._overlap(agent)
-            busy = [r for r in [*self.running.values(), *self.queue] if r.agent == agent]
+            policy = "queue" if request.concurrent else overlap or self._overlap(agent)
+            busy = [r for r in [*self.running.values(), *self.queue] if r.agent == agent and not r.concurrent]
             if busy and policy == "forbid":
                 return self._record(request, "skipped", f"overlap policy forbid: run {busy[0].run_id} in flight")
             if busy and policy == "replace":
@@ -108,7 +121,8 @@ class ProcessTable:
                     self.executor.stop(old.run_id)
             write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
                                         queued_at=request.queued_at, input=input, requested_by=requested_by,
-                                        retry_of=retry_of, attempt=attempt))
+                                        retry_of=retry_of, attempt=attempt, workflow_run_id=request.workflow_run_id,
+                                        step=request.step))
             if retry_of is not None:
                 self.conn.execute("UPDATE run_progress SET retry_of = ? WHERE run_id = ?", (retry_of, request.run_id))
             self.queue.append(request)
@@ -136,13 +150,16 @@ class ProcessTable:
 
     def _record(self, request: Request, status: str, error: str) -> Request:
         stamp = utcnow()
-        write_run(self.conn, RunRow(request.run_id, self.settings.client_id, request.agent, None, request.trigger,
-                                    status, queued_at=request.queued_at, ended_at=stamp, error=error,
-                                    input=request.input, requested_by=request.requested_by,
-                                    retry_of=request.retry_of, attempt=request.attempt))
-        request.status = status
+        row = RunRow(request.run_id, self.settings.client_id, request.agent, None, request.trigger, status,
+                     queued_at=request.queued_at, ended_at=stamp, error=error, input=request.input,
+                     requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
+                     workflow_run_id=request.workflow_run_id, step=request.step)
+        write_run(self.conn, row)
+        request.status, request.row = status, row
         request.done.set()
         log.info("run %s of %s %s: %s", request.run_id, request.agent, status, error)
+        if request.on_end is not None:
+            request.on_end(request, row)
         return request
 
     def reattach(self, progress_row: Any) -> bool:
@@ -191,7 +208,7 @@ class ProcessTable:
     def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str,
               attempt: int) -> Request | None:
         """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one."""
-        if trigger == "manual" or status not in RETRIABLE or not self.accepting:
+        if trigger in ("manual", "workflow") or status not in RETRIABLE or not self.accepting:
             return None
         applied = load_applied(self.conn, self.settings.client_id, agent).get(agent)
         policy = (applied.spec_dict or {}).get("retry") if applied is not None else None
@@ -226,9 +243,9 @@ class ProcessTable:
         waits for the run before it, 'replace' for the stopped one to be gone), while a slot is free."""
         if len(self.running) >= self.settings.max_agents:
             return None
-        busy = {r.agent for r in self.running.values()}
+        busy = {r.agent for r in self.running.values() if not r.concurrent}
         now = time.monotonic()
-        return next((r for r in self.queue if r.agent not in busy and r.not_before <= now), None)
+        return next((r for r in self.queue if (r.concurrent or r.agent not in busy) and r.not_before <= now), None)
 
     def _until_due(self) -> float | None:
         """Seconds until the first queued retry's backoff is over (None: nothing waits for its time)."""
@@ -253,10 +270,14 @@ class ProcessTable:
         self.latencies.append(latency)
         if self.on_dispatch is not None:
             self.on_dispatch(latency)
+        if request.limits:  # a workflow's step: at most the workflow's time and tokens left
+            narrowed = {k: v if getattr(plan.spec.constraints, k) is None else min(v, getattr(plan.spec.constraints, k))
+                        for k, v in request.limits.items()}
+            plan.spec = plan.spec.model_copy(update={"constraints": plan.spec.constraints.model_copy(update=narrowed)})
         request.status = "running"
         start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
               requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
-              on_end=lambda final: self._ended(request, final))
+              on_end=lambda final: self._ended(request, final), step=(request.workflow_run_id, request.step))
         self.dispatched += 1
 
     def _ended(self, request: Request, row: RunRow) -> None:
@@ -267,6 +288,8 @@ class ProcessTable:
         request.status, request.row = row.status, row
         request.done.set()
         log.info("run %s of %s ended: %s", request.run_id, request.agent, row.status)
+        if request.on_end is not None:
+            request.on_end(request, row)
         self.retry(request.run_id, request.agent, request.trigger, request.input, row.status, request.attempt)
 
     # -- stopping -----------------------------------------------------------------------------------
@@ -281,6 +304,28 @@ class ProcessTable:
         for run_id in running:
             self.executor.stop(run_id)
         return len(running)
+
+    def stop_run(self, run_id: str, reason: str) -> bool:
+        """Stop one run: dropped (stopped) if still queued, told to stop if running; False if neither."""
+        with self.cond:
+            queued = next((r for r in self.queue if r.run_id == run_id), None)
+            if queued is not None:
+                self.queue.remove(queued)
+                self._record(queued, "stopped", reason)
+                return True
+            running = run_id in self.running
+        if running:
+            self.executor.stop(run_id)
+        return running
+
+    def follow(self, run_id: str, on_end: Callable[[Request, RunRow], None]) -> bool:
+        """Be told when run ``run_id``, queued or in flight here, ends; False when this table does not have it."""
+        with self.cond:
+            request = self.running.get(run_id) or next((r for r in self.queue if r.run_id == run_id), None)
+            if request is None:
+                return False
+            request.on_end = on_end
+            return True
 
     def stop_requested(self) -> None:
         """Stop the runs someone asked to stop through the state database (``agentctl stop`` without the

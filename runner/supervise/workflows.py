@@ -1,0 +1,559 @@
+"""The workflow engine: one thread per client that moves workflow runs along, driven by events.
+
+Events are a workflow run started, resumed, cancelled or approved, a step's run ended (the process table
+says so once its final row is durable), and timers (a retry's backoff, an approval's timeout, the
+workflow's deadline). Each event ends in ``advance(workflow_run_id)``, which reads the run's rows from the
+live store, decides, writes, and submits runs to the process table. Nothing waits in a thread: a run
+waiting for a person or a backoff is rows and a timer, so a kill -9 loses nothing (``recover`` picks every
+running workflow up again at the next start). docs/workflows.md has the states and the failure table.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from runner.agent.recording import RunRow, end_in_flight, new_run_id
+from runner.errors import ConflictError, NotFoundError, OrchestratorError, SpecError, UsageError
+from runner.ledger.workflows import journal_approval, journal_run
+from runner.reconcile.applied import load_applied
+from runner.settings import Settings
+from runner.specs.expressions import ExpressionError
+from runner.specs.models import WorkflowSpec
+from runner.state import Transaction, connect
+from runner.supervise.table import ProcessTable, Request
+from runner.supervise.workflow_state import (
+    DONE,
+    FAILED,
+    coerce_inputs,
+    deadline,
+    decide_if,
+    descendants,
+    items_of,
+    order,
+    reset,
+    step_context,
+    step_outcome,
+    too_long,
+)
+from runner.times import utcnow
+
+log = logging.getLogger("runner.workflows")
+STOPPING = ("timed_out", "budget_exceeded", "stopped")  # ends that stop the runs in flight (a failure lets them end)
+
+
+class WorkflowEngine:
+    def __init__(self, settings: Settings, table: ProcessTable) -> None:
+        self.settings, self.table = settings, table
+        self.client_id = settings.client_id
+        self.lock = threading.RLock()
+        self.events: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self.timers: list[tuple[float, str]] = []
+        self._local = threading.local()
+        self._stopped: set[str] = set()  # runs told to stop (once each)
+        self._next_at: dict[str, float] = {}  # each run's armed timer
+        self.detached = False  # the daemon is stopping: ends of runs are not acted on (recover does, at the next start)
+        self.on_step_end: Any = None  # metrics: called with (workflow, seconds)
+        self.thread = threading.Thread(target=self._loop, name=f"workflows-{self.client_id}", daemon=True)
+        self.thread.start()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if not hasattr(self._local, "conn"):
+            self._local.conn = connect(self.settings.state_path)
+        conn: sqlite3.Connection = self._local.conn
+        return conn
+
+    # -- what users ask ----------------------------------------------------------------------------
+
+    def start(self, name: str, inputs: dict[str, Any] | None, *, trigger: str, requested_by: str) -> str:
+        applied = load_applied(self.conn, self.client_id, name, kind="workflow").get(name)
+        if applied is None:
+            raise NotFoundError(f"no workflow named '{name}' for client '{self.client_id}' (run 'agentctl apply')")
+        spec = applied.workflow
+        if spec is None:
+            raise SpecError(f"workflow '{name}' has never had a valid spec: {applied.message}")
+        if not isinstance(inputs, dict):
+            raise UsageError("inputs must be a mapping of input names to values", details=["inputs: not a mapping"])
+        values, problems = coerce_inputs({k: v.model_dump() for k, v in spec.inputs.items()}, inputs)
+        if problems:
+            raise UsageError(problems[0], details=problems)
+        wf_id = new_run_id()
+        now = time.time()
+        with self.lock, Transaction(self.conn) as tx:
+            tx.execute("""INSERT INTO wf_runs (workflow_run_id, client_id, workflow, spec_revision, spec, trigger,
+                              requested_by, status, attempt, inputs, started_at, deadline)
+                          VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?)""",
+                       (wf_id, self.client_id, name, applied.applied_revision, spec.model_dump_json(by_alias=True),
+                        trigger, requested_by, json.dumps(values), utcnow(), deadline(spec, now)))
+            tx.executemany("INSERT INTO wf_steps (workflow_run_id, step, position, status) VALUES (?, ?, ?, 'pending')",
+                           [(wf_id, s.id, i) for i, s in enumerate(spec.steps)])
+            journal_run(tx, self._run_row(tx, wf_id))
+        log.info("workflow %s run %s started (%s, by %s)", name, wf_id, trigger, requested_by)
+        self.poke(wf_id)
+        return wf_id
+
+    def cancel(self, wf_id: str, requested_by: str) -> dict[str, Any]:
+        with self.lock:
+            run = self._mine(wf_id)
+            if run["status"] != "running":
+                raise ConflictError(f"workflow run {wf_id} has ended ({run['status']}): nothing to cancel")
+            in_flight = self._in_flight(wf_id)
+            self._close(wf_id, "stopped", f"cancelled by {requested_by}")
+        self.poke(wf_id)
+        return {"workflow_run_id": wf_id, "status": "stopped" if not in_flight else "running",
+                "stopping_runs": len(in_flight)}
+
+    def approve(self, wf_id: str, step: str, approve: bool, comment: str | None, requested_by: str) -> dict[str, Any]:
+        with self.lock:
+            run = self._mine(wf_id)
+            row = self.conn.execute("SELECT status FROM wf_steps WHERE workflow_run_id = ? AND step = ?",
+                                    (wf_id, step)).fetchone()
+            if row is None:
+                raise NotFoundError(f"workflow run {wf_id} has no step '{step}'")
+            if run["status"] != "running" or row["status"] != "waiting":
+                what = run["status"] if run["status"] != "running" else f"the step is {row['status']}"
+                raise ConflictError(f"step '{step}' of workflow run {wf_id} waits for no approval ({what})")
+            self._decide(wf_id, step, approve, comment, requested_by)
+        self.poke(wf_id)
+        return {"workflow_run_id": wf_id, "step": step, "approved": approve, "status": "running"}
+
+    def resume(self, wf_id: str, from_step: str | None, at_head: bool, requested_by: str) -> dict[str, Any]:
+        with self.lock:
+            run = self._mine(wf_id)
+            if run["status"] == "running":
+                raise ConflictError(f"workflow run {wf_id} is still running: cancel it first, or wait for its end")
+            spec, revision = WorkflowSpec.model_validate_json(run["spec"]), run["spec_revision"]
+            if at_head:
+                applied = load_applied(self.conn, self.client_id, run["workflow"], kind="workflow").get(run["workflow"])
+                if applied is None or applied.workflow is None:
+                    raise SpecError(f"workflow '{run['workflow']}' has no valid applied spec to resume at")
+                spec, revision = applied.workflow, applied.applied_revision
+            ids = [s.id for s in spec.steps]
+            if from_step is not None and from_step not in ids:
+                raise UsageError(f"workflow '{run['workflow']}' has no step '{from_step}' (steps: {', '.join(ids)})",
+                                 details=[f"from: no step '{from_step}'"])
+            redo = descendants(spec, from_step) if from_step else set()
+            with Transaction(self.conn) as tx:
+                reset(tx, wf_id, spec, redo)
+                tx.execute("""UPDATE wf_runs SET status = 'running', closing = NULL, error = NULL, ended_at = NULL,
+                                  attempt = attempt + 1, spec = ?, spec_revision = ?, deadline = ?,
+                                  budget_base = input_tokens + output_tokens WHERE workflow_run_id = ?""",
+                           (spec.model_dump_json(by_alias=True), revision, deadline(spec, time.time()), wf_id))
+                journal_run(tx, self._run_row(tx, wf_id))
+            attempt = int(run["attempt"]) + 1
+        log.info("workflow run %s resumed by %s (attempt %d%s%s)", wf_id, requested_by, attempt,
+                 f", from {from_step}" if from_step else "", ", at the head revision" if at_head else "")
+        self.poke(wf_id)
+        return {"workflow_run_id": wf_id, "status": "running", "attempt": attempt, "spec_revision": revision}
+
+    def recover(self, never_started: list[sqlite3.Row]) -> None:
+        """At the daemon's start: every running workflow run goes on. ``never_started``: step runs a dead daemon
+        had queued (they go back to their step, not to the queue); running step runs are interrupted by now
+        (recovery.sweep), and their steps' retry decides."""
+        for row in never_started:
+            end_in_flight(self.conn, row, "stopped", "queued when the daemon stopped: its workflow starts the step "
+                          "again")
+            self.conn.execute("UPDATE wf_items SET status = 'pending', run_id = NULL, reserved = 0 WHERE run_id = ?",
+                              (row["run_id"],))
+        runs = [r[0] for r in self.conn.execute("SELECT workflow_run_id FROM wf_runs WHERE client_id = ? AND "
+                                                "status = 'running'", (self.client_id,))]
+        for wf_id in runs:
+            for item in self.conn.execute("SELECT run_id FROM wf_items WHERE workflow_run_id = ? AND "
+                                          "status = 'running'", (wf_id,)).fetchall():
+                if not self.table.follow(item["run_id"], self._on_end):  # reattached on its node, or gone
+                    self.events.put(("lost", item["run_id"]))
+            self.poke(wf_id)
+        if runs:
+            log.info("workflows: %d run(s) going on after the restart", len(runs))
+
+    def detach(self) -> None:
+        """The daemon stops: from now on the ends of step runs are left for ``park`` and the next start."""
+        with self.lock:
+            self.detached = True
+
+    def park(self) -> None:
+        """After the process table stopped: step runs it dropped before they started go back to their step (the
+        next daemon starts them); those that ran and were stopped are interrupted, for the next daemon to retry."""
+        self.conn.execute("""UPDATE wf_items SET status = 'pending', run_id = NULL, reserved = 0
+                             WHERE status = 'running' AND run_id IN (SELECT run_id FROM run_progress
+                                                                     WHERE client_id = ? AND started_at IS NULL)""",
+                          (self.client_id,))
+        self.close()
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's workflow requests (agentctl workflow ..., agentctl approve)."""
+        op, by = request.get("op"), str(request.get("requested_by") or "cli")
+        try:
+            if op == "workflow.run":
+                inputs = request.get("inputs") or {}
+                wf_id = self.start(str(request.get("workflow")), inputs, trigger="manual", requested_by=by)
+                return {"ok": True, "workflow_run_id": wf_id, "status": "running"}
+            wf_id = str(request.get("id"))
+            if op == "workflow.cancel":
+                return {"ok": True, **self.cancel(wf_id, by)}
+            if op == "workflow.resume":
+                frm = request.get("from")
+                return {"ok": True, **self.resume(wf_id, str(frm) if frm else None,
+                                                            bool(request.get("at_head")), by)}
+            comment = request.get("comment")
+            return {"ok": True, **self.approve(wf_id, str(request.get("step")), bool(request.get("approve")),
+                                                         str(comment) if comment else None, by)}
+        except OrchestratorError as exc:
+            return {"ok": False, "code": exc.code, "error": exc.message, "details": exc.details}
+
+    def poke(self, wf_id: str) -> None:
+        self.events.put(("advance", wf_id))
+
+    def close(self) -> None:
+        self.events.put(None)
+        self.thread.join(timeout=5)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            wait = max(0.0, self.timers[0][0] - time.time()) if self.timers else None
+            try:
+                event = self.events.get(timeout=wait)
+            except queue.Empty:
+                event = ("timer", None)
+            if event is None:
+                return
+            try:
+                self._handle(event)
+            except Exception:  # one workflow's trouble must not stop the others
+                log.exception("workflow engine: %s failed", event[0])
+
+    def _handle(self, event: tuple[str, Any]) -> None:
+        kind, what = event
+        due: set[str] = set()
+        now = time.time()
+        while self.timers and self.timers[0][0] <= now:
+            at, wf_id = heapq.heappop(self.timers)
+            if self._next_at.get(wf_id) == at:
+                del self._next_at[wf_id]
+                due.add(wf_id)
+        with self.lock:
+            if self.detached:
+                return
+            if kind == "ended":
+                due.add(self._item_ended(*what))
+            elif kind == "lost":
+                due.add(self._item_lost(what))
+            elif kind == "advance":
+                due.add(what)
+            for wf_id in sorted(d for d in due if d):
+                self._advance(wf_id)
+
+    def _on_end(self, request: Request, row: RunRow) -> None:
+        """The process table's word that a step's run ended (any thread, maybe under the table's lock)."""
+        self.events.put(("ended", (request.run_id, row)))
+
+    # -- moving a run along ------------------------------------------------------------------------
+
+    def _advance(self, wf_id: str) -> None:
+        run = self.conn.execute("SELECT * FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
+        if run is None or run["status"] != "running":
+            return
+        spec = WorkflowSpec.model_validate_json(run["spec"])
+        now = time.time()
+        if not run["closing"] and run["deadline"] and now >= run["deadline"]:
+            self._close(wf_id, "timed_out", f"the workflow's max_runtime of {spec.constraints.max_runtime:g}s passed")
+        steps, items = self._steps(wf_id), self._items(wf_id)
+        closing = self.conn.execute("SELECT closing FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()[0]
+        if not closing:
+            self._progress(wf_id, run, spec, steps, items, now)
+            steps, items = self._steps(wf_id), self._items(wf_id)
+            closing = self._failure(wf_id, spec, steps)
+        in_flight = [i for rows in items.values() for i in rows if i["status"] == "running"]
+        if closing:
+            if closing in STOPPING:
+                for item in in_flight:
+                    if item["run_id"] and item["run_id"] not in self._stopped:
+                        self._stopped.add(item["run_id"])
+                        self.table.stop_run(item["run_id"], f"its workflow ended {closing}")
+            if not in_flight:
+                self._finish(wf_id, closing)
+            return
+        if all(s["status"] in DONE for s in steps.values()):
+            self._finish(wf_id, "succeeded")
+            return
+        self._arm(wf_id, run, steps, items)
+
+    def _progress(self, wf_id: str, run: sqlite3.Row, spec: WorkflowSpec, steps: dict[str, dict[str, Any]],
+                  items: dict[str, list[dict[str, Any]]], now: float) -> None:
+        by_id = {s.id: s for s in spec.steps}
+        context: dict[str, Any] | None = None
+        for step_id in order(spec):
+            step, state = by_id[step_id], steps[step_id]
+            if state["status"] == "waiting" and state["wait_until"] and now >= state["wait_until"]:
+                self._timeout_approval(wf_id, step)
+            if state["status"] != "pending":
+                continue
+            needs = [steps[n]["status"] for n in step.needs]
+            blocked = [(n, s) for n, s in zip(step.needs, needs, strict=True) if s in FAILED]
+            if blocked:
+                self._set_step(wf_id, step_id, "skipped", f"not run: step '{blocked[0][0]}' ended {blocked[0][1]}")
+                steps[step_id]["status"] = "skipped"
+                continue
+            if any(s not in ("succeeded", "skipped") for s in needs):
+                continue
+            if context is None:
+                context = {"inputs": json.loads(run["inputs"]), "event": {}, "headers": {}, "payload": {},
+                           "steps": step_context(spec.steps, steps, items, self._approvals(wf_id))}
+            steps[step_id]["status"] = self._begin(wf_id, step, context, now)
+            context = None  # the next step reads this one's state afresh
+        self._start_items(wf_id, run, spec, now)
+
+    def _begin(self, wf_id: str, step: Any, context: dict[str, Any], now: float) -> str:
+        """A ready step: skipped, waiting for a person, or its runs laid out as items; returns its status."""
+        try:
+            if not decide_if(step, context):
+                self._set_step(wf_id, step.id, "skipped", None, started=True)
+                return "skipped"
+            if step.approval is not None:
+                self.conn.execute("UPDATE wf_steps SET status = 'waiting', started_at = ?, wait_until = ? "
+                                  "WHERE workflow_run_id = ? AND step = ?",
+                                  (utcnow(), now + step.approval.timeout, wf_id, step.id))
+                log.info("workflow run %s: step %s waits for an approval", wf_id, step.id)
+                return "waiting"
+            laid = items_of(step, context)
+        except ExpressionError as exc:
+            self._set_step(wf_id, step.id, "failed", str(exc), started=True, ended=True)
+            return "failed"
+        with Transaction(self.conn) as tx:
+            tx.executemany("INSERT OR REPLACE INTO wf_items (workflow_run_id, step, idx, item, input, status) "
+                           "VALUES (?, ?, ?, ?, ?, 'pending')",
+                           [(wf_id, step.id, i, json.dumps(item) if step.for_each else None, text)
+                            for i, (item, text) in enumerate(laid)])
+            status = "running" if laid else "succeeded"
+            tx.execute("UPDATE wf_steps SET status = ?, started_at = ?, ended_at = ? WHERE workflow_run_id = ? "
+                       "AND step = ?", (status, utcnow(), None if laid else utcnow(), wf_id, step.id))
+        return status
+
+    def _start_items(self, wf_id: str, run: sqlite3.Row, spec: WorkflowSpec, now: float) -> None:
+        by_id = {s.id: s for s in spec.steps}
+        rows = self.conn.execute("""SELECT i.* FROM wf_items i JOIN wf_steps s USING (workflow_run_id, step)
+                                    WHERE i.workflow_run_id = ? AND s.status = 'running'
+                                    AND i.status IN ('pending', 'running') ORDER BY s.position, i.idx""",
+                                 (wf_id,)).fetchall()
+        running: dict[str, int] = {}
+        for r in rows:
+            if r["status"] == "running":
+                running[r["step"]] = running.get(r["step"], 0) + 1
+        start = []
+        for r in rows:
+            step = by_id[r["step"]]
+            cap = step.max_parallel or len(rows)
+            if r["status"] == "pending" and r["not_before"] <= now and running.get(r["step"], 0) < cap:
+                running[r["step"]] = running.get(r["step"], 0) + 1
+                start.append((r, step))
+        if not start:
+            return
+        limits: dict[str, float] = {}
+        if run["deadline"]:
+            limits["max_runtime"] = max(0.001, run["deadline"] - now)
+        share = None
+        if spec.constraints.max_tokens:
+            held = sum(r["reserved"] for r in rows if r["status"] == "running")
+            used = int(run["input_tokens"]) + int(run["output_tokens"]) - int(run["budget_base"])
+            share = (spec.constraints.max_tokens - used - held) // len(start)
+            if share < 1:
+                if not held:
+                    self._close(wf_id, "budget_exceeded", f"the workflow's max_tokens of {spec.constraints.max_tokens} "
+                                f"is used up ({used} tokens)")
+                return  # the runs in flight give back what they do not use
+        for r, step in start:
+            self._submit(wf_id, r, step, {**limits, **({"max_tokens": share} if share else {})})
+
+    def _submit(self, wf_id: str, item: sqlite3.Row, step: Any, limits: dict[str, float]) -> None:
+        request = self.table.submit(step.agent, trigger="workflow", input=item["input"],
+                                    requested_by=f"workflow:{wf_id}", retry_of=item["retry_of"],
+                                    attempt=int(item["attempt"]), step=(wf_id, step.id), limits=limits,
+                                    on_end=self._on_end, run_id=new_run_id())
+        self.conn.execute("UPDATE wf_items SET status = 'running', run_id = ?, reserved = ?, started_at = ?, "
+                          "error = NULL WHERE workflow_run_id = ? AND step = ? AND idx = ?",
+                          (request.run_id, int(limits.get("max_tokens", 0)), utcnow(), wf_id, step.id, item["idx"]))
+
+    def _item_ended(self, run_id: str, row: RunRow) -> str:
+        item = self.conn.execute("SELECT * FROM wf_items WHERE run_id = ?", (run_id,)).fetchone()
+        if item is None or item["status"] != "running":
+            return ""
+        wf_id = item["workflow_run_id"]
+        run = self.conn.execute("SELECT * FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
+        spec = WorkflowSpec.model_validate_json(run["spec"])
+        step = next(s for s in spec.steps if s.id == item["step"])
+        status, error = row.status, row.error
+        if status == "skipped":  # never ran: the daemon was stopping; it runs at the next start
+            self.conn.execute("UPDATE wf_items SET status = 'pending', run_id = NULL, reserved = 0 WHERE run_id = ?",
+                              (run_id,))
+            return ""
+        problem = too_long(status, row.extra.get("output_chars"))
+        if problem:
+            status, error = "failed", problem
+        tokens = row.input_tokens + row.output_tokens
+        retry = step.retry
+        again = (retry is not None and status in retry.on and int(item["attempt"]) - 1 < retry.limit
+                 and not run["closing"])
+        with Transaction(self.conn) as tx:
+            tx.execute("UPDATE wf_runs SET input_tokens = input_tokens + ?, output_tokens = output_tokens + ? "
+                       "WHERE workflow_run_id = ?", (row.input_tokens, row.output_tokens, wf_id))
+            if again:
+                assert retry is not None
+                log.info("workflow run %s: step %s run %s %s: retry %d of %d in %gs", wf_id, step.id, run_id, status,
+                         item["attempt"], retry.limit, retry.backoff)
+                tx.execute("""UPDATE wf_items SET status = 'pending', run_id = NULL, reserved = 0, retry_of = ?,
+                                  attempt = attempt + 1, not_before = ?, tokens = tokens + ?, error = ?
+                              WHERE workflow_run_id = ? AND step = ? AND idx = ?""",
+                           (run_id, time.time() + retry.backoff, tokens, error, wf_id, step.id, item["idx"]))
+            else:
+                tx.execute("""UPDATE wf_items SET status = ?, reserved = 0, tokens = tokens + ?, output = ?, error = ?,
+                                  ended_at = ? WHERE workflow_run_id = ? AND step = ? AND idx = ?""",
+                           (status, tokens, row.output if status == "succeeded" else None, error, utcnow(), wf_id,
+                            step.id, item["idx"]))
+                if status in FAILED and not step.continue_on_error:  # the fan-out's other items do not start
+                    tx.execute("UPDATE wf_items SET status = 'skipped', error = 'not run: an earlier item failed' "
+                               "WHERE workflow_run_id = ? AND step = ? AND status = 'pending'", (wf_id, step.id))
+        if not again:
+            self._step_done(wf_id, step.id)
+        return str(wf_id)
+
+    def _item_lost(self, run_id: str) -> str:
+        """A step run nobody follows after a restart: its end as the store knows it (interrupted by now)."""
+        from runner.agent.recording import live_row
+
+        progress = self.conn.execute("SELECT * FROM run_progress WHERE run_id = ?", (run_id,)).fetchone()
+        status = progress["status"] if progress is not None else "interrupted"
+        row = live_row(progress, status) if progress is not None else RunRow(run_id, self.client_id, "", None,
+                                                                            "workflow", "interrupted")
+        if status not in DONE or status == "stopped":  # stopped: by the daemon that stopped while it ran
+            row.status, row.error = "interrupted", "the daemon stopped or died while the run was in flight"
+        elif progress is not None and progress["row"]:
+            data = json.loads(progress["row"])
+            row.output, row.error = data.get("output"), data.get("error")
+        return self._item_ended(run_id, row)
+
+    def _step_done(self, wf_id: str, step_id: str) -> None:
+        items = [dict(r) for r in self.conn.execute("SELECT * FROM wf_items WHERE workflow_run_id = ? AND step = ?",
+                                                    (wf_id, step_id))]
+        outcome = step_outcome(items)
+        if outcome is not None:
+            self._set_step(wf_id, step_id, outcome[0], outcome[1], ended=True)
+
+    def _failure(self, wf_id: str, spec: WorkflowSpec, steps: dict[str, dict[str, Any]]) -> str | None:
+        """The workflow's end when a step failed that may not (after its retries), else None."""
+        for step in spec.steps:
+            state = steps[step.id]
+            if state["status"] in FAILED and not step.continue_on_error:
+                status = state["status"] if state["status"] in ("timed_out", "budget_exceeded") else "failed"
+                why = f"step '{step.id}' ended {state['status']}" + (f": {state['error']}" if state["error"] else "")
+                self._close(wf_id, status, why)
+                return status
+        return None
+
+    # -- approvals ---------------------------------------------------------------------------------
+
+    def _decide(self, wf_id: str, step: str, approve: bool, comment: str | None, by: str) -> None:
+        with Transaction(self.conn) as tx:
+            journal_approval(tx, {"workflow_run_id": wf_id, "step": step, "approved": approve, "by": by,
+                                  "at": utcnow(), "comment": comment})
+            error = None if approve else f"rejected by {by}" + (f": {comment}" if comment else "")
+            tx.execute("UPDATE wf_steps SET status = ?, error = ?, ended_at = ?, wait_until = NULL "
+                       "WHERE workflow_run_id = ? AND step = ?",
+                       ("succeeded" if approve else "failed", error, utcnow(), wf_id, step))
+        log.info("workflow run %s: step %s %s by %s", wf_id, step, "approved" if approve else "rejected", by)
+
+    def _timeout_approval(self, wf_id: str, step: Any) -> None:
+        decision = step.approval.on_timeout
+        self.poke(wf_id)  # the steps after it are looked at again
+        if decision == "fail":
+            self._set_step(wf_id, step.id, "timed_out", f"no decision within {step.approval.timeout:g}s", ended=True)
+        else:
+            self._decide(wf_id, step.id, decision == "approve", f"no decision within {step.approval.timeout:g}s",
+                         "timeout")
+
+    def _approvals(self, wf_id: str) -> dict[str, dict[str, Any]]:
+        return {r["step"]: {"approved": bool(r["approved"]), "by": r["by"], "comment": r["comment"]}
+                for r in self.conn.execute("SELECT * FROM wf_approvals WHERE workflow_run_id = ? ORDER BY at",
+                                           (wf_id,))}
+
+    # -- rows --------------------------------------------------------------------------------------
+
+    def _mine(self, wf_id: str) -> sqlite3.Row:
+        row = self.conn.execute("SELECT * FROM wf_runs WHERE workflow_run_id = ? AND client_id = ?",
+                                (wf_id, self.client_id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no workflow run {wf_id} for client '{self.client_id}'")
+        found: sqlite3.Row = row
+        return found
+
+    def _steps(self, wf_id: str) -> dict[str, dict[str, Any]]:
+        return {r["step"]: dict(r) for r in self.conn.execute("SELECT * FROM wf_steps WHERE workflow_run_id = ?",
+                                                              (wf_id,))}
+
+    def _items(self, wf_id: str) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.conn.execute("SELECT * FROM wf_items WHERE workflow_run_id = ? ORDER BY idx", (wf_id,)):
+            out.setdefault(r["step"], []).append(dict(r))
+        return out
+
+    def _in_flight(self, wf_id: str) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT run_id FROM wf_items WHERE workflow_run_id = ? AND "
+                                                "status = 'running'", (wf_id,))]
+
+    def _set_step(self, wf_id: str, step: str, status: str, error: str | None, *, started: bool = False,
+                  ended: bool = True) -> None:
+        stamp = utcnow()
+        self.conn.execute("UPDATE wf_steps SET status = ?, error = ?, started_at = coalesce(started_at, ?), "
+                          "ended_at = ?, wait_until = NULL WHERE workflow_run_id = ? AND step = ?",
+                          (status, error, stamp if started or ended else None, stamp if ended else None, wf_id, step))
+        if ended and self.on_step_end is not None:
+            row = self.conn.execute("SELECT w.workflow, s.started_at FROM wf_steps s JOIN wf_runs w USING "
+                                    "(workflow_run_id) WHERE s.workflow_run_id = ? AND s.step = ?",
+                                    (wf_id, step)).fetchone()
+            if row is not None and row["started_at"]:
+                from runner.times import parse
+
+                self.on_step_end(row["workflow"], (parse(stamp) - parse(row["started_at"])).total_seconds())
+
+    def _close(self, wf_id: str, status: str, error: str) -> None:
+        """Decide the run's end: nothing new starts; it ends once its runs in flight have."""
+        self.conn.execute("UPDATE wf_runs SET closing = ?, error = ? WHERE workflow_run_id = ? AND closing IS NULL",
+                          (status, error, wf_id))
+
+    def _finish(self, wf_id: str, status: str) -> None:
+        with Transaction(self.conn) as tx:
+            tx.execute("UPDATE wf_runs SET status = ?, closing = NULL, ended_at = ? WHERE workflow_run_id = ?",
+                       (status, utcnow(), wf_id))
+            if status != "succeeded":  # what waits for a person waits no more
+                tx.execute("UPDATE wf_steps SET status = 'stopped', error = 'the workflow ended', ended_at = ?, "
+                           "wait_until = NULL WHERE workflow_run_id = ? AND status = 'waiting'", (utcnow(), wf_id))
+            row = self._run_row(tx, wf_id)
+            journal_run(tx, row)
+        log.info("workflow %s run %s %s%s", row["workflow"], wf_id, status, f": {row['error']}" if row["error"] else "")
+
+    def _run_row(self, tx: sqlite3.Connection, wf_id: str) -> sqlite3.Row:
+        row: sqlite3.Row = tx.execute("SELECT * FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
+        return row
+
+    def _arm(self, wf_id: str, run: sqlite3.Row, steps: dict[str, dict[str, Any]],
+             items: dict[str, list[dict[str, Any]]]) -> None:
+        """A timer for the next moment this run must be looked at without an event: a backoff's end, an
+        approval's timeout, the deadline."""
+        now = time.time()
+        moments = [run["deadline"]] if run["deadline"] else []
+        moments += [s["wait_until"] for s in steps.values() if s["status"] == "waiting" and s["wait_until"]]
+        moments += [i["not_before"] for rows in items.values() for i in rows
+                    if i["status"] == "pending" and i["not_before"] > now]
+        if moments and self._next_at.get(wf_id) != min(moments):
+            self._next_at[wf_id] = min(moments)
+            heapq.heappush(self.timers, (min(moments), wf_id))
+
+
