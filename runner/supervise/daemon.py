@@ -265,6 +265,8 @@ class ClientDaemon:
         self.metrics = metrics
         self.table.on_dispatch = metrics.dispatch.labels(self.settings.client_id).observe
         self.scheduler.on_lag = metrics.trigger_lag.labels(self.settings.client_id).observe
+        self.workflows.on_step_end = lambda workflow, seconds: metrics.step_seconds.labels(
+            self.settings.client_id, workflow).observe(seconds)
 
     def loop(self) -> None:
         delay = self._first_wait  # the poll interval, or what the first reconcile's failure asked for

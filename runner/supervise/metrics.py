@@ -57,6 +57,9 @@ class Metrics:
                                 ["method", "route", "status"], registry=r)
         self.request_seconds = Histogram("agent_orch_api_request_duration_seconds", "API request duration.",
                                          ["route"], registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+        self.step_seconds = Histogram("agent_orch_workflow_step_duration_seconds", "Workflow step duration, from "
+                                      "its start to its end (an approval's wait included).", ["client", "workflow"],
+                                      registry=r, buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 86400))
         self.runs = Counter("agent_orch_runs", "Runs ended, by final status.", ["client", "agent", "status"],
                             registry=r)
         self.tokens = Counter("agent_orch_tokens", "Model tokens used.", ["client", "agent", "kind"], registry=r)
@@ -178,6 +181,8 @@ class _StateCollector(Collector):
         invalid = GaugeMetricFamily("agent_orch_invalid_specs", "Agents whose spec in git is invalid.",
                                     labels=["client"])
         revision = InfoMetricFamily("agent_orch_source", "The source revision last reconciled.", labels=["client"])
+        workflows = GaugeMetricFamily("agent_orch_workflow_runs", "Workflow runs on record, by status.",
+                                      labels=["client", "workflow", "status"])
         for client, rt in self.metrics.runtimes.items():
             flight = rt.in_flight()
             running.add_metric([client], flight.get("running", 0))
@@ -190,12 +195,15 @@ class _StateCollector(Collector):
             invalid.add_metric([client], states.get("Invalid", 0))
             health = rt.health()
             revision.add_metric([client], {"revision": str(health.get("revision") or "")})
-        yield from (running, queued, agents, invalid, revision)
+            for name, status, n in rt.conn().execute("SELECT workflow, status, count(*) FROM wf_runs WHERE "
+                                                     "client_id = ? GROUP BY 1, 2 ORDER BY 1, 2", (client,)):
+                workflows.add_metric([client, name, status], n)
+        yield from (running, queued, agents, invalid, revision, workflows)
 
 
 # Labels whose values are a client's own names: its id, its agents, its custom tools (a builtin tool's
 # name tells nothing, but a custom one is a file in the client's repository), its source revision.
-NAMING = frozenset({"client", "agent", "tool", "revision"})
+NAMING = frozenset({"client", "agent", "tool", "revision", "workflow"})
 
 
 class _View(Collector):
