@@ -14,16 +14,19 @@ import yaml
 from conftest import ROOT
 
 from runner.specs import schema
-from runner.specs.models import AgentSpec
+from runner.specs.loading import load_document
+from runner.specs.models import AgentSpec, WorkflowSpec
 from runner.specs.validating import is_spec_path
 
 SEED = ROOT / "specs" / "data-processor.yaml"
 STALE = "is stale: run `make schema` (python -m runner.specs.schema --write) and commit the result"
 
 
-def test_schema_file_is_current() -> None:
+def test_schema_files_are_current() -> None:
     assert schema.SCHEMA_PATH == ROOT / "schemas" / "agent-spec.schema.json"
     assert schema.SCHEMA_PATH.read_text() == schema.schema_text(), f"{schema.SCHEMA_PATH.relative_to(ROOT)} {STALE}"
+    assert schema.WORKFLOW_SCHEMA_PATH.read_text() == schema.schema_text(WorkflowSpec), \
+        f"{schema.WORKFLOW_SCHEMA_PATH.relative_to(ROOT)} {STALE}"
 
 
 def test_schema_is_a_draft_2020_12_document_that_forbids_unknown_fields() -> None:
@@ -71,25 +74,26 @@ def test_field_table_lists_every_field_of_every_model() -> None:
             assert not line.rstrip().endswith("|  |"), f"field without a description: {line}"
 
 
-def _validator() -> Any:
-    """jsonschema's validator for the schema file when the package is installed, else None."""
+def _validator(path: Path) -> Any:
+    """jsonschema's validator for a schema file when the package is installed, else None."""
     try:
         jsonschema = importlib.import_module("jsonschema")
     except ImportError:
         return None
-    data = json.loads(schema.SCHEMA_PATH.read_text())
+    data = json.loads(path.read_text())
     return jsonschema.Draft202012Validator(data)
 
 
 def _schema_errors(document: Any) -> list[str]:
-    """Problems of ``document`` by the JSON schema, or by the pydantic model it is generated from."""
-    validator = _validator()
+    """Problems of ``document`` by its kind's JSON schema, or by the pydantic model it is generated from."""
+    workflow = isinstance(document, dict) and document.get("kind") == "workflow"
+    validator = _validator(schema.WORKFLOW_SCHEMA_PATH if workflow else schema.SCHEMA_PATH)
     if validator is not None:
         return [error.message for error in validator.iter_errors(document)]
     from pydantic import ValidationError
 
     try:
-        AgentSpec.model_validate(document)
+        (WorkflowSpec if workflow else AgentSpec).model_validate(document)
     except ValidationError as exc:
         return [str(error["msg"]) for error in exc.errors()]
     return []
@@ -104,8 +108,10 @@ def test_project_specs_validate_against_the_schema() -> None:
     folder = ROOT / "specs"
     specs = [p for p in sorted(folder.rglob("*")) if p.is_file() and is_spec_path(p.relative_to(folder).as_posix())]
     assert SEED in specs
-    for path in specs:
-        assert _schema_errors(yaml.safe_load(path.read_text())) == [], path
+    for path in specs:  # read as the runner reads them: a key written `on` is a name (YAML 1.2), not True
+        doc, problems = load_document(path.read_bytes(), str(path))
+        assert doc is not None, problems
+        assert _schema_errors(doc.data) == [], path
 
 
 def test_schema_rejects_what_the_models_reject() -> None:
@@ -122,4 +128,5 @@ def test_specs_point_editors_at_a_schema_that_exists() -> None:
     for path in sorted(folder.rglob("*.yaml")):
         for match in re.finditer(r"#\s*yaml-language-server:\s*\$schema=(\S+)", path.read_text()):
             target = (path.parent / match.group(1)).resolve()
-            assert target == Path(schema.SCHEMA_PATH).resolve(), f"{path}: $schema points at {match.group(1)}"
+            wanted = schema.WORKFLOW_SCHEMA_PATH if "\nkind: workflow" in path.read_text() else schema.SCHEMA_PATH
+            assert target == Path(wanted).resolve(), f"{path}: $schema points at {match.group(1)}"
