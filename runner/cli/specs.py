@@ -17,6 +17,7 @@ from runner.settings import Settings, remember_source
 from runner.source.git import is_remote
 from runner.specs.problems import Problem
 from runner.specs.validating import SPEC_SUFFIXES, check_unique_names, files_on_disk, validate_tree
+from runner.specs.workflow_checking import check_workflow_refs
 from runner.supervise.owning import running_daemon
 
 source_options = [
@@ -46,12 +47,17 @@ def validate(app: App, paths: tuple[str, ...]) -> None:
     home = str(Path(app.home or "var").absolute())
     everything = []
     for root, files in files_on_disk(list(paths)):
-        results, _ = validate_tree(files, client_id=client, home=home, file_exists=_exists_under(root))
+        results, _ = validate_tree(files, client_id=client, home=home, file_exists=_exists_under(root), across=False)
         everything.extend(results)
+    # A workflow validated alone is checked with the agents beside it (its folder), as its repository would.
+    beside = [r for raw in paths if Path(raw).is_file() for _, files in files_on_disk([str(Path(raw).parent)])
+              for r in validate_tree(files, client_id=client, home=home, across=False)[0]] \
+        if any(r.kind == "workflow" for r in everything) else []
     for raw in paths:  # a file named on purpose that is not a spec is a mistake worth saying
         if Path(raw).is_file() and not raw.endswith(SPEC_SUFFIXES):
             problems.append(Problem(raw, 1, 1, "", "not a spec file: specs end in .yaml or .yml"))
     check_unique_names(everything)  # across all the PATHs, as a repository would
+    check_workflow_refs(everything, beside)
     checked = len(everything)
     for r in everything:
         problems.extend(r.problems)

@@ -94,12 +94,14 @@ def validate_tree(
     custom_tools: dict[str, ToolInfo] | None = None,
     file_exists: Callable[[str], bool] | None = None,
     known_good: dict[str, tuple[str, str, str]] | None = None,
+    across: bool = True,
 ) -> tuple[list[SpecResult], str]:
     """Validate every spec file of a tree; ``files`` may hold support files too (tools, scripts).
 
     ``known_good`` maps a path to (blob, context fingerprint, agent name) of specs already applied
-    and valid: when blob and fingerprint still match, the file is not read at all. Returns the
-    results and the context fingerprint.
+    and valid: when blob and fingerprint still match, the file is not read at all. ``across``: check what
+    spans files (unique names, the agents workflows name) here; a caller that puts trees together does it
+    once over all of them. Returns the results and the context fingerprint.
     """
     all_paths = {f.rel_path for f in files}
     ctx = Context(
@@ -119,8 +121,9 @@ def validate_tree(
             results.append(SpecResult(f.rel_path, f.blob, f.display or f.rel_path, known[2], None, known_good=True))
         else:
             results.append(validate_file(f, ctx, fingerprint, cache))
-    check_unique_names(results)
-    check_workflow_refs(results)
+    if across:
+        check_unique_names(results)
+        check_workflow_refs(results)
     return results, fingerprint
 
 

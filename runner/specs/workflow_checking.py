@@ -199,10 +199,12 @@ def _ancestors(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return out
 
 
-def check_workflow_refs(results: list[Any]) -> None:
-    """The agents each workflow's steps name must be agents of the same tree (SpecResults, in place)."""
-    agents = {r.name for r in results if r.name and r.kind == "agent"}
-    workflows = {r.name for r in results if r.name and r.kind == "workflow"}
+def check_workflow_refs(results: list[Any], context: list[Any] | None = None) -> None:
+    """The agents each workflow's steps name must be agents of the same tree (SpecResults, in place); the
+    ``context`` results (specs beside a file validated alone) count as known, and are not checked."""
+    known = [*results, *(context or [])]
+    agents = {r.name for r in known if r.name and r.kind == "agent"}
+    workflows = {r.name for r in known if r.name and r.kind == "workflow"}
     for r in results:
         if r.kind != "workflow":
             continue
