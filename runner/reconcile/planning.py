@@ -36,19 +36,21 @@ class Change:
     fields: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     result: SpecResult | None = None
+    kind: str = "agent"  # or workflow
 
     def __str__(self) -> str:
+        name = f"workflow {self.name}" if self.kind == "workflow" else self.name
         if self.action == "update":
-            return f"update {self.name} ({', '.join(self.fields)})"
+            return f"update {name} ({', '.join(self.fields)})"
         if self.action == "invalid":
             first = errors_in(self.problems)[:1]
             more = len(errors_in(self.problems)) - 1
             reason = str(first[0]) if first else "invalid"
-            return f"invalid {self.name}: {reason}" + (f" (+{more} more)" if more > 0 else "")
-        return f"{self.action} {self.name}"
+            return f"invalid {name}: {reason}" + (f" (+{more} more)" if more > 0 else "")
+        return f"{self.action} {name}"
 
     def as_json(self) -> dict[str, Any]:
-        return {"action": self.action, "name": self.name, "fields": self.fields,
+        return {"action": self.action, "name": self.name, "kind": self.kind, "fields": self.fields,
                 "problems": [p.as_json() for p in self.problems]}
 
 
@@ -116,11 +118,11 @@ def diff(results: list[SpecResult], applied: dict[str, AppliedAgent]) -> list[Ch
             claimed.add(name)
         current = applied.get(name) if name else None
         if not r.valid:
-            changes.append(Change("invalid", name or r.file, problems=r.problems, result=r))
+            changes.append(Change("invalid", name or r.file, problems=r.problems, result=r, kind=r.kind))
         elif r.known_good:
             continue
         elif current is None or current.spec_json is None:
-            changes.append(Change("create", name or r.file, result=r))
+            changes.append(Change("create", name or r.file, result=r, kind=r.kind))
         else:
             new = r.spec.model_dump(mode="json", by_alias=True) if r.spec else {}
             fields = changed_fields(current.spec_dict or {}, new)
@@ -129,9 +131,9 @@ def diff(results: list[SpecResult], applied: dict[str, AppliedAgent]) -> list[Ch
             if not fields and not current.synced:
                 fields = ["recovered from Invalid"]
             if fields:
-                changes.append(Change("update", current.name, fields=fields, result=r))
+                changes.append(Change("update", current.name, fields=fields, result=r, kind=r.kind))
     for name in sorted(set(applied) - claimed):
-        changes.append(Change("delete", name))
+        changes.append(Change("delete", name, kind=applied[name].kind))
     return changes
 
 
