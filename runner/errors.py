@@ -28,6 +28,7 @@ tree onto them in one place).
     │       │   └── FolderMissing        the source folder does not exist at the revision
     │       └── FileTooLarge             + PermanentError: a file over its size limit, refused unread
     ├── LandlockError (OSError)          the kernel refused a Landlock call
+    ├── ExpressionError (ValueError)     a workflow expression that cannot be read or evaluated
     └── ChannelError (ValueError)        a run broke its channel; recorded as the run's error
 
 Permanent or transient. A ``TransientError`` (a network fault, a busy repository, a full disk)
@@ -207,6 +208,10 @@ class StorageFullError(TransientError):
 
 class LandlockError(OSError):
     """The kernel refused a Landlock call (or has no Landlock): an OSError, with its errno where it gave one."""
+
+
+class ExpressionError(ValueError):
+    """A workflow expression or template that cannot be read or evaluated; its message says why."""
 
 
 class ChannelError(ValueError):

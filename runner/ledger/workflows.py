@@ -148,5 +148,6 @@ def get_workflow_run(conn: sqlite3.Connection, client_id: str, workflow_run_id: 
 def _run(row: sqlite3.Row) -> dict[str, Any]:
     deadline = row["deadline"]
     return {**{k: row[k] for k in RUN_COLUMNS}, "requested_by": row["requested_by"],
+            "closing": row["closing"],  # the end decided while runs in flight finish (None: none yet)
             "inputs": json.loads(row["inputs"] or "{}"),
             "deadline": stamp(datetime.fromtimestamp(deadline, UTC)) if deadline else None}

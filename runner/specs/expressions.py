@@ -20,12 +20,10 @@ from jinja2.lexer import describe_token
 from jinja2.parser import Parser
 from jinja2.sandbox import SandboxedEnvironment
 
+from runner.errors import ExpressionError
+
 NAMES = ("inputs", "steps", "item", "event", "headers", "payload")
 MAX_RENDERED = 256 * 1024  # characters of one rendered template (a run's input is capped at 1 MiB anyway)
-
-
-class ExpressionError(ValueError):
-    """An expression or template that cannot be read or evaluated; its message says why."""
 
 
 def _tojson(value: Any) -> str:

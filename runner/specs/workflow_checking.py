@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from runner.errors import ExpressionError
 from runner.specs.checking import Context, did_you_mean, from_pydantic, trigger_problems
-from runner.specs.expressions import NAMES, ExpressionError, check
+from runner.specs.expressions import NAMES, check
 from runner.specs.loading import Document, Loc
 from runner.specs.models import WorkflowSpec
 from runner.specs.problems import Problem, Severity, field_path

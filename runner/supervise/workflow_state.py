@@ -14,7 +14,8 @@ import re
 import sqlite3
 from typing import Any
 
-from runner.specs.expressions import ExpressionError, evaluate, render
+from runner.errors import ExpressionError
+from runner.specs.expressions import evaluate, render
 from runner.specs.models import WorkflowSpec, WorkflowStep
 
 MAX_OUTPUT = 16_000  # characters of an answer a step passes on: what the ledger keeps of it

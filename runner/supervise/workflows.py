@@ -20,11 +20,10 @@ import time
 from typing import Any
 
 from runner.agent.recording import RunRow, end_in_flight, new_run_id
-from runner.errors import ConflictError, NotFoundError, OrchestratorError, SpecError, UsageError
+from runner.errors import ConflictError, ExpressionError, NotFoundError, OrchestratorError, SpecError, UsageError
 from runner.ledger.workflows import journal_approval, journal_run
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
-from runner.specs.expressions import ExpressionError
 from runner.specs.models import WorkflowSpec
 from runner.state import Transaction, connect
 from runner.supervise.table import ProcessTable, Request
