@@ -94,7 +94,7 @@ def read_run(settings: Settings, conn: sqlite3.Connection, workflow_run_id: str)
 def waiting_for_person(run: dict[str, Any]) -> list[str]:
     """The steps of a workflow run still running that wait for an approval, when nothing else can move it on;
     else [] (see the module's note)."""
-    if run["status"] in WORKFLOW_FINAL:
+    if run["status"] in WORKFLOW_FINAL or run.get("closing"):  # closing: its end is decided, it ends in a moment
         return []
     steps = run.get("steps") or []
     status = {s["step"]: s["status"] for s in steps}
