@@ -34,9 +34,42 @@ def _fromjson(value: Any) -> Any:
     return json.loads(str(value))
 
 
-_env = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+MAX_RANGE = 10_000  # items of range()
+MAX_POWER = 4096  # bits of a number made with ** or *
+
+
+class _Bounded(SandboxedEnvironment):
+    """The sandbox, and bounds on what one expression may build: a workflow's template runs in the daemon, so
+    ``'x' * 10**9``, ``10**10**10`` or ``range(10**9)`` must fail at once rather than take the daemon's memory or
+    time (a loop in a loop is refused by validation: ``check``)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int | float) and isinstance(right, int | float):
+            bits = abs(left).bit_length() if isinstance(left, int) else 64
+            if abs(right) * max(1, bits) > MAX_POWER:
+                raise ExpressionError(f"{left} ** {right} is too large a number for an expression")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_RENDERED:
+                    raise ExpressionError(f"'*' would make {len(seq) * times} items, over {MAX_RENDERED}")
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_POWER:
+                raise ExpressionError("'*' makes too large a number for an expression")
+        return super().call_binop(context, operator, left, right)
+
+
+def _range(*args: int) -> range:
+    values = range(*args)
+    if len(values) > MAX_RANGE:
+        raise ExpressionError(f"range of {len(values)} items, over {MAX_RANGE}")
+    return values
+
+
+_env = _Bounded(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _env.filters["tojson"] = _tojson
 _env.filters["fromjson"] = _fromjson
+_env.globals["range"] = _range
 
 
 def _parse(text: str, template: bool) -> nodes.Node:
@@ -76,6 +109,12 @@ def check(text: str, *, template: bool) -> Names:
             elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) \
                     and isinstance(node.arg.value, str):
                 read[base.name].add(node.arg.value)
+    for kind in (nodes.Macro, nodes.CallBlock):
+        if any(True for _ in tree.find_all(kind)):
+            raise ExpressionError("macros are not allowed in a workflow's templates")
+    for loop in tree.find_all(nodes.For):
+        if any(True for _ in loop.find_all(nodes.For)):
+            raise ExpressionError("a loop inside a loop is not allowed in a workflow's templates")
     assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
     used = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"} - assigned
     return Names(frozenset(read["steps"]), frozenset(read["inputs"]), frozenset(used))
@@ -87,6 +126,8 @@ def evaluate(text: str, context: dict[str, Any]) -> Any:
         return _env.compile_expression(text, undefined_to_none=False)(**context)
     except TemplateError as exc:
         raise ExpressionError(_message(exc)) from None
+    except ExpressionError:
+        raise
     except Exception as exc:  # a filter's own error (int('x'), a key of a list): the expression's fault
         raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
 
@@ -97,6 +138,8 @@ def render(text: str, context: dict[str, Any]) -> str:
         out = _env.from_string(text).render(**context)
     except TemplateError as exc:
         raise ExpressionError(_message(exc)) from None
+    except ExpressionError:
+        raise
     except Exception as exc:
         raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
     if len(out) > MAX_RENDERED:
