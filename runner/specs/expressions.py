@@ -12,10 +12,12 @@ an unknown step is a spec error with its position, before anything runs.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.filters import FILTERS as _builtin_filters
 from jinja2.lexer import describe_token
 from jinja2.parser import Parser
 from jinja2.sandbox import SandboxedEnvironment
@@ -58,6 +60,40 @@ class _Bounded(SandboxedEnvironment):
                 raise ExpressionError("'*' makes too large a number for an expression")
         return super().call_binop(context, operator, left, right)
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, str) and attribute in ("format", "format_map"):
+            _sizes((obj,), {})  # '{:>999999999}'.format(1): the sandbox wraps the method, so look here
+        return super().getattr(obj, attribute)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        # 'x'.center(10**9), 'x'.ljust(...), '{:>999999999}'.format(...)
+        _sizes((getattr(__obj, "__self__", None), *args), kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _sizes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDERED:
+            raise ExpressionError(f"the number {value} is too large an argument (at most {MAX_RENDERED})")
+        if isinstance(value, str) and any(c.isdigit() for c in value) and ("{" in value or "%" in value):
+            widths = [int(w) for w in re.findall(r"\d{7,}", value)]
+            if widths:
+                raise ExpressionError(f"a format width of {widths[0]} is too large")
+
+
+def _bounded_filter(name: str) -> Any:
+    inner = _builtin_filters[name]
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _sizes(args, kwargs)
+        return inner(*args, **kwargs)
+
+    bounded.__name__ = inner.__name__
+    for attr in ("jinja_pass_arg",):
+        if hasattr(inner, attr):
+            setattr(bounded, attr, getattr(inner, attr))
+    return bounded
+
 
 def _range(*args: int) -> range:
     values = range(*args)
@@ -70,6 +106,8 @@ _env = _Bounded(undefined=StrictUndefined, autoescape=False, keep_trailing_newli
 _env.filters["tojson"] = _tojson
 _env.filters["fromjson"] = _fromjson
 _env.globals["range"] = _range
+for _name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "round", "filesizeformat"):
+    _env.filters[_name] = _bounded_filter(_name)
 
 
 def _parse(text: str, template: bool) -> nodes.Node:
