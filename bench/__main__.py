@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["plan", "memory", "overhead", "daemon", "runmem", "api", "sandbox", "rearm", "ray"]
+BENCHES = ["plan", "memory", "overhead", "daemon", "runmem", "api", "sandbox", "rearm", "ray", "workflows"]
 BY_NAME = [*BENCHES, "soak"]
 
 

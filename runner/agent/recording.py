@@ -340,6 +340,9 @@ class RunRecord:
                  on_ask: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.writer, self.row, self.on_end, self.on_message = writer, row, on_end, on_message
         self.on_ask = on_ask  # answers the run's questions (runner.agent.asking)
+        # (status, error) a stop on its supervisor's behalf ends it with, instead of "stopped on request" (a
+        # workflow's deadline: timed_out)
+        self.stop_as: tuple[str, str] | None = None
         self.seq = 0
         self.skip = 0  # events on record already (a run followed again after a daemon's crash): not written again
         self.durable = threading.Event()  # set once the final row is on disk
@@ -408,6 +411,8 @@ class RunRecord:
 
     def ended(self, outcome: Any) -> None:
         """The final event and row, one log line saying how it ended, then ``on_end`` once they are durable."""
+        if outcome.status == "stopped" and self.stop_as is not None:
+            outcome = replace(outcome, status=self.stop_as[0], error=self.stop_as[1])
         row = self.row
         row.status, row.output, row.error, row.ended_at = outcome.status, outcome.output, outcome.error, utcnow()
         row.cpu_seconds, row.max_rss_mb, row.bytes_written = outcome.cpu_seconds, outcome.max_rss_mb, \

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
 from jinja2.filters import FILTERS as _builtin_filters
 from jinja2.lexer import describe_token
 from jinja2.parser import Parser
@@ -54,8 +54,8 @@ class _Bounded(SandboxedEnvironment):
                 raise ExpressionError(f"{left} ** {right} is too large a number for an expression")
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_RENDERED:
-                    raise ExpressionError(f"'*' would make {len(seq) * times} items, over {MAX_RENDERED}")
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) and _size(seq) * times > MAX_RENDERED:
+                    raise ExpressionError(f"'*' would make about {_size(seq) * times} characters, over {MAX_RENDERED}")
             if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_POWER:
                 raise ExpressionError("'*' makes too large a number for an expression")
         return super().call_binop(context, operator, left, right)
@@ -66,8 +66,11 @@ class _Bounded(SandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        # 'x'.center(10**9), 'x'.ljust(...), '{:>999999999}'.format(...)
-        _sizes((getattr(__obj, "__self__", None), *args), kwargs)
+        # 'x'.center(10**9), 'x'.ljust(...), '{:>999999999}'.format(...), s.replace('x', 'x' * 20000)
+        owner = getattr(__obj, "__self__", None)
+        _sizes((owner, *args), kwargs)
+        if isinstance(owner, str) and getattr(__obj, "__name__", "") == "replace":
+            _replaced(owner, *args)
         return super().call(__context, __obj, *args, **kwargs)
 
 
@@ -81,11 +84,39 @@ def _sizes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 raise ExpressionError(f"a format width of {widths[0]} is too large")
 
 
+def _size(value: Any, depth: int = 0) -> int:
+    """About how many characters ``value`` renders to (stops counting past the bound)."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8:
+        return 1
+    if isinstance(value, list | tuple):
+        total = 2
+        for item in value:
+            total += _size(item, depth + 1) + 2
+            if total > MAX_RENDERED:
+                break
+        return total
+    if isinstance(value, dict):
+        return _size(list(value.items())[:MAX_RENDERED], depth + 1)
+    return 8
+
+
+def _replaced(text: Any, old: Any = "", new: Any = "", count: Any = -1, *_: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and old:
+        times = text.count(old) if not isinstance(count, int) or count < 0 else min(count, text.count(old))
+        if len(text) + times * (len(new) - len(old)) > MAX_RENDERED:
+            raise ExpressionError(f"replace would make about {len(text) + times * (len(new) - len(old))} characters, "
+                                  f"over {MAX_RENDERED}")
+
+
 def _bounded_filter(name: str) -> Any:
     inner = _builtin_filters[name]
 
     def bounded(*args: Any, **kwargs: Any) -> Any:
         _sizes(args, kwargs)
+        if name == "replace":
+            _replaced(*[a for a in args if not hasattr(a, "environment")], **kwargs)
         return inner(*args, **kwargs)
 
     bounded.__name__ = inner.__name__
@@ -106,7 +137,8 @@ _env = _Bounded(undefined=StrictUndefined, autoescape=False, keep_trailing_newli
 _env.filters["tojson"] = _tojson
 _env.filters["fromjson"] = _fromjson
 _env.globals["range"] = _range
-for _name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "round", "filesizeformat"):
+for _name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "round", "filesizeformat",
+              "replace"):
     _env.filters[_name] = _bounded_filter(_name)
 
 
@@ -139,7 +171,7 @@ def check(text: str, *, template: bool) -> Names:
     """Parse ``text`` and say what it reads. Raises ExpressionError when it cannot be parsed."""
     tree = _parse(text, template)
     read: dict[str, set[str]] = {"steps": set(), "inputs": set()}
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+    for node in _all(tree, (nodes.Getattr, nodes.Getitem)):
         base: Any = getattr(node, "node", None)
         if isinstance(base, nodes.Name) and base.name in read:
             if isinstance(node, nodes.Getattr):
@@ -153,15 +185,23 @@ def check(text: str, *, template: bool) -> Names:
     for loop in tree.find_all(nodes.For):
         if any(True for _ in loop.find_all(nodes.For)):
             raise ExpressionError("a loop inside a loop is not allowed in a workflow's templates")
-    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
-    used = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"} - assigned
+    assigned = {n.name for n in _all(tree, nodes.Name) if n.ctx in ("store", "param")}
+    used = {n.name for n in _all(tree, nodes.Name) if n.ctx == "load"} - assigned - set(_env.globals) - {"loop"}
     return Names(frozenset(read["steps"]), frozenset(read["inputs"]), frozenset(used))
+
+
+def _all(tree: nodes.Node, kind: Any) -> list[Any]:
+    """The nodes of ``kind`` in ``tree``, the root included (find_all leaves it out)."""
+    return [*([tree] if isinstance(tree, kind) else []), *tree.find_all(kind)]
 
 
 def evaluate(text: str, context: dict[str, Any]) -> Any:
     """The value of expression ``text`` (no braces) over ``context``."""
     try:
-        return _env.compile_expression(text, undefined_to_none=False)(**context)
+        value = _env.compile_expression(text, undefined_to_none=False)(**context)
+        if isinstance(value, Undefined):  # a missing name or key: its error, now, rather than an empty value
+            value._fail_with_undefined_error()
+        return value
     except TemplateError as exc:
         raise ExpressionError(_message(exc)) from None
     except ExpressionError:
@@ -173,7 +213,13 @@ def evaluate(text: str, context: dict[str, Any]) -> Any:
 def render(text: str, context: dict[str, Any]) -> str:
     """Template ``text`` rendered over ``context``."""
     try:
-        out = _env.from_string(text).render(**context)
+        parts, size = [], 0
+        for chunk in _env.from_string(text).generate(**context):  # stops as soon as it is too long
+            parts.append(chunk)
+            size += len(chunk)
+            if size > MAX_RENDERED:
+                break
+        out = "".join(parts)
     except TemplateError as exc:
         raise ExpressionError(_message(exc)) from None
     except ExpressionError:
@@ -181,8 +227,7 @@ def render(text: str, context: dict[str, Any]) -> str:
     except Exception as exc:
         raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
     if len(out) > MAX_RENDERED:
-        raise ExpressionError(f"it renders {len(out)} characters, over {MAX_RENDERED}: pass a path to the data, "
-                              "not the data")
+        raise ExpressionError(f"it renders more than {MAX_RENDERED} characters: pass a path to the data, not the data")
     return out
 
 

@@ -117,7 +117,7 @@ class _Checker:
         try:
             tuple(graphlib.TopologicalSorter(graph).static_order())
         except graphlib.CycleError as exc:
-            path = list(reversed(exc.args[1]))  # graphlib lists it against the needs; say it as runs go
+            path = list(reversed(exc.args[1]))  # a -> b: a needs b
             first = next(i for i, s in self.steps if s["id"] == path[0])
             self._add(("steps", first, "needs"), "cycle: " + " -> ".join(path))
             return True
@@ -155,7 +155,7 @@ class _Checker:
                 continue
             for name in sorted(names.used - set(NAMES)):
                 self._add(loc, f"unknown name '{name}'{did_you_mean(name, NAMES)} (known: {', '.join(NAMES)})")
-            if "item" in names.used and (not step.get("for_each") or loc[-1] == "for_each"):
+            if "item" in names.used and (not step.get("for_each") or loc[-1] in ("for_each", "if")):
                 self._add(loc, "'item' is known only in the input of a for_each step")
             for ref in sorted(names.steps):
                 if ref not in ids:

@@ -62,6 +62,7 @@ class Request:
     step: str | None = None
     limits: dict[str, float] | None = None  # constraints narrowed for this run (a workflow's time and tokens left)
     on_end: Callable[[Request, RunRow], None] | None = None  # told once the final row is durable
+    record: RunRecord | None = None  # while it runs
 
     @property
     def concurrent(self) -> bool:
@@ -275,7 +276,7 @@ class ProcessTable:
                         for k, v in request.limits.items()}
             plan.spec = plan.spec.model_copy(update={"constraints": plan.spec.constraints.model_copy(update=narrowed)})
         request.status = "running"
-        start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
+        request.record = start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
               requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
               on_end=lambda final: self._ended(request, final), step=(request.workflow_run_id, request.step))
         self.dispatched += 1
@@ -305,18 +306,21 @@ class ProcessTable:
             self.executor.stop(run_id)
         return len(running)
 
-    def stop_run(self, run_id: str, reason: str) -> bool:
-        """Stop one run: dropped (stopped) if still queued, told to stop if running; False if neither."""
+    def stop_run(self, run_id: str, reason: str, status: str = "stopped") -> bool:
+        """Stop one run: dropped if still queued, told to stop if running (False if neither); either way it
+        ends ``status`` with ``reason`` as its error (a workflow's deadline: timed_out)."""
         with self.cond:
             queued = next((r for r in self.queue if r.run_id == run_id), None)
             if queued is not None:
                 self.queue.remove(queued)
-                self._record(queued, "stopped", reason)
+                self._record(queued, status, reason)
                 return True
-            running = run_id in self.running
-        if running:
+            request = self.running.get(run_id)
+            if request is not None and request.record is not None:
+                request.record.stop_as = (status, reason)
+        if request is not None:
             self.executor.stop(run_id)
-        return running
+        return request is not None
 
     def follow(self, run_id: str, on_end: Callable[[Request, RunRow], None]) -> bool:
         """Be told when run ``run_id``, queued or in flight here, ends; False when this table does not have it."""

@@ -274,10 +274,11 @@ class WorkflowEngine:
         in_flight = [i for rows in items.values() for i in rows if i["status"] == "running"]
         if closing:
             if closing in STOPPING:
+                why = self.conn.execute("SELECT error FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()[0]
                 for item in in_flight:
                     if item["run_id"] and item["run_id"] not in self._stopped:
                         self._stopped.add(item["run_id"])
-                        self.table.stop_run(item["run_id"], f"its workflow ended {closing}")
+                        self.table.stop_run(item["run_id"], why or f"its workflow ended {closing}", closing)
             if not in_flight:
                 self._finish(wf_id, closing)
             return
@@ -326,6 +327,9 @@ class WorkflowEngine:
             laid = items_of(step, context)
         except ExpressionError as exc:
             self._set_step(wf_id, step.id, "failed", str(exc), started=True, ended=True)
+            return "failed"
+        except Exception as exc:  # whatever else an expression meets fails its step, never the engine
+            self._set_step(wf_id, step.id, "failed", f"{type(exc).__name__}: {exc}", started=True, ended=True)
             return "failed"
         with Transaction(self.conn) as tx:
             tx.executemany("INSERT OR REPLACE INTO wf_items (workflow_run_id, step, idx, item, input, status) "
