@@ -230,7 +230,7 @@ def int_param(req: falcon.Request, name: str, default: int, low: int, high: int)
 
 
 def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> falcon.App[Any, Any]:
-    from runner.api import agents, runs, system
+    from runner.api import agents, runs, system, workflows
 
     api = Api(runtimes, metrics or Metrics(runtimes))
     app = falcon.App(middleware=[Middleware(api)])
@@ -250,6 +250,14 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     app.add_route(f"{base}/runs/{{run_id}}", runs.Item(api))
     app.add_route(f"{base}/runs/{{run_id}}/events", runs.Events(api))
     app.add_route(f"{base}/runs/{{run_id}}/transcript", runs.Transcript(api))
+    app.add_route(f"{base}/workflows", workflows.Collection(api))
+    app.add_route(f"{base}/workflows/{{name}}", workflows.Item(api))
+    app.add_route(f"{base}/workflows/{{name}}/runs", workflows.Start(api))
+    app.add_route(f"{base}/workflow-runs", workflows.Runs(api))
+    app.add_route(f"{base}/workflow-runs/{{workflow_run_id}}", workflows.Run(api))
+    app.add_route(f"{base}/workflow-runs/{{workflow_run_id}}/cancel", workflows.Cancel(api))
+    app.add_route(f"{base}/workflow-runs/{{workflow_run_id}}/resume", workflows.Resume(api))
+    app.add_route(f"{base}/workflow-runs/{{workflow_run_id}}/steps/{{step}}/approve", workflows.Approve(api))
     app.add_route(f"{base}/tools", system.Tools(api))
     app.add_route(f"{base}/metrics", system.MetricsResource(api))
     app.add_route(f"{base}/tokens", system.TokenCollection(api))

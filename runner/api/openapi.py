@@ -18,7 +18,7 @@ import falcon
 
 from runner.api.errors import BadRequest, Unprocessable
 from runner.specs.checking import did_you_mean
-from runner.specs.models import AgentSpec
+from runner.specs.models import AgentSpec, WorkflowSpec
 
 # Query parameters by operation, with their JSON types; an operation not named here takes none.
 QUERY: dict[str, tuple[tuple[str, str], ...]] = {
@@ -27,11 +27,17 @@ QUERY: dict[str, tuple[tuple[str, str], ...]] = {
     "runs": (("agent", "string"), ("status", "string"), ("since", "string"), ("limit", "integer"),
              ("cursor", "string")),
     "events": (("after", "integer"), ("limit", "integer"), ("follow", "boolean")),
+    "workflows": (("limit", "integer"), ("cursor", "string")),
+    "workflow_runs": (("workflow", "string"), ("status", "string"), ("limit", "integer")),
 }
 # Body fields of the agent operations (start and stop take none). A spec's own fields are the spec
 # model's; the wrapped form {"spec": {...}} may repeat the rest of what GET /agents/{id} shows, which is
 # read-only and ignored, so GET, edit, PUT of the whole answer works.
 RUN_FIELDS = ("input",)
+# Body fields of the workflow operations (cancel takes none).
+START_FIELDS = ("inputs",)
+RESUME_FIELDS = ("from", "at_head")
+APPROVE_FIELDS = ("approve", "comment")
 AGENT_FIELDS = ("name", "state", "spec", "path", "etag", "generation", "applied_revision", "attempted_revision",
                 "conditions", "suspended", "message", "next_run", "last_run")
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -100,6 +106,41 @@ TRANSCRIPT = {"type": "object", "required": ["run_id", "status", "input", "steps
     "output": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]}, "summary": OBJ,
     "complete": {"type": "boolean"}, "truncated": {"type": "boolean"}}}
 
+WORKFLOW = {"type": "object", "required": ["name", "state", "steps", "triggers", "inputs"], "properties": {
+    "name": {"type": "string"}, "description": {"type": ["string", "null"]}, "state": {"type": "string"},
+    "spec": {"anyOf": [{"$ref": "#/components/schemas/WorkflowSpec"}, {"type": "null"}]},
+    "steps": {"type": "array", "items": {"$ref": "#/components/schemas/WorkflowStep"}}, "triggers": {"type": "array"},
+    "inputs": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/WorkflowInput"}},
+    "etag": {"type": ["string", "null"]}, "generation": {"type": "integer"},
+    "conditions": {"type": "array"}, "last_run": {"type": ["object", "null"]}}}
+TEXT = {"type": ["string", "null"]}
+WORKFLOW_RUN_FIELDS: dict[str, Any] = {
+    "workflow_run_id": {"type": "string"}, "client_id": {"type": "string"}, "workflow": {"type": "string"},
+    "spec_revision": TEXT, "trigger": TEXT, "status": {"type": "string"}, "attempt": COUNT,
+    "started_at": TIME, "ended_at": TIME, "input_tokens": COUNT, "output_tokens": COUNT, "error": TEXT,
+    "requested_by": TEXT}
+WORKFLOW_RUN = {"type": "object", "required": ["workflow_run_id", "workflow", "status"],
+                "properties": WORKFLOW_RUN_FIELDS}
+STEP_RUN = {"type": "object", "properties": {
+    "index": COUNT, "item": {}, "run_id": TEXT, "status": TEXT, "attempt": COUNT, "tokens": COUNT,
+    "started_at": TIME, "ended_at": TIME, "error": TEXT}}
+WORKFLOW_STEP = {"type": "object", "required": ["step", "status", "runs"], "properties": {
+    "step": {"type": "string"}, "agent": TEXT, "approval": {"type": "boolean"},
+    "needs": {"type": "array", "items": {"type": "string"}},
+    "status": {"type": "string"}, "runs": {"type": "array", "items": STEP_RUN}, "started_at": TIME,
+    "ended_at": TIME, "error": TEXT}}
+APPROVAL = {"type": "object", "required": ["step", "approved"], "properties": {
+    "step": {"type": "string"}, "approved": {"type": ["boolean", "null"]}, "by": TEXT, "at": TIME,
+    "comment": TEXT}}
+WORKFLOW_RUN_DETAIL = {"type": "object", "required": ["workflow_run_id", "workflow", "status", "steps", "approvals"],
+                       "properties": {**WORKFLOW_RUN_FIELDS, "inputs": OBJ, "deadline": TIME,
+                                      "steps": {"type": "array", "items": WORKFLOW_STEP},
+                                      "approvals": {"type": "array", "items": APPROVAL}}}
+ANSWER_FIELDS: dict[str, Any] = {"workflow_run_id": {"type": "string"}, "status": {"type": "string"}, "links": OBJ}
+WORKFLOW_ANSWER = {"type": "object", "required": ["workflow_run_id", "status"], "properties": ANSWER_FIELDS}
+APPROVE_ANSWER = {"type": "object", "required": ["workflow_run_id", "status", "step", "approved"], "properties": {
+    **ANSWER_FIELDS, "step": {"type": "string"}, "approved": {"type": "boolean"}}}
+
 
 def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): {"description": "error", "content": {"application/json": {"schema": {"$ref":
@@ -121,6 +162,7 @@ def _query(operation: str) -> list[dict[str, Any]]:
 
 NAME = ("name", "path", "string")
 RUN_ID = ("run_id", "path", "string")
+WORKFLOW_RUN_ID = ("workflow_run_id", "path", "string")
 SPEC_REF = {"schema": {"$ref": "#/components/schemas/AgentSpec"}}
 SPEC_BODY = {"required": True, "content": {"application/json": SPEC_REF, "application/yaml": SPEC_REF}}
 NO_BODY_FIELDS = {"required": False, "content": {"application/json": {"schema": {
@@ -128,10 +170,18 @@ NO_BODY_FIELDS = {"required": False, "content": {"application/json": {"schema": 
 SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
+def _body(properties: dict[str, Any]) -> dict[str, Any]:
+    """An optional JSON body of these fields only."""
+    return {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "additionalProperties": False, "properties": properties}}}}
+
+
 def document() -> dict[str, Any]:
     base = "/agents/v1"
     spec_schema = AgentSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = spec_schema.pop("$defs", {})
+    workflow_schema = WorkflowSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    # One set of definitions for both: the models they share (Retry, the triggers) are the same classes.
+    defs = {**workflow_schema.pop("$defs", {}), **spec_schema.pop("$defs", {})}
     paths: dict[str, Any] = {
         f"{base}/agents": {
             "get": {"parameters": _query("agents"),
@@ -182,6 +232,40 @@ def document() -> dict[str, Any]:
                           **_errors(400, 401, 404, 503)}}},
         f"{base}/runs/{{run_id}}/transcript": {"parameters": _params(RUN_ID), "get": {
             "responses": {**_ok(TRANSCRIPT), **_errors(400, 401, 404)}}},
+        f"{base}/workflows": {"get": {
+            "parameters": _query("workflows"),
+            "responses": {**_ok({"type": "object", "required": ["workflows", "next_cursor"], "properties": {
+                "workflows": {"type": "array", "items": WORKFLOW}, "next_cursor": TEXT}}), **_errors(400, 401)}}},
+        f"{base}/workflows/{{name}}": {"parameters": _params(NAME), "get": {
+            "responses": {**_ok(WORKFLOW), **_errors(400, 401, 404)}}},
+        f"{base}/workflows/{{name}}/runs": {"parameters": _params(NAME), "post": {
+            "requestBody": _body({"inputs": {"type": "object", "description": "the workflow's inputs by name"}}),
+            "responses": {**_ok({"type": "object", "required": ["workflow", "workflow_run_id", "status"],
+                                 "properties": {"workflow": {"type": "string"},
+                                                "workflow_run_id": {"type": "string"},
+                                                "status": {"type": "string"}, "links": OBJ}}, 202),
+                          **_errors(400, 401, 403, 404, 409, 413, 422, 503)}}},
+        f"{base}/workflow-runs": {"get": {
+            "parameters": _query("workflow_runs"),
+            "responses": {**_ok({"type": "object", "required": ["workflow_runs"], "properties": {
+                "workflow_runs": {"type": "array", "items": WORKFLOW_RUN}}}), **_errors(400, 401)}}},
+        f"{base}/workflow-runs/{{workflow_run_id}}": {"parameters": _params(WORKFLOW_RUN_ID), "get": {
+            "responses": {**_ok(WORKFLOW_RUN_DETAIL), **_errors(400, 401, 404)}}},
+        f"{base}/workflow-runs/{{workflow_run_id}}/cancel": {"parameters": _params(WORKFLOW_RUN_ID), "post": {
+            "requestBody": NO_BODY_FIELDS,
+            "responses": {**_ok(WORKFLOW_ANSWER), **_errors(400, 401, 403, 404, 409, 413, 422, 503)}}},
+        f"{base}/workflow-runs/{{workflow_run_id}}/resume": {"parameters": _params(WORKFLOW_RUN_ID), "post": {
+            "requestBody": _body({"from": {"type": ["string", "null"], "description": "run this step and "
+                                           "everything after it again"},
+                                  "at_head": {"type": "boolean", "description": "use the spec at the source's "
+                                              "head, not the revision the run started with"}}),
+            "responses": {**_ok(WORKFLOW_ANSWER, 202), **_errors(400, 401, 403, 404, 409, 413, 422, 503)}}},
+        f"{base}/workflow-runs/{{workflow_run_id}}/steps/{{step}}/approve": {
+            "parameters": _params(WORKFLOW_RUN_ID, ("step", "path", "string")), "post": {
+                "requestBody": _body({"approve": {"type": "boolean", "description": "false rejects (true when "
+                                                  "left out)"},
+                                      "comment": {"type": ["string", "null"]}}),
+                "responses": {**_ok(APPROVE_ANSWER), **_errors(400, 401, 403, 404, 409, 413, 422, 503)}}},
         f"{base}/tools": {"get": {"responses": {**_ok(OBJ), **_errors(401)}}},
         f"{base}/metrics": {"get": {"responses": {"200": {"description": "Prometheus text", "content": {
             "text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
@@ -206,5 +290,6 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "security": SECURED,
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-                       "schemas": {"Error": ERROR, "AgentSpec": spec_schema, **defs}},
+                       "schemas": {"Error": ERROR, "AgentSpec": spec_schema, "WorkflowSpec": workflow_schema,
+                                   **defs}},
     }

@@ -11,6 +11,7 @@ an unknown step is a spec error with its position, before anything runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class _Bounded(SandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, dict) and attribute in obj:  # steps.x.json.items: the key, not dict.items
+            return obj[attribute]
         if isinstance(obj, str) and attribute in ("format", "format_map"):
             _sizes((obj,), {})  # '{:>999999999}'.format(1): the sandbox wraps the method, so look here
         return super().getattr(obj, attribute)
@@ -190,6 +193,16 @@ def check(text: str, *, template: bool) -> Names:
     return Names(frozenset(read["steps"]), frozenset(read["inputs"]), frozenset(used))
 
 
+@functools.lru_cache(maxsize=512)
+def _expression(text: str) -> Any:
+    return _env.compile_expression(text, undefined_to_none=False)
+
+
+@functools.lru_cache(maxsize=512)
+def _template(text: str) -> Any:
+    return _env.from_string(text)
+
+
 def _all(tree: nodes.Node, kind: Any) -> list[Any]:
     """The nodes of ``kind`` in ``tree``, the root included (find_all leaves it out)."""
     return [*([tree] if isinstance(tree, kind) else []), *tree.find_all(kind)]
@@ -198,7 +211,7 @@ def _all(tree: nodes.Node, kind: Any) -> list[Any]:
 def evaluate(text: str, context: dict[str, Any]) -> Any:
     """The value of expression ``text`` (no braces) over ``context``."""
     try:
-        value = _env.compile_expression(text, undefined_to_none=False)(**context)
+        value = _expression(text)(**context)
         if isinstance(value, Undefined):  # a missing name or key: its error, now, rather than an empty value
             value._fail_with_undefined_error()
         return value
@@ -214,7 +227,7 @@ def render(text: str, context: dict[str, Any]) -> str:
     """Template ``text`` rendered over ``context``."""
     try:
         parts, size = [], 0
-        for chunk in _env.from_string(text).generate(**context):  # stops as soon as it is too long
+        for chunk in _template(text).generate(**context):  # stops as soon as it is too long
             parts.append(chunk)
             size += len(chunk)
             if size > MAX_RENDERED:

@@ -1,6 +1,6 @@
 """What a workflow run's steps see of each other, and the decisions about one step that need no daemon.
 
-``step_context`` turns the live rows of a run into the ``steps`` an expression reads: each step's status,
+``StepsView`` turns the live rows of a run into the ``steps`` an expression reads: each step's status,
 ``output`` (the run's answer), ``outputs`` (a list, in item order for a fan-out), ``json`` (the answer parsed
 when it is JSON, code fences allowed), and for an approval ``approved``, ``by`` and ``comment``.
 """
@@ -12,6 +12,7 @@ import graphlib
 import json
 import re
 import sqlite3
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from runner.errors import ExpressionError
@@ -36,14 +37,27 @@ def parse_json(text: str | None) -> Any:
         return None
 
 
-def step_context(spec_steps: list[WorkflowStep], steps: dict[str, dict[str, Any]],
-                 items: dict[str, list[dict[str, Any]]], approvals: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for declared in spec_steps:
-        row = steps.get(declared.id, {})
-        mine = sorted(items.get(declared.id, []), key=lambda i: i["idx"])
-        outputs = [i["output"] if i["status"] == "succeeded" else None for i in mine]
-        entry: dict[str, Any] = {"status": row.get("status", "pending"), "outputs": outputs}
+class StepsView(dict[str, Any]):
+    """``steps`` as an expression reads it, each step's entry made when first read (a step's answers are read
+    from the store then, and parsed as JSON then): an expression that reads one step costs one step's reading."""
+
+    def __init__(self, spec_steps: list[WorkflowStep], states: dict[str, dict[str, Any]],
+                 outputs: Callable[[str], list[tuple[int, str, str | None]]],
+                 approvals: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        super().__init__()
+        self._declared = {s.id: s for s in spec_steps}
+        self._states, self._outputs, self._approvals = states, outputs, approvals
+        self._decisions: dict[str, dict[str, Any]] | None = None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._declared
+
+    def __missing__(self, key: str) -> dict[str, Any]:
+        declared = self._declared.get(key)
+        if declared is None:
+            raise KeyError(key)
+        outputs = [out if status == "succeeded" else None for _, status, out in self._outputs(key)]
+        entry: dict[str, Any] = {"status": self._states.get(key, {}).get("status", "pending"), "outputs": outputs}
         if declared.for_each:
             entry["output"] = "\n".join(o for o in outputs if o is not None)
             entry["json"] = [parse_json(o) for o in outputs]
@@ -51,12 +65,19 @@ def step_context(spec_steps: list[WorkflowStep], steps: dict[str, dict[str, Any]
             entry["output"] = outputs[0] if outputs else None
             entry["json"] = parse_json(entry["output"])
         if declared.approval is not None:
-            decision = approvals.get(declared.id)
-            entry.update(approved=decision["approved"] if decision else None,
-                         by=decision["by"] if decision else None, comment=decision["comment"] if decision else None)
-            entry["output"] = decision["comment"] if decision else None
-        out[declared.id] = entry
-    return out
+            if self._decisions is None:
+                self._decisions = self._approvals()
+            decision = self._decisions.get(key) or {}
+            entry.update(approved=decision.get("approved"), by=decision.get("by"), comment=decision.get("comment"),
+                         output=decision.get("comment"))
+        self[key] = entry
+        return entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._declared)
+
+    def __len__(self) -> int:
+        return len(self._declared)
 
 
 def decide_if(step: WorkflowStep, context: dict[str, Any]) -> bool:
