@@ -42,12 +42,15 @@ def status(app: App, name: str | None) -> None:
 
     daemon = daemon_of(app)
     cluster = daemon.pop("cluster", None)
+    flows = load_applied(app.conn, app.settings.client_id, kind="workflow")
     for row in rows:  # a run that waits for a node says why on its agent (docs/scale-out.md)
         if cluster and row["name"] in cluster.get("waiting", {}):
             row["waiting"] = cluster["waiting"][row["name"]]
     data = {"daemon": daemon, "source": source_of(app, dict(record) if record else None), "agents": rows,
             "client_id": app.settings.client_id, "sandbox": {"mode": app.settings.sandbox, **capabilities.detect()},
-            **({"cluster": cluster} if cluster else {})}
+            **({"cluster": cluster} if cluster else {}),
+            "workflows": [] if name else [{"name": w.name, "state": w.state, "revision": w.applied_revision,
+                                           "message": w.message} for w in flows.values()]}
     app.emit(data, lambda: _print_status(data))
 
 
@@ -181,6 +184,9 @@ def _print_status(data: dict[str, Any]) -> None:
         console.print("no agents applied yet: run 'agentctl apply'")
     else:
         console.print(table)
+    if data.get("workflows"):
+        shown = ", ".join(f"{w['name']} ({w['state']})" for w in data["workflows"])
+        console.print(f"workflows: {shown}; 'agentctl workflow list --defined' has more", highlight=False)
     for bad in json.loads(src.get("invalid") or "[]"):
         console.print(f"[red]invalid file[/red] {bad['file']}: {'; '.join(bad['problems'][:1])}", highlight=False)
 

@@ -207,9 +207,10 @@ def approval_lines(run: dict[str, Any], hints: bool = True) -> list[str]:
     if lines:
         lines.insert(0, "approvals")
     if hints and run["status"] == "running":
-        lines += [f"[yellow]step {esc(step)} waits for a person[/yellow]: "
-                  f"{esc(approve_command(run['workflow_run_id'], step))}"
-                  for step in (s["step"] for s in run.get("steps") or [] if s["status"] == "waiting")]
+        lines += [f"[yellow]step {esc(s['step'])} waits for a person[/yellow]"
+                  + (f" ({esc(s['message'])})" if s.get("message") else "")
+                  + f": {esc(approve_command(run['workflow_run_id'], s['step']))}"
+                  for s in run.get("steps") or [] if s["status"] == "waiting"]
     return lines
 
 

@@ -107,8 +107,10 @@ def _print_outcome(run: dict[str, Any]) -> None:
         _console().print(render_run(run, hints=False))
     wid = run["workflow_run_id"]
     if run["status"] == "waiting":
+        asks = {s["step"]: s.get("message") for s in run.get("steps") or []}
         for step in run.get("waiting_for") or []:
-            click.echo(f"workflow run {wid} waits for an approval of step {step}: {approve_command(wid, step)}")
+            what = f" ({asks[step]})" if asks.get(step) else ""
+            click.echo(f"workflow run {wid} waits for an approval of step {step}{what}: {approve_command(wid, step)}")
         return
     click.echo(f"workflow run {wid} of {run['workflow']} {run['status']} ({tokens_of(run)} tokens)")
     if run.get("error") and run["status"] != "succeeded":

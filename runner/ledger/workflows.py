@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS wf_steps (
     started_at TEXT,
     ended_at TEXT,
     wait_until REAL,                 -- an approval's timeout, epoch seconds
+    message TEXT,                    -- what an approval asks the person (its message, rendered)
     error TEXT,
     PRIMARY KEY (workflow_run_id, step)
 );
@@ -81,7 +82,7 @@ CREATE TABLE IF NOT EXISTS wf_approvals (
     at TEXT NOT NULL,
     comment TEXT
 );
-""")
+""", migrations=[("wf_steps", "message", "TEXT")])
 
 RUN_COLUMNS = ("workflow_run_id", "client_id", "workflow", "spec_revision", "trigger", "status", "attempt",
                "started_at", "ended_at", "input_tokens", "output_tokens", "error")
@@ -137,7 +138,7 @@ def get_workflow_run(conn: sqlite3.Connection, client_id: str, workflow_run_id: 
         steps.append({"step": s["step"], "agent": declared.get("agent"), "needs": declared.get("needs", []),
                       "approval": declared.get("approval") is not None, "status": s["status"],
                       "runs": items.get(s["step"], []), "started_at": s["started_at"], "ended_at": s["ended_at"],
-                      "error": s["error"]})
+                      "error": s["error"], "message": s["message"]})
     approvals = [{"step": a["step"], "approved": bool(a["approved"]), "by": a["by"], "at": a["at"],
                   "comment": a["comment"]}
                  for a in conn.execute("SELECT * FROM wf_approvals WHERE workflow_run_id = ? ORDER BY at",

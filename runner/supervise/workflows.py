@@ -25,6 +25,7 @@ from runner.errors import ConflictError, ExpressionError, NotFoundError, Orchest
 from runner.ledger.workflows import journal_approval, journal_run
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
+from runner.specs.expressions import render
 from runner.specs.models import WorkflowSpec
 from runner.state import Transaction, connect
 from runner.supervise.table import ProcessTable, Request
@@ -342,9 +343,10 @@ class WorkflowEngine:
                 self._set_step(wf_id, step.id, "skipped", None, started=True)
                 return "skipped"
             if step.approval is not None:
-                self.conn.execute("UPDATE wf_steps SET status = 'waiting', started_at = ?, wait_until = ? "
+                message = render(step.approval.message, context) if step.approval.message else None
+                self.conn.execute("UPDATE wf_steps SET status = 'waiting', started_at = ?, wait_until = ?, message = ? "
                                   "WHERE workflow_run_id = ? AND step = ?",
-                                  (utcnow(), now + step.approval.timeout, wf_id, step.id))
+                                  (utcnow(), now + step.approval.timeout, message, wf_id, step.id))
                 log.info("workflow run %s: step %s waits for an approval", wf_id, step.id)
                 return "waiting"
             laid = items_of(step, context)
