@@ -12,20 +12,30 @@ from typing import Any
 
 import pytest
 import schemathesis
-from api_helpers import Served, head, scripted, serve
+from api_helpers import Served, head, poll, scripted, serve
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 EXAMPLES = 20  # per operation and mode: enough to reach every status the document lists, fast enough
+WORKFLOW_OPERATIONS = {
+    "GET /agents/v1/workflows", "GET /agents/v1/workflows/{name}", "POST /agents/v1/workflows/{name}/runs",
+    "GET /agents/v1/workflow-runs", "GET /agents/v1/workflow-runs/{workflow_run_id}",
+    "POST /agents/v1/workflow-runs/{workflow_run_id}/cancel", "POST /agents/v1/workflow-runs/{workflow_run_id}/resume",
+    "POST /agents/v1/workflow-runs/{workflow_run_id}/steps/{step}/approve"}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("schema")
     files = {**scripted("quick", [{"content": "done"}], overlap="queue"),
-             "specs/alpha.yaml": {"name": "alpha", "description": "agent alpha", "model": "llama2"}}
+             "specs/alpha.yaml": {"name": "alpha", "description": "agent alpha", "model": "llama2"},
+             "specs/flow.yaml": {"kind": "workflow", "name": "flow", "description": "workflow flow",
+                                 "inputs": {"topic": {"type": "string", "default": "x"}},
+                                 "steps": [{"id": "first", "agent": "quick", "input": "{{ inputs.topic }}"},
+                                           {"id": "gate", "needs": ["first"], "approval": {"timeout": 3600}},
+                                           {"id": "last", "needs": ["gate"], "agent": "quick"}]}}
     daemon = serve(base, files)
     try:
         yield daemon
@@ -40,7 +50,8 @@ def test_every_operation_answers_within_its_schema_and_never_5xx(served: Served)
     results = list(schema.get_all_operations())
     assert all(isinstance(r, Ok) for r in results), [r for r in results if not isinstance(r, Ok)]
     operations = [r.ok() for r in results if isinstance(r, Ok)]
-    assert len(operations) >= 17, [op.label for op in operations]  # schemathesis leaves out /openapi.json itself
+    assert len(operations) >= 28, [op.label for op in operations]  # schemathesis leaves out /openapi.json itself
+    assert not WORKFLOW_OPERATIONS - {op.label for op in operations}, [op.label for op in operations]
 
     failures: list[str] = []
     for operation in operations:
@@ -74,3 +85,40 @@ def test_the_document_is_served_as_openapi_3_1(served: Served) -> None:
     schemas = document["components"]["schemas"]
     assert schemas["Error"]["required"] == ["error"]
     assert schemas["AgentSpec"]["additionalProperties"] is False
+
+
+def test_the_answers_about_a_real_workflow_run_match_the_document(served: Served) -> None:
+    """Generated names and ids rarely hit a workflow run that exists: this one walks a real run through every
+    workflow operation, each answer checked against the document."""
+    base_url = f"http://127.0.0.1:{served.port}"
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    auth = {"Authorization": f"Bearer {served.tokens['admin']}"}
+
+    def call(method: str, path: str, **kwargs: Any) -> Any:
+        case = schema[path][method].Case(**kwargs)
+        response = case.call_and_validate(base_url=base_url, headers=auth, timeout=30,
+                                          checks=[not_a_server_error, response_schema_conformance])
+        assert response.status_code < 400, response.text
+        return response.json()
+
+    started = call("POST", "/agents/v1/workflows/{name}/runs", path_parameters={"name": "flow"},
+                   body={"inputs": {"topic": "schema"}})
+    run = {"workflow_run_id": started["workflow_run_id"]}
+
+    def gate(status: str) -> bool:
+        detail = call("GET", "/agents/v1/workflow-runs/{workflow_run_id}", path_parameters=run)
+        return any(s["step"] == "gate" and s["status"] == status for s in detail["steps"])
+
+    poll(lambda: gate("waiting"), "the approval step to wait")
+    call("GET", "/agents/v1/workflows")
+    call("GET", "/agents/v1/workflows/{name}", path_parameters={"name": "flow"})
+    call("GET", "/agents/v1/workflow-runs", query={"workflow": "flow"})
+    call("POST", "/agents/v1/workflow-runs/{workflow_run_id}/steps/{step}/approve",
+         path_parameters={**run, "step": "gate"}, body={"approve": True, "comment": "ok"})
+    poll(lambda: call("GET", "/agents/v1/workflow-runs/{workflow_run_id}", path_parameters=run)["status"]
+         == "succeeded", "the workflow run to succeed")
+    call("POST", "/agents/v1/workflow-runs/{workflow_run_id}/resume", path_parameters=run,
+         body={"from": "last", "at_head": False})
+    call("POST", "/agents/v1/workflow-runs/{workflow_run_id}/cancel", path_parameters=run)
+    call("GET", "/agents/v1/workflow-runs/{workflow_run_id}", path_parameters=run)
+    call("GET", "/agents/v1/workflow-runs", query={"status": "stopped", "limit": 5})

@@ -62,7 +62,8 @@ class Request:
     step: str | None = None
     limits: dict[str, float] | None = None  # constraints narrowed for this run (a workflow's time and tokens left)
     on_end: Callable[[Request, RunRow], None] | None = None  # told once the final row is durable
-    record: RunRecord | None = None  # while it runs
+    record: RunRecord | None = None  # once its executor has it
+    stop_wanted: tuple[str, str] | None = None  # a stop asked before its executor had it: (status, reason)
 
     @property
     def concurrent(self) -> bool:
@@ -119,7 +120,7 @@ class ProcessTable:
                     self.queue.remove(old)
                     self._record(old, "stopped", f"replaced by run {request.run_id}")
                 for old in [r for r in self.running.values() if r.agent == agent]:
-                    self.executor.stop(old.run_id)
+                    self.stop_run(old.run_id, f"replaced by run {request.run_id}")
             write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
                                         queued_at=request.queued_at, input=input, requested_by=requested_by,
                                         retry_of=retry_of, attempt=attempt, workflow_run_id=request.workflow_run_id,
@@ -276,9 +277,14 @@ class ProcessTable:
                         for k, v in request.limits.items()}
             plan.spec = plan.spec.model_copy(update={"constraints": plan.spec.constraints.model_copy(update=narrowed)})
         request.status = "running"
-        request.record = start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
+        record = start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
               requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
               on_end=lambda final: self._ended(request, final), step=(request.workflow_run_id, request.step))
+        with self.cond:  # a stop asked while it was being handed off is carried out now (never lost)
+            request.record, wanted = record, request.stop_wanted
+        if wanted is not None:
+            record.stop_as = wanted if wanted[0] != "stopped" else None
+            self.executor.stop(request.run_id)
         self.dispatched += 1
 
     def _ended(self, request: Request, row: RunRow) -> None:
@@ -303,7 +309,7 @@ class ProcessTable:
                 self._record(old, "stopped", reason)
             running = [r.run_id for r in self.running.values() if r.agent == agent]
         for run_id in running:
-            self.executor.stop(run_id)
+            self.stop_run(run_id, reason)
         return len(running)
 
     def stop_run(self, run_id: str, reason: str, status: str = "stopped") -> bool:
@@ -316,11 +322,15 @@ class ProcessTable:
                 self._record(queued, status, reason)
                 return True
             request = self.running.get(run_id)
-            if request is not None and request.record is not None:
+            if request is None:
+                return False
+            if request.record is None:  # being handed off: _hand_off stops it once its executor has it
+                request.stop_wanted = (status, reason)
+                return True
+            if status != "stopped":
                 request.record.stop_as = (status, reason)
-        if request is not None:
-            self.executor.stop(run_id)
-        return request is not None
+        self.executor.stop(run_id)
+        return True
 
     def follow(self, run_id: str, on_end: Callable[[Request, RunRow], None]) -> bool:
         """Be told when run ``run_id``, queued or in flight here, ends; False when this table does not have it."""
@@ -338,7 +348,7 @@ class ProcessTable:
             mine = set(self.running)
         for run_id in stops_requested(self.conn, self.settings.client_id):
             if run_id in mine:
-                self.executor.stop(run_id)
+                self.stop_run(run_id, "stopped on request")
 
     def shutdown(self, grace: float, kill_grace: float) -> None:
         """No new runs; queued ones are dropped; running ones get ``grace`` seconds, then are stopped."""
@@ -352,7 +362,7 @@ class ProcessTable:
                 self.cond.wait(timeout=0.2)
             running = list(self.running)
         for run_id in running:
-            self.executor.stop(run_id)
+            self.stop_run(run_id, "the daemon stopped")
         with self.cond:
             deadline = time.monotonic() + kill_grace + 5
             while self.running and time.monotonic() < deadline:
