@@ -468,3 +468,17 @@ def test_a_fan_out_runs_one_agent_several_times_at_once_but_manual_runs_keep_its
             r["status"] == "succeeded" for r in rows), what="the manual runs in the ledger")}
     # The manual runs queue behind each other (one run of an agent at a time), not behind the workflow's.
     assert manual[second]["started_at"] >= manual[first]["ended_at"], manual
+
+
+# -- triggers -----------------------------------------------------------------------------------------------
+
+
+def test_a_schedule_trigger_starts_the_workflow(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    """A workflow's triggers are the agents': a six-field cron fires it every second; its runs say so."""
+    setup(repo, daemons, {"echo": ECHO}, [{"id": "only", "agent": "echo", "input": "tick"}],
+          triggers=[{"type": "schedule", "cron": "* * * * * *"}])
+    first = poll(lambda: state_rows(home, "SELECT * FROM wf_runs WHERE trigger = 'schedule' AND status = 'succeeded'"),
+                 "a scheduled workflow run to succeed", 30)[0]
+    assert first["workflow"] == "flow" and first["requested_by"] == "schedule", first
+    (row,) = step_runs(home, first["workflow_run_id"], settled=1)
+    assert row["trigger"] == "workflow" and row["step"] == "only" and row["output"] == "tick", row
