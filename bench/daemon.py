@@ -44,14 +44,17 @@ def make_repo(root: Path, agents: int, schedule: bool = False) -> Path:
     return repo
 
 
-def start_daemon(home: Path, repo: Path, **env: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve"],
-                            env={**os.environ, "AGENT_ORCH_SOURCE": str(repo), "AGENT_ORCH_SYNC_INTERVAL": "3600",
-                                 **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_daemon(home: Path, repo: Path, *, python: tuple[str, ...] = ("-m", "runner"), serve: tuple[str, ...] = (),
+                 out: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
+    """`serve` on ``home`` from ``repo`` (``python``: what runs it, ``serve``: its options, ``out``: where its output
+    goes, else nowhere), once it answers on its control socket."""
+    with open(out, "wb") if out is not None else open(os.devnull, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, *python, "--home", str(home), "serve", *serve],
+                                env={**os.environ, "AGENT_ORCH_SOURCE": str(repo), "AGENT_ORCH_SYNC_INTERVAL": "3600",
+                                     **env}, stdout=sink, stderr=subprocess.STDOUT)
     sock = socket_path(home, "default")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if call(sock, {"op": "ping"}, timeout=2):
                 return proc
@@ -59,7 +62,8 @@ def start_daemon(home: Path, repo: Path, **env: str) -> subprocess.Popen[bytes]:
             pass
         time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("daemon did not start")
+    said = f"; its output: {out.read_text(errors='replace')[-2000:]}" if out is not None else ""
+    raise RuntimeError(f"the daemon did not start{said}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

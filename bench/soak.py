@@ -60,9 +60,8 @@ from pathlib import Path
 
 import duckdb
 
-from bench import commit_all
+from bench import commit_all, daemon
 from bench.api import free_port, wait_http
-from runner.supervise.control import call, socket_path
 
 TICKERS = 5  # agents scheduled every 2 s
 FILE_EVERY = 5.0  # seconds between files written into the watched folder
@@ -140,23 +139,9 @@ def make_repo(root: Path) -> tuple[Path, Path]:
 
 def start_daemon(home: Path, repo: Path, port: int, out: Path) -> subprocess.Popen[bytes]:
     """`agentctl serve` on ``home`` with its API on ``port``; its stdout and stderr go to ``out``."""
-    with open(out, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve", "--port", str(port)],
-                                env={**os.environ, "AGENT_ORCH_SOURCE": str(repo), "AGENT_ORCH_SYNC_INTERVAL": "3600"},
-                                stdout=sink, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if call(socket_path(home, "default"), {"op": "ping"}, timeout=2):
-                wait_http(port, "/healthz")
-                return proc
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"the daemon did not start; its output: {out.read_text()[-2000:]}")
+    proc = daemon.start_daemon(home, repo, serve=("--port", str(port)), out=out)
+    wait_http(port, "/healthz")
+    return proc
 
 
 def stop_daemon(proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:

@@ -45,7 +45,7 @@ from typing import Any
 import duckdb
 import yaml
 
-from bench import commit_all
+from bench import commit_all, daemon
 from runner.ledger.workflows import get_workflow_run
 from runner.state import connect
 from runner.supervise.control import call, socket_path
@@ -165,27 +165,12 @@ def make_repo(root: Path) -> Path:
 
 
 def start_daemon(home: Path, repo: Path, profile: Path | None) -> subprocess.Popen[bytes]:
-    serve = ["-m", "runner"]
-    env = {**os.environ, "AGENT_ORCH_SOURCE": str(repo), "AGENT_ORCH_SYNC_INTERVAL": "3600", "MAX_AGENTS": MAX_AGENTS}
-    if profile is not None:
-        serve = ["-c", "from bench.workflows import serve_profiled; serve_profiled()", str(profile), PROFILE]
-        here = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, *serve, "--home", str(home), "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sock = socket_path(home, "default")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if call(sock, {"op": "ping"}, timeout=2):
-                return proc
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("daemon did not start")
+    if profile is None:
+        return daemon.start_daemon(home, repo, MAX_AGENTS=MAX_AGENTS)
+    here = str(Path(__file__).resolve().parent.parent)
+    return daemon.start_daemon(home, repo, python=("-c", "from bench.workflows import serve_profiled; serve_profiled()",
+                                                   str(profile), PROFILE), MAX_AGENTS=MAX_AGENTS,
+                               PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
 
 
 def _idle(sock: Path, poll: float) -> None:

@@ -141,3 +141,79 @@ def test_unreachable_server_fails_fast_with_the_fix(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "cannot reach the OpenAI-compatible server" in done.stderr and "LANGCHAIN_API_URL" in done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_workflow_of_real_model_runs_passes_an_answer_on_and_keeps_to_its_budget(llama_server: str,
+                                                                                    tmp_path: Path) -> None:
+    """Two steps of a real model in the daemon: the first's answer is the second's input; a second workflow's
+    token budget stops a rambling step mid-run (budget_exceeded), the total within the budget and one call's
+    estimate."""
+    repo = make_repo(tmp_path, {
+        "answerer": """
+name: answerer
+description: answers briefly
+instructions: "Answer in one short sentence."
+model: openai:gemma
+constraints: {max_tokens: 3000, max_runtime: 240, max_model_calls: 2}
+""",
+        "rambler": """
+name: rambler
+description: writes too much
+instructions: "Write a very long story about the sea, at least two thousand words. Never stop."
+model: openai:gemma
+constraints: {max_tokens: 5000, max_runtime: 240}
+""",
+        "relay": """
+kind: workflow
+name: relay
+steps:
+  - id: ask
+    agent: answerer
+    input: "What colour is the sky on a clear day?"
+  - id: retell
+    needs: [ask]
+    agent: answerer
+    input: "Say this again in other words: {{ steps.ask.output }}"
+""",
+        "tight": """
+kind: workflow
+name: tight
+constraints: {max_tokens: 250}
+steps:
+  - id: ramble
+    agent: rambler
+    input: "Begin."
+""",
+    })
+    home = tmp_path / "home"
+    env = {**os.environ, **GIT_ENV, "AGENT_ORCH_SOURCE": str(repo), "LANGCHAIN_API_URL": llama_server,
+           "AGENT_ORCH_PORT": "0", "AGENT_ORCH_SHUTDOWN_GRACE": "0"}
+    daemon = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not json.loads(agentctl(home, repo, llama_server, "--output", "json", "status").stdout or "{}").get(
+                "daemon", {}).get("running"):
+            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.5)
+        relay = agentctl(home, repo, llama_server, "--output", "json", "workflow", "run", "relay")
+        done = json.loads(relay.stdout)
+        assert done["status"] == "succeeded", relay.stdout + relay.stderr
+        runs = json.loads(agentctl(home, repo, llama_server, "--output", "json", "workflow", "status",
+                                   done["workflow_run_id"]).stdout)
+        first, second = (s["runs"][0]["run_id"] for s in runs["steps"])
+        answer = json.loads(agentctl(home, repo, llama_server, "--output", "json", "show", first).stdout)["output"]
+        retold = json.loads(agentctl(home, repo, llama_server, "--output", "json", "show", second).stdout)["input"]
+        assert answer and answer in retold, (answer, retold)
+        print(f"\nrelay: {answer!r} passed on; {done['input_tokens']}+{done['output_tokens']} tokens")
+
+        tight = agentctl(home, repo, llama_server, "--output", "json", "workflow", "run", "tight")
+        ended = json.loads(tight.stdout)
+        assert ended["status"] == "budget_exceeded", tight.stdout + tight.stderr
+        total = ended["input_tokens"] + ended["output_tokens"]
+        print(f"tight: {ended['status']} at {total} tokens of 250: {ended['error']}")
+        assert total <= 310  # a call's prompt is estimated before it is made (as for a run's own budget)
+        assert tight.returncode == 1
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,20 @@ def _migrate(conn: sqlite3.Connection, part: _Part) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     if part.then is not None:
         part.then(conn)
+
+
+class PerThread:
+    """A connection to the state database for each thread that asks (a connection is not shared by threads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path)
+        return conn
 
 
 class Transaction:

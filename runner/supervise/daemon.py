@@ -58,7 +58,7 @@ from runner.settings import Settings, client_ids, shadowed_environment
 from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
 from runner.specs.models import AgentSpec
-from runner.state import connect
+from runner.state import PerThread, connect
 from runner.supervise.control import ControlServer, socket_path
 from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
@@ -198,7 +198,7 @@ class ClientDaemon:
         self.settings = settings
         self.stopping = stopping
         self.metrics: Metrics | None = None
-        self._local = threading.local()
+        self._conns = PerThread(settings.state_path)
         self.source = open_source(settings)
         self._request = reconcile_request_path(settings)
         self._request_mtime = self._mtime()
@@ -214,10 +214,7 @@ class ClientDaemon:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if not hasattr(self._local, "conn"):
-            self._local.conn = connect(self.settings.state_path)
-        conn: sqlite3.Connection = self._local.conn
-        return conn
+        return self._conns.get()
 
     def start(self) -> None:
         s = self.settings

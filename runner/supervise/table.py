@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -36,7 +37,7 @@ from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
 from runner.source.git import GitSource
-from runner.state import connect
+from runner.state import PerThread
 from runner.times import utcnow
 
 log = logging.getLogger("runner.supervise")
@@ -81,7 +82,7 @@ class ProcessTable:
         self.peak = 0  # most runs in flight at once (tests and metrics read it)
         self.dispatched = 0
         self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
-        self._local = threading.local()
+        self._conns = PerThread(settings.state_path)
         self.on_dispatch: Callable[[float], None] | None = None
         self.owns_executor = executor is None  # a shared one (Ray's) is closed by the daemon
         self.executor: Executor = executor or LocalExecutor(settings.kill_grace)
@@ -91,10 +92,8 @@ class ProcessTable:
         self.dispatcher.start()
 
     @property
-    def conn(self) -> Any:
-        if not hasattr(self._local, "conn"):
-            self._local.conn = connect(self.settings.state_path)
-        return self._local.conn
+    def conn(self) -> sqlite3.Connection:
+        return self._conns.get()
 
     # -- submitting ---------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from runner.reconcile.applied import load_applied
 from runner.settings import Settings
 from runner.specs.expressions import render
 from runner.specs.models import WorkflowSpec
-from runner.state import Transaction, connect
+from runner.state import PerThread, Transaction
 from runner.supervise.table import ProcessTable, Request
 from runner.supervise.workflow_state import (
     DONE,
@@ -57,7 +57,7 @@ class WorkflowEngine:
         self.lock = threading.RLock()
         self.events: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self.timers: list[tuple[float, str]] = []
-        self._local = threading.local()
+        self._conns = PerThread(settings.state_path)
         self._stopped: set[str] = set()  # runs told to stop (once each)
         self._specs: dict[str, tuple[str, WorkflowSpec]] = {}  # each running run's spec, parsed once
         self._next_at: dict[str, float] = {}  # each run's armed timer
@@ -68,10 +68,7 @@ class WorkflowEngine:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if not hasattr(self._local, "conn"):
-            self._local.conn = connect(self.settings.state_path)
-        conn: sqlite3.Connection = self._local.conn
-        return conn
+        return self._conns.get()
 
     # -- what users ask ----------------------------------------------------------------------------
 
