@@ -941,3 +941,76 @@ def test_loops_in_loops_and_macros_are_refused_by_validation(corpus: Outcome) ->
 #   {{ ['x' * 200000] * 200000 }}                       4e10 characters: 25 s and 4.8 GB, then MemoryError (6 GB ulimit)
 #   {{ ('x' * 200000) | replace('x', 'x' * 20000) }}    4e9 characters: 6 s and 3.8 GB before the length check
 #   {% for x in inputs.many %}{{ inputs.s * 200000 }}{% endfor %}  with 20,000 items given: 3.8 GB, MemoryError
+
+
+# -- the evaluator: expressions in a process of their own (what the attack on main found) -----------------
+
+
+@pytest.fixture
+def evaluator() -> Any:
+    from runner.specs.evaluator import Evaluator
+
+    worker = Evaluator(timeout=3)
+    yield worker
+    worker.close()
+
+
+@pytest.mark.parametrize("text", [
+    "('%1500000000d' % 1) | length > 0",  # '%' is not intercepted by the sandbox
+    "(range(10000) | join('x' * 200000)) | length > 0",  # join grows past any bound of ours
+    "(('{0:>262000}' * 18000).format(1)) | length > 0",  # widths under the check, many of them
+])
+def test_an_expression_that_takes_too_much_memory_fails_in_its_worker_not_the_daemon(evaluator: Any,
+                                                                                   text: str) -> None:
+    with pytest.raises(ExpressionError, match=r"MiB an expression may|more memory than an expression may"):
+        evaluator.ask("if", text, {"inputs": {}, "steps": {}})
+    assert evaluator.ask("if", "1 + 1 == 2", {"inputs": {}, "steps": {}}) is True  # a new worker answers
+
+
+def test_an_expression_that_takes_too_long_is_stopped_and_the_next_one_answers(evaluator: Any) -> None:
+    slow = "{% for i in range(10000) %}{{ ('x' * 250000) | list | sort | first }}{% endfor %}"
+    with pytest.raises(ExpressionError, match="took longer than 3s"):
+        evaluator.ask("render", slow, {"inputs": {}, "steps": {}})
+    assert evaluator.ask("render", "{{ inputs.a }}", {"inputs": {"a": "fine"}, "steps": {}}) == ["fine"]
+
+
+def test_a_for_each_item_that_is_not_json_is_refused_by_its_index(evaluator: Any) -> None:
+    with pytest.raises(ExpressionError, match="item 0 is not JSON data"):
+        evaluator.ask("for_each", "[namespace()]", {"inputs": {}, "steps": {}})
+    assert evaluator.ask("for_each", "steps.a.json.files", {"inputs": {}, "steps": {
+        "a": {"status": "succeeded", "outputs": ['```json\n{"files": [1, 2]}\n```']}}}) == [1, 2]
+
+
+def test_a_fan_outs_inputs_are_bounded_together(evaluator: Any) -> None:
+    with pytest.raises(ExpressionError, match="add up to more than"):
+        evaluator.ask("render", "{{ 'x' * 250000 }}{{ item }}", {"inputs": {}, "steps": {}}, list(range(2000)))
+
+
+def test_an_answer_is_parsed_in_time_linear_in_its_length() -> None:
+    from runner.specs.expressions import parse_json
+
+    started = time.monotonic()
+    assert parse_json("```\n" + "\n" * 15_000 + "x") is None  # the regular expression it replaced took hours
+    assert parse_json("[" * 5000) is None  # too deep: not JSON to an expression, not an error of the engine
+    assert time.monotonic() - started < 5
+
+
+def test_a_deeply_nested_expression_is_a_spec_error_not_a_crash(tmp_path: Path) -> None:
+    folder = tmp_path / "specs"
+    (folder / "_s").mkdir(parents=True)
+    (folder / "_s" / "e.yaml").write_text("turns: []\n")
+    (folder / "echo.yaml").write_text("name: echo\ndescription: e\nmodel: scripted:_s/e.yaml\n")
+    deep = "(" * 100 + "1" + ")" * 100
+    (folder / "deep.yaml").write_text(f'kind: workflow\nname: deep\nsteps:\n  - id: a\n    agent: echo\n'
+                                      f'    if: "{deep}"\n')
+    done = agentctl("validate", str(folder))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{folder}/deep.yaml:6:9: error: steps[0].if: expression cannot be read: it is nested too deeply" \
+        in done.stdout, done.stdout
+
+
+def test_a_deeply_nested_input_names_the_input() -> None:
+    from runner.supervise.workflow_state import coerce_inputs
+
+    _, problems = coerce_inputs({"o": {"type": "object"}}, {"o": "[" * 3000})
+    assert problems == ["input 'o' must be an object, not a string"], problems

@@ -482,3 +482,24 @@ def test_a_schedule_trigger_starts_the_workflow(repo: SpecRepo, home: Path, daem
     assert first["workflow"] == "flow" and first["requested_by"] == "schedule", first
     (row,) = step_runs(home, first["workflow_run_id"], settled=1)
     assert row["trigger"] == "workflow" and row["step"] == "only" and row["output"] == "tick", row
+
+
+def test_what_an_expression_costs_is_its_steps_never_the_daemons(repo: SpecRepo, home: Path,
+                                                                 daemons: MakeDaemon) -> None:  # noqa: F811
+    """An `if` that would take gigabytes fails its step in the expressions' own process; an answer shaped to
+    make a regular expression backtrack (a prompt injection) passes on as data, at once; the daemon answers
+    throughout."""
+    fence = "```\n" + "\n" * 3000 + "x"
+    daemon = setup(repo, daemons, {"echo": ECHO}, [
+        {"id": "a", "agent": "echo", "input": "{{ inputs.text }}"},
+        {"id": "b", "needs": ["a"], "agent": "echo", "input": "got {{ steps.a.output | length }}"},
+        {"id": "bomb", "needs": ["b"], "agent": "echo", "if": "('%1500000000d' % 1) | length > 0", "input": "-"},
+    ], inputs={"text": {"type": "string", "default": ""}})
+    wid = run_flow(daemon, inputs={"text": fence})
+    ended = wait_wf(home, wid, timeout=60)
+    assert ended["status"] == "failed", ended
+    assert ended["by_step"]["b"]["status"] == "succeeded", ended["by_step"]["b"]
+    assert ended["by_step"]["bomb"]["status"] == "failed"
+    assert "if: the expression used more than" in ended["by_step"]["bomb"]["error"] \
+        or "if: it used more memory" in ended["by_step"]["bomb"]["error"], ended["by_step"]["bomb"]
+    assert daemon.call({"op": "ping"})["ok"]

@@ -158,6 +158,8 @@ def _parse(text: str, template: bool) -> nodes.Node:
         return expression
     except TemplateError as exc:
         raise ExpressionError(_message(exc)) from None
+    except RecursionError:
+        raise ExpressionError("it is nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,13 @@ class Names:
 
 def check(text: str, *, template: bool) -> Names:
     """Parse ``text`` and say what it reads. Raises ExpressionError when it cannot be parsed."""
+    try:
+        return _check(text, template)
+    except RecursionError:
+        raise ExpressionError("it is nested too deeply") from None
+
+
+def _check(text: str, template: bool) -> Names:
     tree = _parse(text, template)
     read: dict[str, set[str]] = {"steps": set(), "inputs": set()}
     for node in _all(tree, (nodes.Getattr, nodes.Getitem)):
@@ -191,6 +200,26 @@ def check(text: str, *, template: bool) -> Names:
     assigned = {n.name for n in _all(tree, nodes.Name) if n.ctx in ("store", "param")}
     used = {n.name for n in _all(tree, nodes.Name) if n.ctx == "load"} - assigned - set(_env.globals) - {"loop"}
     return Names(frozenset(read["steps"]), frozenset(read["inputs"]), frozenset(used))
+
+
+def parse_json(text: str | None) -> Any:
+    """An answer as JSON (inside a ```json fence too), or None when it is not JSON. Linear in its length: an
+    answer is data a prompt may have shaped."""
+    if not text:
+        return None
+    body = text.strip()
+    if body.startswith("```") and body.endswith("```") and "\n" in body:
+        body = body[body.index("\n") + 1:-3]
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def names_in(text: str, template: bool) -> Names:
+    """``check``, remembered by text (the engine asks it of each step it starts)."""
+    return check(text, template=template)
 
 
 @functools.lru_cache(maxsize=512)
@@ -219,6 +248,8 @@ def evaluate(text: str, context: dict[str, Any]) -> Any:
         raise ExpressionError(_message(exc)) from None
     except ExpressionError:
         raise
+    except MemoryError:
+        raise ExpressionError("it used more memory than an expression may") from None
     except Exception as exc:  # a filter's own error (int('x'), a key of a list): the expression's fault
         raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
 
@@ -237,6 +268,8 @@ def render(text: str, context: dict[str, Any]) -> str:
         raise ExpressionError(_message(exc)) from None
     except ExpressionError:
         raise
+    except MemoryError:
+        raise ExpressionError("it used more memory than an expression may") from None
     except Exception as exc:
         raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
     if len(out) > MAX_RENDERED:

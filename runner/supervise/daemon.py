@@ -59,6 +59,7 @@ from runner.source.git import GitSource
 from runner.source.hooks import reconcile_request_path
 from runner.specs.models import AgentSpec
 from runner.state import PerThread, connect
+from runner.supervise import workflow_ops
 from runner.supervise.control import ControlServer, socket_path
 from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
@@ -395,8 +396,8 @@ class ClientDaemon:
         if op == "reconcile":
             self._request_now.set()
             return {"ok": True}
-        if op in ("workflow.run", "workflow.cancel", "workflow.resume", "approve"):
-            return self.workflows.handle(request)
+        if op in workflow_ops.OPS:
+            return workflow_ops.handle(self.workflows, request)
         applied = load_applied(self.conn, client, agent) if isinstance(agent, str) else {}
         if not isinstance(agent, str) or agent not in applied:
             hint = " (run 'agentctl apply')" if op == "run" else ""  # as agentctl says it without a daemon

@@ -1,6 +1,6 @@
 """What a workflow run's steps see of each other, and the decisions about one step that need no daemon.
 
-``StepsView`` turns the live rows of a run into the ``steps`` an expression reads: each step's status,
+``context_of`` turns the live rows of a run into the ``steps`` an expression reads: each step's status,
 ``output`` (the run's answer), ``outputs`` (a list, in item order for a fan-out), ``json`` (the answer parsed
 when it is JSON, code fences allowed), and for an approval ``approved``, ``by`` and ``comment``.
 """
@@ -10,108 +10,40 @@ from __future__ import annotations
 import functools
 import graphlib
 import json
-import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from runner.errors import ExpressionError
-from runner.specs.expressions import evaluate, render
+from runner.specs.expressions import names_in
 from runner.specs.models import WorkflowSpec, WorkflowStep
 
 MAX_OUTPUT = 16_000  # characters of an answer a step passes on: what the ledger keeps of it
 MAX_ITEMS = 10_000  # items of one fan-out
 FAILED = ("failed", "timed_out", "budget_exceeded", "stopped", "interrupted")
 DONE = ("succeeded", "skipped", *FAILED)
-FENCE = re.compile(r"^\s*```[a-zA-Z0-9]*\s*\n(.*)\n\s*```\s*$", re.DOTALL)
-
-
-def parse_json(text: str | None) -> Any:
-    """The answer as JSON (inside a ```json fence too), or None when it is not JSON."""
-    if not text:
-        return None
-    fenced = FENCE.match(text)
-    try:
-        return json.loads(fenced.group(1) if fenced else text)
-    except ValueError:
-        return None
-
-
-class StepsView(dict[str, Any]):
-    """``steps`` as an expression reads it, each step's entry made when first read (a step's answers are read
-    from the store then, and parsed as JSON then): an expression that reads one step costs one step's reading."""
-
-    def __init__(self, spec_steps: list[WorkflowStep], states: dict[str, dict[str, Any]],
-                 outputs: Callable[[str], list[tuple[int, str, str | None]]],
-                 approvals: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        super().__init__()
-        self._declared = {s.id: s for s in spec_steps}
-        self._states, self._outputs, self._approvals = states, outputs, approvals
-        self._decisions: dict[str, dict[str, Any]] | None = None
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._declared
-
-    def __missing__(self, key: str) -> dict[str, Any]:
-        declared = self._declared.get(key)
-        if declared is None:
-            raise KeyError(key)
-        outputs = [out if status == "succeeded" else None for _, status, out in self._outputs(key)]
-        entry: dict[str, Any] = {"status": self._states.get(key, {}).get("status", "pending"), "outputs": outputs}
-        if declared.for_each:
-            entry["output"] = "\n".join(o for o in outputs if o is not None)
-            entry["json"] = [parse_json(o) for o in outputs]
-        else:
-            entry["output"] = outputs[0] if outputs else None
-            entry["json"] = parse_json(entry["output"])
-        if declared.approval is not None:
-            if self._decisions is None:
-                self._decisions = self._approvals()
-            decision = self._decisions.get(key) or {}
-            entry.update(approved=decision.get("approved"), by=decision.get("by"), comment=decision.get("comment"),
-                         output=decision.get("comment"))
-        self[key] = entry
-        return entry
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._declared)
-
-    def __len__(self) -> int:
-        return len(self._declared)
-
-
-def decide_if(step: WorkflowStep, context: dict[str, Any]) -> bool:
-    """Whether the step runs (its ``if``). Raises ExpressionError, said as the field's."""
-    if not step.if_:
-        return True
-    try:
-        return bool(evaluate(step.if_, context))
-    except ExpressionError as exc:
-        raise ExpressionError(f"if: {exc}") from None
-
-
-def items_of(step: WorkflowStep, context: dict[str, Any]) -> list[tuple[Any, str]]:
-    """The step's runs as (item, rendered input): one for a plain step, one per item of a fan-out."""
-    if not step.for_each:
-        return [(None, _render(step.input, context, "input"))]
-    try:
-        value = evaluate(step.for_each, context)
-    except ExpressionError as exc:
-        raise ExpressionError(f"for_each: {exc}") from None
-    if isinstance(value, dict | str) or not hasattr(value, "__iter__"):
-        kind = "a mapping" if isinstance(value, dict) else type(value).__name__
-        raise ExpressionError(f"for_each: '{step.for_each}' gives {kind}, not a list")
-    values = list(value)
-    if len(values) > MAX_ITEMS:
-        raise ExpressionError(f"for_each: {len(values)} items, over {MAX_ITEMS} in one fan-out")
-    return [(item, _render(step.input, {**context, "item": item}, "input")) for item in values]
-
-
-def _render(template: str, context: dict[str, Any], field: str) -> str:
-    try:
-        return render(template, context)
-    except ExpressionError as exc:
-        raise ExpressionError(f"{field}: {exc}") from None
+def context_of(spec_steps: list[WorkflowStep], step: WorkflowStep, inputs: dict[str, Any],
+               states: dict[str, dict[str, Any]], outputs: Callable[[str], list[tuple[int, str, str | None]]],
+               approvals: Callable[[], dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """What the step's expressions read, for the evaluator (``runner.specs.evaluator``): its inputs, and of the
+    steps only those its texts name, each as its status and its runs' answers, in item order (None for a run
+    that did not succeed). Validation made sure every step they read is named so and has run."""
+    named: set[str] = set()
+    for text, template in ((step.if_, False), (step.for_each, False), (step.input, True),
+                           (step.approval.message if step.approval else None, True)):
+        if text:
+            named |= names_in(text, template).steps
+    declared = {s.id: s for s in spec_steps}
+    decisions: dict[str, dict[str, Any]] | None = None
+    steps: dict[str, Any] = {}
+    for step_id in sorted(named & set(declared)):
+        answers = [out if status == "succeeded" else None for _, status, out in outputs(step_id)]
+        entry: dict[str, Any] = {"status": states.get(step_id, {}).get("status", "pending"), "outputs": answers,
+                                 "fan_out": bool(declared[step_id].for_each)}
+        if declared[step_id].approval is not None:
+            decisions = approvals() if decisions is None else decisions
+            entry["approval"] = decisions.get(step_id)
+        steps[step_id] = entry
+    return {"inputs": inputs, "event": {}, "headers": {}, "payload": {}, "steps": steps}
 
 
 def too_long(status: str, output_chars: int | None) -> str | None:
@@ -150,8 +82,8 @@ def coerce_inputs(declared: dict[str, Any], given: dict[str, Any]) -> tuple[dict
             if isinstance(value, str) and spec.get("type", "string") != "string":
                 try:
                     value = json.loads(value)
-                except ValueError:
-                    pass
+                except (ValueError, RecursionError):
+                    pass  # the type check below says what is wrong with it
             problem = input_problem(name, spec, value)
             if problem:
                 problems.append(problem)

@@ -21,23 +21,21 @@ import time
 from typing import Any
 
 from runner.agent.recording import RunRow, end_in_flight, new_run_id
-from runner.errors import ConflictError, ExpressionError, NotFoundError, OrchestratorError, SpecError, UsageError
+from runner.errors import ConflictError, ExpressionError, NotFoundError, SpecError, UsageError
 from runner.ledger.workflows import journal_approval, journal_run
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
-from runner.specs.expressions import render
+from runner.specs.evaluator import Evaluator
 from runner.specs.models import WorkflowSpec
 from runner.state import PerThread, Transaction
 from runner.supervise.table import ProcessTable, Request
 from runner.supervise.workflow_state import (
     DONE,
     FAILED,
-    StepsView,
     coerce_inputs,
+    context_of,
     deadline,
-    decide_if,
     descendants,
-    items_of,
     order,
     reset,
     step_outcome,
@@ -60,6 +58,7 @@ class WorkflowEngine:
         self._conns = PerThread(settings.state_path)
         self._stopped: set[str] = set()  # runs told to stop (once each)
         self._specs: dict[str, tuple[str, WorkflowSpec]] = {}  # each running run's spec, parsed once
+        self.evaluator = Evaluator()  # the expressions' own process, started when first needed
         self._next_at: dict[str, float] = {}  # each run's armed timer
         self.detached = False  # the daemon is stopping: ends of runs are not acted on (recover does, at the next start)
         self.on_step_end: Any = None  # metrics: called with (workflow, seconds)
@@ -187,33 +186,13 @@ class WorkflowEngine:
                           (self.client_id,))
         self.close()
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The control socket's workflow requests (agentctl workflow ..., agentctl approve)."""
-        op, by = request.get("op"), str(request.get("requested_by") or "cli")
-        try:
-            if op == "workflow.run":
-                inputs = request.get("inputs") or {}
-                wf_id = self.start(str(request.get("workflow")), inputs, trigger="manual", requested_by=by)
-                return {"ok": True, "workflow_run_id": wf_id, "status": "running"}
-            wf_id = str(request.get("id"))
-            if op == "workflow.cancel":
-                return {"ok": True, **self.cancel(wf_id, by)}
-            if op == "workflow.resume":
-                frm = request.get("from")
-                return {"ok": True, **self.resume(wf_id, str(frm) if frm else None,
-                                                            bool(request.get("at_head")), by)}
-            comment = request.get("comment")
-            return {"ok": True, **self.approve(wf_id, str(request.get("step")), bool(request.get("approve")),
-                                                         str(comment) if comment else None, by)}
-        except OrchestratorError as exc:
-            return {"ok": False, "code": exc.code, "error": exc.message, "details": exc.details}
-
     def poke(self, wf_id: str) -> None:
         self.events.put(("advance", wf_id))
 
     def close(self) -> None:
         self.events.put(None)
         self.thread.join(timeout=5)
+        self.evaluator.close()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -274,8 +253,14 @@ class WorkflowEngine:
                                   f"the workflow's max_runtime of {spec.constraints.max_runtime:g}s passed")
         steps = self._steps(wf_id)
         if not closing:
-            self._progress(wf_id, run, spec, steps, now)
-            closing = self._failure(wf_id, spec, steps)
+            try:
+                self._progress(wf_id, run, spec, steps, now)
+            except Exception as exc:  # never a run stuck 'running' for good: it fails, saying why
+                log.exception("workflow run %s: the engine could not move it on", wf_id)
+                closing = self._close(wf_id, "failed", f"the engine could not move this run on: {type(exc).__name__}: "
+                                      f"{exc}")
+                steps = self._steps(wf_id)
+            closing = closing or self._failure(wf_id, spec, steps)
         in_flight = self._in_flight(wf_id)
         if closing:
             if closing in STOPPING:
@@ -321,11 +306,16 @@ class WorkflowEngine:
                 continue
             if any(s not in ("succeeded", "skipped") for s in needs):
                 continue
-            context = {"inputs": json.loads(run["inputs"]), "event": {}, "headers": {}, "payload": {},
-                       "steps": StepsView(spec.steps, steps, functools.partial(self._outputs, wf_id),
-                                          functools.partial(self._approvals, wf_id))}
+            context = context_of(spec.steps, step, json.loads(run["inputs"]), steps,
+                                 functools.partial(self._outputs, wf_id), functools.partial(self._approvals, wf_id))
             state["status"] = self._begin(wf_id, step, context, now)
         self._start_items(wf_id, run, spec, steps, now)
+
+    def _ask(self, field: str, op: str, text: str, context: dict[str, Any], items: list[Any] | None = None) -> Any:
+        try:
+            return self.evaluator.ask(op, text, context, items)
+        except ExpressionError as exc:
+            raise ExpressionError(f"{field}: {exc}") from None
 
     def _outputs(self, wf_id: str, step_id: str) -> list[tuple[int, str, str | None]]:
         """A step's runs as an expression reads them: (index, status, answer), in item order."""
@@ -334,24 +324,25 @@ class WorkflowEngine:
             (wf_id, step_id))]
 
     def _begin(self, wf_id: str, step: Any, context: dict[str, Any], now: float) -> str:
-        """A ready step: skipped, waiting for a person, or its runs laid out as items; returns its status."""
+        """A ready step: skipped, waiting for a person, or its runs laid out as items; returns its status. Its
+        expressions run in the evaluator's process (``runner.specs.evaluator``): what they cost is theirs."""
         try:
-            if not decide_if(step, context):
+            if step.if_ and not self._ask("if", "if", step.if_, context):
                 self._set_step(wf_id, step.id, "skipped", None, started=True)
                 return "skipped"
             if step.approval is not None:
-                message = render(step.approval.message, context) if step.approval.message else None
+                message = self._ask("approval.message", "render", step.approval.message, context)[0] \
+                    if step.approval.message else None
                 self.conn.execute("UPDATE wf_steps SET status = 'waiting', started_at = ?, wait_until = ?, message = ? "
                                   "WHERE workflow_run_id = ? AND step = ?",
                                   (utcnow(), now + step.approval.timeout, message, wf_id, step.id))
                 log.info("workflow run %s: step %s waits for an approval", wf_id, step.id)
                 return "waiting"
-            laid = items_of(step, context)
+            items = self._ask("for_each", "for_each", step.for_each, context) if step.for_each else None
+            texts = self._ask("input", "render", step.input, context, items) if items != [] else []
+            laid = list(zip(items if items is not None else [None], texts, strict=True))
         except ExpressionError as exc:
             self._set_step(wf_id, step.id, "failed", str(exc), started=True, ended=True)
-            return "failed"
-        except Exception as exc:  # whatever else an expression meets fails its step, never the engine
-            self._set_step(wf_id, step.id, "failed", f"{type(exc).__name__}: {exc}", started=True, ended=True)
             return "failed"
         with Transaction(self.conn) as tx:
             tx.executemany("INSERT OR REPLACE INTO wf_items (workflow_run_id, step, idx, item, input, status) "
