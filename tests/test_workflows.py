@@ -503,3 +503,18 @@ def test_what_an_expression_costs_is_its_steps_never_the_daemons(repo: SpecRepo,
     assert "if: the expression used more than" in ended["by_step"]["bomb"]["error"] \
         or "if: it used more memory" in ended["by_step"]["bomb"]["error"], ended["by_step"]["bomb"]
     assert daemon.call({"op": "ping"})["ok"]
+
+
+def test_metrics_count_workflow_runs_by_status_and_time_their_steps(repo: SpecRepo, home: Path,
+                                                                    daemons: MakeDaemon) -> None:  # noqa: F811
+    import urllib.request
+
+    daemon = setup(repo, daemons, {"echo": ECHO}, [{"id": "one", "agent": "echo", "input": "x"},
+                                                   {"id": "two", "needs": ["one"], "agent": "echo", "input": "y"}])
+    wait_wf(home, run_flow(daemon))
+    api = daemon.call({"op": "ping"})["api"]
+    with urllib.request.urlopen(f"http://{api}/metrics", timeout=10) as resp:  # the open view: totals
+        text = resp.read().decode()
+    assert 'agent_orch_workflow_runs{status="succeeded"} 1.0' in text, text[-3000:]
+    count = [line for line in text.splitlines() if line.startswith("agent_orch_workflow_step_duration_seconds_count")]
+    assert count and float(count[0].split()[-1]) == 2.0, count
