@@ -734,6 +734,10 @@ def test_plan_and_apply_report_workflow_errors_at_their_positions(repo: SpecRepo
     assert synced["status"] == "False"
     assert "specs/loop.yaml:6:12: error: steps[0].needs: cycle: a -> b -> a" in synced["message"]
 
+    mistaken = cli("run", "fine")  # a workflow run as an agent says what to type instead
+    assert mistaken.returncode == 2 and "Traceback" not in mistaken.stderr, mistaken.stderr
+    assert "'fine' is a workflow, not an agent: 'agentctl workflow run fine' runs it" in mistaken.stderr
+
 
 def test_a_workflow_whose_agent_is_deleted_later_keeps_its_last_good_spec(repo: SpecRepo, cli: Cli,
                                                                          home: Path) -> None:

@@ -42,6 +42,8 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
     agents = load_applied(conn, settings.client_id, name)
     agent = agents.get(name)
     if agent is None:
+        if load_applied(conn, settings.client_id, name, kind="workflow"):
+            raise NotFoundError(f"'{name}' is a workflow, not an agent: 'agentctl workflow run {name}' runs it")
         raise NotFoundError(f"no agent named '{name}' for client '{settings.client_id}' (run 'agentctl apply')")
     spec = agent.spec
     if spec is None:
