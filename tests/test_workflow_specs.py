@@ -952,7 +952,7 @@ def test_loops_in_loops_and_macros_are_refused_by_validation(corpus: Outcome) ->
 
 @pytest.fixture
 def evaluator() -> Any:
-    from runner.specs.evaluator import Evaluator
+    from runner.supervise.evaluator import Evaluator
 
     worker = Evaluator(timeout=3)
     yield worker
@@ -1018,3 +1018,52 @@ def test_a_deeply_nested_input_names_the_input() -> None:
 
     _, problems = coerce_inputs({"o": {"type": "object"}}, {"o": "[" * 3000})
     assert problems == ["input 'o' must be an object, not a string"], problems
+
+
+def test_the_worker_has_nothing_of_the_machine_and_dies_with_its_daemon(tmp_path: Path) -> None:
+    """No capabilities, no_new_privs, a seccomp filter, no file or network access (Landlock), three descriptors;
+    and it ends when the process that started it is killed with SIGKILL."""
+    import os
+    import signal
+    import sys
+
+    script = ("from runner.supervise.evaluator import Evaluator\n"
+              "e = Evaluator()\n"
+              "assert e.ask('if', '1 == 1', {'inputs': {}, 'steps': {}}) is True\n"
+              "print(e._proc.pid, flush=True)\n"
+              "import sys; sys.stdin.read()\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout is not None
+        worker = int(parent.stdout.readline())
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{worker}/status").read_text().splitlines()
+                      if ":\t" in line)
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+        assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", status
+        assert sorted(os.listdir(f"/proc/{worker}/fd")) == ["0", "1", "2"]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        poll(lambda: not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split(
+            ")")[-1][:3], "the worker to end with its daemon", 20)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_the_worker_reads_no_file(evaluator: Any) -> None:
+    with pytest.raises(ExpressionError, match="Permission denied"):
+        evaluator.ask("if", "'x'.encode('idna')", {"inputs": {}, "steps": {}})  # would import a module from disk
+
+
+def test_what_an_expression_says_back_is_bounded(evaluator: Any) -> None:
+    with pytest.raises(ExpressionError) as caught:
+        evaluator.ask("if", "inputs[range(50) | join('x' * 262144)]", {"inputs": {}, "steps": {}})
+    assert len(str(caught.value)) <= 2100, len(str(caught.value))
+    with pytest.raises(ExpressionError, match="larger than an item may be"):
+        evaluator.ask("for_each", "range(150) | map('string') | map('center', 20000) | list",
+                      {"inputs": {}, "steps": {}})
+    with pytest.raises(ExpressionError, match="nested too deeply"):
+        from runner.specs.expressions import check
+
+        check("inputs.y" + ".z" * 300, template=False)

@@ -518,3 +518,19 @@ def test_metrics_count_workflow_runs_by_status_and_time_their_steps(repo: SpecRe
     assert 'agent_orch_workflow_runs{status="succeeded"} 1.0' in text, text[-3000:]
     count = [line for line in text.splitlines() if line.startswith("agent_orch_workflow_step_duration_seconds_count")]
     assert count and float(count[0].split()[-1]) == 2.0, count
+
+
+def test_cancel_gets_in_while_the_engine_waits_for_an_expression(repo: SpecRepo, home: Path,
+                                                                 daemons: MakeDaemon) -> None:  # noqa: F811
+    """Users' requests never wait for the engine's thread: a cancel while it evaluates a slow `if` is taken at
+    once, and the run ends stopped without the other slow steps being evaluated."""
+    slow = "range(10000) | map('string') | map('center', 262144) | map('wordcount') | sum > 0"
+    daemon = setup(repo, daemons, {"echo": ECHO}, [{"id": f"s{i}", "agent": "echo", "if": slow, "input": "-"}
+                                                   for i in range(4)])
+    wid = run_flow(daemon)
+    answer = daemon.call({"op": "workflow.cancel", "id": wid, "requested_by": "test"})
+    assert answer["workflow_run_id"] == wid
+    ended = wait_wf(home, wid, timeout=60)
+    assert ended["status"] == "stopped" and ended["error"] == "cancelled by test", ended
+    evaluated = [s for s in ended["steps"] if s["status"] != "pending"]
+    assert len(evaluated) <= 1, evaluated

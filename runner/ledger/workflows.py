@@ -101,6 +101,43 @@ def journal_approval(tx: sqlite3.Connection, approval: dict[str, Any]) -> None:
     journal(tx, "approvals", {"approval_id": uuid.uuid4().hex, **approval})
 
 
+# -- what the engine reads of a run -----------------------------------------------------------------------
+
+
+def run_row(conn: sqlite3.Connection, wf_id: str) -> sqlite3.Row:
+    row: sqlite3.Row = conn.execute("SELECT * FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
+    return row
+
+
+def step_states(conn: sqlite3.Connection, wf_id: str) -> dict[str, dict[str, Any]]:
+    return {r[0]: {"status": r[1], "wait_until": r[2]} for r in conn.execute(
+        "SELECT step, status, wait_until FROM wf_steps WHERE workflow_run_id = ?", (wf_id,))}
+
+
+def closing_of(conn: sqlite3.Connection, wf_id: str) -> str | None:
+    """The end decided for a run while its runs in flight finish, or None."""
+    row = conn.execute("SELECT closing FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
+    return row[0] if row is not None else None
+
+
+def in_flight(conn: sqlite3.Connection, wf_id: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT run_id FROM wf_items WHERE workflow_run_id = ? AND status = 'running'",
+                                       (wf_id,))]
+
+
+def outputs_of(conn: sqlite3.Connection, wf_id: str, step_id: str) -> list[tuple[int, str, str | None]]:
+    """A step's runs as an expression reads them: (index, status, answer), in item order."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT idx, status, output FROM wf_items WHERE workflow_run_id = ? AND step = ? ORDER BY idx",
+        (wf_id, step_id))]
+
+
+def approvals_of(conn: sqlite3.Connection, wf_id: str) -> dict[str, dict[str, Any]]:
+    """Each step's last decision."""
+    return {r["step"]: {"approved": bool(r["approved"]), "by": r["by"], "comment": r["comment"]}
+            for r in conn.execute("SELECT * FROM wf_approvals WHERE workflow_run_id = ? ORDER BY at", (wf_id,))}
+
+
 def list_workflow_runs(conn: sqlite3.Connection, client_id: str, *, workflow: str | None = None,
                        status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """The client's workflow runs, newest first."""

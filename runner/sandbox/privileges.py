@@ -136,3 +136,24 @@ def _call(option: int, value: int = 0) -> int:
 def _os_error(doing: str) -> OSError:
     code = ctypes.get_errno()
     return OSError(code, f"{doing}: {os.strerror(code)}")
+
+
+def lock_down_helper() -> dict[str, Any]:
+    """Confine a helper process of the daemon that needs nothing of the machine once it has loaded its code (the
+    workflow expressions' worker): no capabilities and no_new_privs, no file or network access (Landlock with
+    every access handled and none allowed, where the kernel has it), the runs' seccomp filter, no core dumps, no
+    file it could write, few descriptors. Returns what holds, for the log."""
+    import resource
+
+    from runner.sandbox import landlock, seccomp
+
+    record = drop_capabilities()
+    try:
+        landlock.Ruleset(network=True, scope=True).enforce()
+        record["landlock"] = "no file or network access"
+    except (OSError, landlock.LandlockError) as exc:
+        record["landlock"] = f"not enforced ({exc})"
+    record["seccomp"] = seccomp.install()
+    for limit, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_NOFILE, 16)):
+        resource.setrlimit(limit, (value, value))
+    return record

@@ -180,8 +180,23 @@ def check(text: str, *, template: bool) -> Names:
         raise ExpressionError("it is nested too deeply") from None
 
 
+MAX_NESTING = 60  # levels of one expression's tree (a.b.c... and f(g(h(...))) alike): Jinja2 compiles deeper
+# ones in time that grows faster than their length
+
+
+def _depth(tree: nodes.Node) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+    return deepest
+
+
 def _check(text: str, template: bool) -> Names:
     tree = _parse(text, template)
+    if _depth(tree) > MAX_NESTING:
+        raise ExpressionError(f"it is nested too deeply (over {MAX_NESTING} levels)")
     read: dict[str, set[str]] = {"steps": set(), "inputs": set()}
     for node in _all(tree, (nodes.Getattr, nodes.Getitem)):
         base: Any = getattr(node, "node", None)

@@ -22,12 +22,23 @@ from typing import Any
 
 from runner.agent.recording import RunRow, end_in_flight, new_run_id
 from runner.errors import ConflictError, ExpressionError, NotFoundError, SpecError, UsageError
-from runner.ledger.workflows import journal_approval, journal_run
+from runner.ledger.workflows import (
+    approvals_of,
+    closing_of,
+    journal_approval,
+    journal_run,
+    outputs_of,
+    run_row,
+    step_states,
+)
+from runner.ledger.workflows import (
+    in_flight as runs_in_flight,
+)
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
-from runner.specs.evaluator import Evaluator
 from runner.specs.models import WorkflowSpec
 from runner.state import PerThread, Transaction
+from runner.supervise.evaluator import Evaluator
 from runner.supervise.table import ProcessTable, Request
 from runner.supervise.workflow_state import (
     DONE,
@@ -44,6 +55,8 @@ from runner.supervise.workflow_state import (
 from runner.times import utcnow
 
 log = logging.getLogger("runner.workflows")
+MAX_ERROR = 4000  # characters of an error kept (a run's error is kept as long)
+ADVANCE_BUDGET = 10.0  # seconds of expressions one look at a run may spend before the others get a turn
 MAX_AT_ONCE = 1000  # runs of one step handed to the process table at once when max_parallel says nothing
 STOPPING = ("timed_out", "budget_exceeded", "stopped")  # ends that stop the runs in flight (a failure lets them end)
 
@@ -52,7 +65,6 @@ class WorkflowEngine:
     def __init__(self, settings: Settings, table: ProcessTable) -> None:
         self.settings, self.table = settings, table
         self.client_id = settings.client_id
-        self.lock = threading.RLock()
         self.events: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self.timers: list[tuple[float, str]] = []
         self._conns = PerThread(settings.state_path)
@@ -85,7 +97,7 @@ class WorkflowEngine:
             raise UsageError(problems[0], details=problems)
         wf_id = new_run_id()
         now = time.time()
-        with self.lock, Transaction(self.conn) as tx:
+        with Transaction(self.conn) as tx:
             tx.execute("""INSERT INTO wf_runs (workflow_run_id, client_id, workflow, spec_revision, spec, trigger,
                               requested_by, status, attempt, inputs, started_at, deadline)
                           VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?)""",
@@ -93,60 +105,69 @@ class WorkflowEngine:
                         trigger, requested_by, json.dumps(values), utcnow(), deadline(spec, now)))
             tx.executemany("INSERT INTO wf_steps (workflow_run_id, step, position, status) VALUES (?, ?, ?, 'pending')",
                            [(wf_id, s.id, i) for i, s in enumerate(spec.steps)])
-            journal_run(tx, self._run_row(tx, wf_id))
+            journal_run(tx, run_row(tx, wf_id))
         log.info("workflow %s run %s started (%s, by %s)", name, wf_id, trigger, requested_by)
         self.poke(wf_id)
         return wf_id
 
+    # What users ask never waits for the engine's thread (which may be waiting for an expression): each is one
+    # transaction whose conditions are checked in it, so a race with the engine is decided by the store.
+
     def cancel(self, wf_id: str, requested_by: str) -> dict[str, Any]:
-        with self.lock:
+        self._mine(wf_id)
+        with Transaction(self.conn) as tx:
+            done = tx.execute("UPDATE wf_runs SET closing = 'stopped', error = ? WHERE workflow_run_id = ? AND "
+                              "status = 'running' AND (closing IS NULL OR closing = 'failed')",
+                              (f"cancelled by {requested_by}"[:MAX_ERROR], wf_id)).rowcount
             run = self._mine(wf_id)
-            if run["status"] != "running":
-                raise ConflictError(f"workflow run {wf_id} has ended ({run['status']}): nothing to cancel")
-            in_flight = self._in_flight(wf_id)
-            self._close(wf_id, "stopped", f"cancelled by {requested_by}")
+        if not done:
+            what = f"has ended ({run['status']})" if run["status"] != "running" else f"is ending ({run['closing']})"
+            raise ConflictError(f"workflow run {wf_id} {what}: nothing to cancel")
+        in_flight = runs_in_flight(self.conn, wf_id)
         self.poke(wf_id)
         return {"workflow_run_id": wf_id, "status": "stopped" if not in_flight else "running",
                 "stopping_runs": len(in_flight)}
 
     def approve(self, wf_id: str, step: str, approve: bool, comment: str | None, requested_by: str) -> dict[str, Any]:
-        with self.lock:
-            run = self._mine(wf_id)
-            row = self.conn.execute("SELECT status FROM wf_steps WHERE workflow_run_id = ? AND step = ?",
-                                    (wf_id, step)).fetchone()
-            if row is None:
-                raise NotFoundError(f"workflow run {wf_id} has no step '{step}'")
-            if run["status"] != "running" or row["status"] != "waiting":
-                what = run["status"] if run["status"] != "running" else f"the step is {row['status']}"
-                raise ConflictError(f"step '{step}' of workflow run {wf_id} waits for no approval ({what})")
-            self._decide(wf_id, step, approve, comment, requested_by)
+        run = self._mine(wf_id)
+        row = self.conn.execute("SELECT status FROM wf_steps WHERE workflow_run_id = ? AND step = ?",
+                                (wf_id, step)).fetchone()
+        if row is None:
+            raise NotFoundError(f"workflow run {wf_id} has no step '{step}'")
+        if run["status"] != "running" or not self._decide(wf_id, step, approve, comment, requested_by):
+            run, row = self._mine(wf_id), self.conn.execute("SELECT status FROM wf_steps WHERE workflow_run_id = ? "
+                                                            "AND step = ?", (wf_id, step)).fetchone()
+            what = run["status"] if run["status"] != "running" else f"the step is {row['status']}"
+            raise ConflictError(f"step '{step}' of workflow run {wf_id} waits for no approval ({what})")
         self.poke(wf_id)
         return {"workflow_run_id": wf_id, "step": step, "approved": approve, "status": "running"}
 
     def resume(self, wf_id: str, from_step: str | None, at_head: bool, requested_by: str) -> dict[str, Any]:
-        with self.lock:
-            run = self._mine(wf_id)
-            if run["status"] == "running":
+        run = self._mine(wf_id)
+        if run["status"] == "running":
+            raise ConflictError(f"workflow run {wf_id} is still running: cancel it first, or wait for its end")
+        spec, revision = WorkflowSpec.model_validate_json(run["spec"]), run["spec_revision"]
+        if at_head:
+            applied = load_applied(self.conn, self.client_id, run["workflow"], kind="workflow").get(run["workflow"])
+            if applied is None or applied.workflow is None:
+                raise SpecError(f"workflow '{run['workflow']}' has no valid applied spec to resume at")
+            spec, revision = applied.workflow, applied.applied_revision
+        ids = [s.id for s in spec.steps]
+        if from_step is not None and from_step not in ids:
+            raise UsageError(f"workflow '{run['workflow']}' has no step '{from_step}' (steps: {', '.join(ids)})",
+                             details=[f"from: no step '{from_step}'"])
+        redo = descendants(spec, from_step) if from_step else set()
+        with Transaction(self.conn) as tx:
+            if tx.execute("SELECT status FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()[0] == \
+                    "running":
                 raise ConflictError(f"workflow run {wf_id} is still running: cancel it first, or wait for its end")
-            spec, revision = WorkflowSpec.model_validate_json(run["spec"]), run["spec_revision"]
-            if at_head:
-                applied = load_applied(self.conn, self.client_id, run["workflow"], kind="workflow").get(run["workflow"])
-                if applied is None or applied.workflow is None:
-                    raise SpecError(f"workflow '{run['workflow']}' has no valid applied spec to resume at")
-                spec, revision = applied.workflow, applied.applied_revision
-            ids = [s.id for s in spec.steps]
-            if from_step is not None and from_step not in ids:
-                raise UsageError(f"workflow '{run['workflow']}' has no step '{from_step}' (steps: {', '.join(ids)})",
-                                 details=[f"from: no step '{from_step}'"])
-            redo = descendants(spec, from_step) if from_step else set()
-            with Transaction(self.conn) as tx:
-                reset(tx, wf_id, spec, redo)
-                tx.execute("""UPDATE wf_runs SET status = 'running', closing = NULL, error = NULL, ended_at = NULL,
-                                  attempt = attempt + 1, spec = ?, spec_revision = ?, deadline = ?,
-                                  budget_base = input_tokens + output_tokens WHERE workflow_run_id = ?""",
-                           (spec.model_dump_json(by_alias=True), revision, deadline(spec, time.time()), wf_id))
-                journal_run(tx, self._run_row(tx, wf_id))
-            attempt = int(run["attempt"]) + 1
+            reset(tx, wf_id, spec, redo)
+            tx.execute("""UPDATE wf_runs SET status = 'running', closing = NULL, error = NULL, ended_at = NULL,
+                              attempt = attempt + 1, spec = ?, spec_revision = ?, deadline = ?,
+                              budget_base = input_tokens + output_tokens WHERE workflow_run_id = ?""",
+                       (spec.model_dump_json(by_alias=True), revision, deadline(spec, time.time()), wf_id))
+            journal_run(tx, run_row(tx, wf_id))
+        attempt = int(run["attempt"]) + 1
         log.info("workflow run %s resumed by %s (attempt %d%s%s)", wf_id, requested_by, attempt,
                  f", from {from_step}" if from_step else "", ", at the head revision" if at_head else "")
         self.poke(wf_id)
@@ -173,9 +194,9 @@ class WorkflowEngine:
             log.info("workflows: %d run(s) going on after the restart", len(runs))
 
     def detach(self) -> None:
-        """The daemon stops: from now on the ends of step runs are left for ``park`` and the next start."""
-        with self.lock:
-            self.detached = True
+        """The daemon stops: from now on the ends of step runs are left for ``park`` and the next start (the
+        engine's thread sees it before each step it starts, so this never waits for an expression)."""
+        self.detached = True
 
     def park(self) -> None:
         """After the process table stopped: step runs it dropped before they started go back to their step (the
@@ -219,9 +240,7 @@ class WorkflowEngine:
             if self._next_at.get(wf_id) == at:
                 del self._next_at[wf_id]
                 due.add(wf_id)
-        with self.lock:
-            if self.detached:
-                return
+        if not self.detached:
             if kind == "ended":
                 due.add(self._item_ended(*what))
             elif kind == "lost":
@@ -251,7 +270,7 @@ class WorkflowEngine:
         if not closing and run["deadline"] and now >= run["deadline"]:
             closing = self._close(wf_id, "timed_out",
                                   f"the workflow's max_runtime of {spec.constraints.max_runtime:g}s passed")
-        steps = self._steps(wf_id)
+        steps = step_states(self.conn, wf_id)
         if not closing:
             try:
                 self._progress(wf_id, run, spec, steps, now)
@@ -259,9 +278,9 @@ class WorkflowEngine:
                 log.exception("workflow run %s: the engine could not move it on", wf_id)
                 closing = self._close(wf_id, "failed", f"the engine could not move this run on: {type(exc).__name__}: "
                                       f"{exc}")
-                steps = self._steps(wf_id)
+                steps = step_states(self.conn, wf_id)
             closing = closing or self._failure(wf_id, spec, steps)
-        in_flight = self._in_flight(wf_id)
+        in_flight = runs_in_flight(self.conn, wf_id)
         if closing:
             if closing in STOPPING:
                 why = self.conn.execute("SELECT error FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()[0]
@@ -289,6 +308,7 @@ class WorkflowEngine:
     def _progress(self, wf_id: str, run: sqlite3.Row, spec: WorkflowSpec, steps: dict[str, dict[str, Any]],
                   now: float) -> None:
         by_id = {s.id: s for s in spec.steps}
+        budget = time.monotonic() + ADVANCE_BUDGET
         for step_id in order(spec):
             state = steps[step_id]
             if state["status"] not in ("pending", "waiting"):
@@ -306,9 +326,17 @@ class WorkflowEngine:
                 continue
             if any(s not in ("succeeded", "skipped") for s in needs):
                 continue
+            if self.detached or closing_of(self.conn, wf_id):
+                return  # the daemon stops, or the run was cancelled meanwhile: nothing new starts
+            if time.monotonic() > budget:  # expressions took long: let the other events in, then go on
+                self.poke(wf_id)
+                break
             context = context_of(spec.steps, step, json.loads(run["inputs"]), steps,
-                                 functools.partial(self._outputs, wf_id), functools.partial(self._approvals, wf_id))
+                                 functools.partial(outputs_of, self.conn, wf_id),
+                                 functools.partial(approvals_of, self.conn, wf_id))
             state["status"] = self._begin(wf_id, step, context, now)
+            if state["status"] in FAILED and not step.continue_on_error:
+                break  # the workflow fails: no more expressions for steps that will not run
         self._start_items(wf_id, run, spec, steps, now)
 
     def _ask(self, field: str, op: str, text: str, context: dict[str, Any], items: list[Any] | None = None) -> Any:
@@ -317,15 +345,9 @@ class WorkflowEngine:
         except ExpressionError as exc:
             raise ExpressionError(f"{field}: {exc}") from None
 
-    def _outputs(self, wf_id: str, step_id: str) -> list[tuple[int, str, str | None]]:
-        """A step's runs as an expression reads them: (index, status, answer), in item order."""
-        return [(r[0], r[1], r[2]) for r in self.conn.execute(
-            "SELECT idx, status, output FROM wf_items WHERE workflow_run_id = ? AND step = ? ORDER BY idx",
-            (wf_id, step_id))]
-
     def _begin(self, wf_id: str, step: Any, context: dict[str, Any], now: float) -> str:
         """A ready step: skipped, waiting for a person, or its runs laid out as items; returns its status. Its
-        expressions run in the evaluator's process (``runner.specs.evaluator``): what they cost is theirs."""
+        expressions run in the evaluator's process (``runner.supervise.evaluator``): what they cost is theirs."""
         try:
             if step.if_ and not self._ask("if", "if", step.if_, context):
                 self._set_step(wf_id, step.id, "skipped", None, started=True)
@@ -481,30 +503,33 @@ class WorkflowEngine:
 
     # -- approvals ---------------------------------------------------------------------------------
 
-    def _decide(self, wf_id: str, step: str, approve: bool, comment: str | None, by: str) -> None:
+    def _decide(self, wf_id: str, step: str, approve: bool, comment: str | None, by: str) -> bool:
+        """Record a decision on a step that waits; False when it waits no more (decided, timed out, ended)."""
+        comment = comment[:MAX_ERROR] if comment else comment
         with Transaction(self.conn) as tx:
+            error = None if approve else f"rejected by {by}" + (f": {comment}" if comment else "")
+            if not tx.execute("UPDATE wf_steps SET status = ?, error = ?, ended_at = ?, wait_until = NULL "
+                              "WHERE workflow_run_id = ? AND step = ? AND status = 'waiting'",
+                              ("succeeded" if approve else "failed", error, utcnow(), wf_id, step)).rowcount:
+                return False
             journal_approval(tx, {"workflow_run_id": wf_id, "step": step, "approved": approve, "by": by,
                                   "at": utcnow(), "comment": comment})
-            error = None if approve else f"rejected by {by}" + (f": {comment}" if comment else "")
-            tx.execute("UPDATE wf_steps SET status = ?, error = ?, ended_at = ?, wait_until = NULL "
-                       "WHERE workflow_run_id = ? AND step = ?",
-                       ("succeeded" if approve else "failed", error, utcnow(), wf_id, step))
         log.info("workflow run %s: step %s %s by %s", wf_id, step, "approved" if approve else "rejected", by)
+        return True
 
     def _timeout_approval(self, wf_id: str, step: Any) -> str:
         """An approval nobody gave in time: ``on_timeout`` decides. Returns the step's status."""
         decision = step.approval.on_timeout
         why = f"no decision within {step.approval.timeout:g}s"
         if decision == "fail":
-            self._set_step(wf_id, step.id, "timed_out", why, ended=True)
-            return "timed_out"
-        self._decide(wf_id, step.id, decision == "approve", why, "timeout")
-        return "succeeded" if decision == "approve" else "failed"
-
-    def _approvals(self, wf_id: str) -> dict[str, dict[str, Any]]:
-        return {r["step"]: {"approved": bool(r["approved"]), "by": r["by"], "comment": r["comment"]}
-                for r in self.conn.execute("SELECT * FROM wf_approvals WHERE workflow_run_id = ? ORDER BY at",
-                                           (wf_id,))}
+            self.conn.execute("UPDATE wf_steps SET status = 'timed_out', error = ?, ended_at = ?, wait_until = NULL "
+                              "WHERE workflow_run_id = ? AND step = ? AND status = 'waiting'",
+                              (why, utcnow(), wf_id, step.id))
+        else:
+            self._decide(wf_id, step.id, decision == "approve", why, "timeout")
+        row = self.conn.execute("SELECT status FROM wf_steps WHERE workflow_run_id = ? AND step = ?",
+                                (wf_id, step.id)).fetchone()
+        return str(row[0])  # what it is now: a person's decision may have come first
 
     # -- rows --------------------------------------------------------------------------------------
 
@@ -516,17 +541,9 @@ class WorkflowEngine:
         found: sqlite3.Row = row
         return found
 
-    def _steps(self, wf_id: str) -> dict[str, dict[str, Any]]:
-        return {r[0]: {"status": r[1], "wait_until": r[2]} for r in self.conn.execute(
-            "SELECT step, status, wait_until FROM wf_steps WHERE workflow_run_id = ?", (wf_id,))}
-
-    def _in_flight(self, wf_id: str) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT run_id FROM wf_items WHERE workflow_run_id = ? AND "
-                                                "status = 'running'", (wf_id,))]
-
     def _set_step(self, wf_id: str, step: str, status: str, error: str | None, *, started: bool = False,
                   ended: bool = True) -> None:
-        stamp = utcnow()
+        stamp, error = utcnow(), error[:MAX_ERROR] if error else error
         self.conn.execute("UPDATE wf_steps SET status = ?, error = ?, started_at = coalesce(started_at, ?), "
                           "ended_at = ?, wait_until = NULL WHERE workflow_run_id = ? AND step = ?",
                           (status, error, stamp if started or ended else None, stamp if ended else None, wf_id, step))
@@ -543,7 +560,7 @@ class WorkflowEngine:
         """Decide the run's end: nothing new starts; it ends once its runs in flight have. Returns the end decided
         (an earlier decision stands)."""
         self.conn.execute("UPDATE wf_runs SET closing = ?, error = ? WHERE workflow_run_id = ? AND closing IS NULL",
-                          (status, error, wf_id))
+                          (status, error[:MAX_ERROR], wf_id))
         row = self.conn.execute("SELECT closing FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
         return str(row[0])
 
@@ -554,13 +571,9 @@ class WorkflowEngine:
             if status != "succeeded":  # what waits for a person waits no more
                 tx.execute("UPDATE wf_steps SET status = 'stopped', error = 'the workflow ended', ended_at = ?, "
                            "wait_until = NULL WHERE workflow_run_id = ? AND status = 'waiting'", (utcnow(), wf_id))
-            row = self._run_row(tx, wf_id)
+            row = run_row(tx, wf_id)
             journal_run(tx, row)
         log.info("workflow %s run %s %s%s", row["workflow"], wf_id, status, f": {row['error']}" if row["error"] else "")
-
-    def _run_row(self, tx: sqlite3.Connection, wf_id: str) -> sqlite3.Row:
-        row: sqlite3.Row = tx.execute("SELECT * FROM wf_runs WHERE workflow_run_id = ?", (wf_id,)).fetchone()
-        return row
 
     def _arm(self, wf_id: str, run: sqlite3.Row, steps: dict[str, dict[str, Any]], now: float) -> None:
         """A timer for the next moment this run must be looked at without an event: a backoff's end, an

@@ -1,4 +1,5 @@
-"""Workflow expressions are evaluated in a process of their own, with a memory limit and a time limit.
+"""Workflow expressions are evaluated in a process of their own, with a memory limit and a time limit, and
+nothing else of the machine: no capabilities, no file or network access, the runs' seccomp filter.
 
 A spec author writes the expressions and templates, and an agent's answer (which a prompt may have shaped)
 is their data; the daemon must stay up whatever they do. Jinja2's sandbox keeps them from Python's internals,
@@ -32,6 +33,10 @@ MEMORY = 1 << 30  # bytes of address space the worker may map
 TIMEOUT = 5.0  # seconds one request may take
 MAX_RENDERED_TOTAL = 16 << 20  # characters the inputs of one step may add up to (a fan-out's, all items)
 MAX_LINE = 64 << 20  # bytes of one answer line
+MAX_ERROR = 2000  # characters of an error
+MAX_ITEMS = 10_000  # items of one fan-out
+MAX_ITEM = 16_000  # characters of one item as JSON
+MAX_ITEMS_TOTAL = 1 << 20  # characters of all a fan-out's items as JSON
 
 
 class Evaluator:
@@ -42,6 +47,7 @@ class Evaluator:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._buffer = b""
+        self._why: str | None = None
 
     def ask(self, op: str, text: str, context: dict[str, Any], items: list[Any] | None = None) -> Any:
         request = json.dumps({"op": op, "text": text, "context": context, "items": items}).encode() + b"\n"
@@ -70,20 +76,26 @@ class Evaluator:
         if self._proc is None or self._proc.poll() is not None:
             self._buffer = b""
             env = {"PATH": os.defpath, "LANG": "C.UTF-8"}  # nothing of the daemon's environment
-            self._proc = subprocess.Popen([sys.executable, "-I", "-m", "runner.specs.evaluator", str(self.memory)],
+            self._proc = subprocess.Popen([sys.executable, "-I", "-m", "runner.supervise.evaluator", str(self.memory),
+                                           str(os.getpid())],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                           env=env, cwd="/", start_new_session=True,
                                           pass_fds=(), close_fds=True)
         return self._proc
 
     def _read_line(self, proc: subprocess.Popen[bytes]) -> bytes | None:
-        """One answer line, or None when the worker took too long, died, or said too much."""
+        """One answer line (reading in time linear in its length), or None when the worker took too long, died,
+        or said too much (``self._why``)."""
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         deadline = time.monotonic() + self.timeout
-        while b"\n" not in self._buffer:
+        chunks, size = [self._buffer], len(self._buffer)
+        while b"\n" not in chunks[-1]:
             left = deadline - time.monotonic()
-            if left <= 0 or len(self._buffer) > MAX_LINE:
+            if left <= 0:
+                return None
+            if size > MAX_LINE:
+                self._why = f"the expression's result is over {MAX_LINE >> 20} MiB"
                 return None
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
@@ -91,13 +103,15 @@ class Evaluator:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 return None
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
+            chunks.append(chunk)
+            size += len(chunk)
+        line, _, self._buffer = b"".join(chunks).partition(b"\n")
         return line
 
     def _kill(self) -> str:
         """End the worker; why it could not answer."""
         proc, self._proc = self._proc, None
+        why, self._why = self._why, None
         if proc is None:
             return "the expression could not be evaluated"
         died = proc.poll() is not None
@@ -110,6 +124,8 @@ class Evaluator:
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 stream.close()
+        if why:
+            return why
         if died:
             return (f"the expression used more than the {self.memory >> 20} MiB an expression may (its worker "
                     "ended)")
@@ -164,14 +180,19 @@ def _answer(request: dict[str, Any]) -> Any:
         if isinstance(value, dict | str) or not hasattr(value, "__iter__"):
             kind = "a mapping" if isinstance(value, dict) else type(value).__name__
             raise ExpressionError(f"'{text}' gives {kind}, not a list")
-        items = []
+        items, total = [], 0
         for i, item in enumerate(value):
+            if i >= MAX_ITEMS:
+                raise ExpressionError(f"more than {MAX_ITEMS} items in one fan-out")
             try:
-                items.append(json.loads(json.dumps(item)))
-            except (TypeError, ValueError):
+                text = json.dumps(item, ensure_ascii=False)
+            except (TypeError, ValueError, RecursionError):
                 raise ExpressionError(f"item {i} is not JSON data ({type(item).__name__})") from None
-            if i >= 10_000:
-                raise ExpressionError("more than 10000 items in one fan-out")
+            total += len(text)
+            if len(text) > MAX_ITEM or total > MAX_ITEMS_TOTAL:
+                raise ExpressionError(f"item {i} makes the fan-out's items larger than an item may be ({MAX_ITEM} "
+                                      f"characters) or all of them together ({MAX_ITEMS_TOTAL}): give paths or ids")
+            items.append(json.loads(text))
         return items
     if op == "render":
         texts, total = [], 0
@@ -186,11 +207,29 @@ def _answer(request: dict[str, Any]) -> Any:
     raise ExpressionError(f"unknown request {op!r}")
 
 
+def _die_with(parent: int) -> None:
+    """Ask the kernel to end this process when the daemon's thread that started it ends (a kill -9 of the daemon
+    included), and end now if that has happened already."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def main() -> None:
     memory = int(sys.argv[1]) if len(sys.argv) > 1 else MEMORY
+    _die_with(int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid())
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    import runner.specs.expressions  # noqa: F401  (loaded once, before the first request)
+    # what Jinja2 loads only when first used, loaded now (nothing can be read once locked down)
+    import textwrap  # noqa: F401  (wordwrap)
+
+    from runner.sandbox.privileges import lock_down_helper
+    from runner.specs.expressions import render
+
+    render("{{ x | tojson }}{{ [1] | join(',') }}{{ 'a' | upper }}{{ lipsum(1) }}{{ 'a b' | wordwrap(3) }}",
+           {"x": {}})
+    lock_down_helper()  # from here it reads and writes its two pipes only
 
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
@@ -204,7 +243,9 @@ def main() -> None:
             answer = {"error": "the expression is nested too deeply"}
         except Exception as exc:  # anything else an expression meets is its own failure, said as such
             answer = {"error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(answer).encode() + b"\n")
+        if "error" in answer:
+            answer["error"] = answer["error"][:MAX_ERROR]  # a missing key may be quoted whole
+        out.write(json.dumps(answer, ensure_ascii=False).encode() + b"\n")
         out.flush()
 
 
