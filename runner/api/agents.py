@@ -18,7 +18,7 @@ from typing import Any
 
 import falcon
 
-from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, _bounded, int_param, read_json
+from runner.api.app import MAX_BODY, MAX_PAGE, Api, Resource, _bounded, int_param, name_cursor, read_json
 from runner.api.errors import BadRequest, NotFound, PreconditionRequired, TooLarge, Unprocessable
 from runner.api.openapi import AGENT_FIELDS, RUN_FIELDS, YAML_TYPES, check_fields, check_query
 from runner.ledger.runs import last_runs as newest_runs
@@ -60,10 +60,7 @@ class Collection(Resource):
         rt = self.client(req, "viewer")
         check_query(req, "agents")
         limit = int_param(req, "limit", 50, 1, MAX_PAGE)
-        after = req.get_param("cursor") or ""
-        if after and not re.fullmatch(NAME_PATTERN, after):
-            raise BadRequest("'cursor' must be an agent name, as next_cursor gives it", details=["cursor"],
-                             code="bad_param")
+        after = name_cursor(req, "an agent")
 
         def build() -> bytes:
             conn = rt.conn()

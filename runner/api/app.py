@@ -8,6 +8,7 @@ nothing of another client is ever visible (404, never 403, for another client's 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -20,6 +21,7 @@ import falcon
 from runner import tokens
 from runner.api.errors import BadRequest, Forbidden, TooLarge, Unauthorized, handle_any
 from runner.ledger.schema import journal
+from runner.specs.models import NAME_PATTERN
 from runner.state import Transaction
 from runner.supervise.metrics import Metrics
 from runner.supervise.runtime import Runtime
@@ -214,6 +216,15 @@ def _bounded(value: Any, depth: int) -> None:
     elif isinstance(value, list):
         for v in value:
             _bounded(v, depth + 1)
+
+
+def name_cursor(req: falcon.Request, what: str) -> str:
+    """The ``cursor`` of a list paged by name (agents, workflows): a name, as next_cursor gives it, or ''."""
+    after: str = req.get_param("cursor") or ""
+    if after and not re.fullmatch(NAME_PATTERN, after):
+        raise BadRequest(f"'cursor' must be {what} name, as next_cursor gives it", details=["cursor"],
+                         code="bad_param")
+    return after
 
 
 def int_param(req: falcon.Request, name: str, default: int, low: int, high: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import falcon
 
-from runner.api.app import MAX_PAGE, Resource, int_param, read_json
+from runner.api.app import MAX_PAGE, Resource, int_param, name_cursor, read_json
 from runner.api.errors import BadRequest, NotFound
 from runner.api.openapi import APPROVE_FIELDS, RESUME_FIELDS, START_FIELDS, check_fields, check_query
 from runner.errors import UsageError
@@ -53,10 +53,7 @@ class Collection(Resource):
         rt = self.client(req, "viewer")
         check_query(req, "workflows")
         limit = int_param(req, "limit", 50, 1, MAX_PAGE)
-        after = req.get_param("cursor") or ""
-        if after and not re.fullmatch(NAME_PATTERN, after):
-            raise BadRequest("'cursor' must be a workflow name, as next_cursor gives it", details=["cursor"],
-                             code="bad_param")
+        after = name_cursor(req, "a workflow")
 
         def build() -> bytes:
             applied = load_applied(rt.conn(), rt.settings.client_id, kind="workflow")

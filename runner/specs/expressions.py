@@ -11,9 +11,11 @@ an unknown step is a spec error with its position, before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,13 +254,11 @@ def _all(tree: nodes.Node, kind: Any) -> list[Any]:
     return [*([tree] if isinstance(tree, kind) else []), *tree.find_all(kind)]
 
 
-def evaluate(text: str, context: dict[str, Any]) -> Any:
-    """The value of expression ``text`` (no braces) over ``context``."""
+@contextlib.contextmanager
+def _failing_as_expressions() -> Iterator[None]:
+    """Whatever evaluating meets is the expression's own failure, said as ExpressionError."""
     try:
-        value = _expression(text)(**context)
-        if isinstance(value, Undefined):  # a missing name or key: its error, now, rather than an empty value
-            value._fail_with_undefined_error()
-        return value
+        yield
     except TemplateError as exc:
         raise ExpressionError(_message(exc)) from None
     except ExpressionError:
@@ -269,27 +269,26 @@ def evaluate(text: str, context: dict[str, Any]) -> Any:
         raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
 
 
+def evaluate(text: str, context: dict[str, Any]) -> Any:
+    """The value of expression ``text`` (no braces) over ``context``."""
+    with _failing_as_expressions():
+        value = _expression(text)(**context)
+        if isinstance(value, Undefined):  # a missing name or key: its error, now, rather than an empty value
+            value._fail_with_undefined_error()
+        return value
+
+
 def render(text: str, context: dict[str, Any]) -> str:
     """Template ``text`` rendered over ``context``."""
-    try:
+    with _failing_as_expressions():
         parts, size = [], 0
         for chunk in _template(text).generate(**context):  # stops as soon as it is too long
             parts.append(chunk)
             size += len(chunk)
             if size > MAX_RENDERED:
-                break
-        out = "".join(parts)
-    except TemplateError as exc:
-        raise ExpressionError(_message(exc)) from None
-    except ExpressionError:
-        raise
-    except MemoryError:
-        raise ExpressionError("it used more memory than an expression may") from None
-    except Exception as exc:
-        raise ExpressionError(f"{type(exc).__name__}: {exc}") from None
-    if len(out) > MAX_RENDERED:
-        raise ExpressionError(f"it renders more than {MAX_RENDERED} characters: pass a path to the data, not the data")
-    return out
+                raise ExpressionError(f"it renders more than {MAX_RENDERED} characters: pass a path to the data, "
+                                      "not the data")
+        return "".join(parts)
 
 
 def _message(exc: TemplateError) -> str:
