@@ -154,7 +154,7 @@ name: answerer
 description: answers briefly
 instructions: "Answer in one short sentence."
 model: openai:gemma
-constraints: {max_tokens: 3000, max_runtime: 240, max_model_calls: 2}
+constraints: {max_tokens: 12000, max_runtime: 240, max_model_calls: 2}
 """,
         "rambler": """
 name: rambler
@@ -205,7 +205,7 @@ steps:
         answer = json.loads(agentctl(home, repo, llama_server, "--output", "json", "show", first).stdout)["output"]
         retold = json.loads(agentctl(home, repo, llama_server, "--output", "json", "show", second).stdout)["input"]
         assert answer and answer in retold, (answer, retold)
-        print(f"\nrelay: {answer!r} passed on; {done['input_tokens']}+{done['output_tokens']} tokens")
+        print(f"\nrelay: {answer[:60]!r}... passed on; {done['input_tokens']}+{done['output_tokens']} tokens")
 
         tight = agentctl(home, repo, llama_server, "--output", "json", "workflow", "run", "tight")
         ended = json.loads(tight.stdout)
