@@ -42,9 +42,7 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
     agents = load_applied(conn, settings.client_id, name)
     agent = agents.get(name)
     if agent is None:
-        if load_applied(conn, settings.client_id, name, kind="workflow"):
-            raise NotFoundError(f"'{name}' is a workflow, not an agent: 'agentctl workflow run {name}' runs it")
-        raise NotFoundError(f"no agent named '{name}' for client '{settings.client_id}' (run 'agentctl apply')")
+        raise no_agent(conn, settings.client_id, name, " (run 'agentctl apply')")
     spec = agent.spec
     if spec is None:
         raise SpecError(f"agent '{name}' has never had a valid spec: {agent.message}")
@@ -69,6 +67,13 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
                    script=script, custom_sources=custom, private=list(_folders(settings)[1]))
     check_paths(plan, list(_folders(settings)[0]))
     return plan
+
+
+def no_agent(conn: sqlite3.Connection, client_id: str, name: str, hint: str = "") -> NotFoundError:
+    """The error for a name that is no agent of the client: a workflow's name says how to run it."""
+    if load_applied(conn, client_id, name, kind="workflow"):
+        return NotFoundError(f"'{name}' is a workflow, not an agent: 'agentctl workflow run {name}' runs it")
+    return NotFoundError(f"no agent named '{name}' for client '{client_id}'{hint}")
 
 
 @functools.lru_cache(maxsize=32)

@@ -40,6 +40,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
+from runner.agent.launching import no_agent
 from runner.agent.recording import end_in_flight
 from runner.errors import OrchestratorError, PermanentError, SourceError, StorageFullError, TransientError, UsageError
 from runner.ledger import reading
@@ -399,12 +400,9 @@ class ClientDaemon:
         if op in workflow_ops.OPS:
             return workflow_ops.handle(self.workflows, request)
         applied = load_applied(self.conn, client, agent) if isinstance(agent, str) else {}
-        if isinstance(agent, str) and agent not in applied and load_applied(self.conn, client, agent, kind="workflow"):
-            return {"ok": False, "code": "not_found",
-                    "error": f"'{agent}' is a workflow, not an agent: 'agentctl workflow run {agent}' runs it"}
         if not isinstance(agent, str) or agent not in applied:
             hint = " (run 'agentctl apply')" if op == "run" else ""  # as agentctl says it without a daemon
-            return {"ok": False, "code": "not_found", "error": f"no agent named '{agent}' for client '{client}'{hint}"}
+            return {"ok": False, "code": "not_found", "error": no_agent(self.conn, client, str(agent), hint).message}
         if op == "stop":
             set_suspended(self.conn, client, agent, True)
             stopping = self.table.stop_agent(agent, "stopped on request")
