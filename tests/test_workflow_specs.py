@@ -1067,3 +1067,16 @@ def test_what_an_expression_says_back_is_bounded(evaluator: Any) -> None:
         from runner.specs.expressions import check
 
         check("inputs.y" + ".z" * 300, template=False)
+
+
+def test_the_worker_makes_no_process_and_no_socket_and_says_what_failed(evaluator: Any) -> None:
+    """Past Jinja2's sandbox (were it ever escaped) the worker could make no process, socket or session: its own
+    seccomp filter refuses them. Inside it, a failing template says its own error, not that a module could not
+    be read (Jinja2's traceback helper is loaded before the worker is locked down)."""
+    with pytest.raises(ExpressionError, match="unsafe"):
+        evaluator.ask("render", "{{ ''|attr('__class__') }}", {"inputs": {}, "steps": {}})
+    with pytest.raises(ExpressionError, match="'missing' is undefined"):
+        evaluator.ask("render", "{{ missing.x }}", {"inputs": {}, "steps": {}})
+    pid = evaluator._proc.pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "Seccomp_filters:\t2" in status, status

@@ -141,8 +141,9 @@ def _os_error(doing: str) -> OSError:
 def lock_down_helper() -> dict[str, Any]:
     """Confine a helper process of the daemon that needs nothing of the machine once it has loaded its code (the
     workflow expressions' worker): no capabilities and no_new_privs, no file or network access (Landlock with
-    every access handled and none allowed, where the kernel has it), the runs' seccomp filter, no core dumps, no
-    file it could write, few descriptors. Returns what holds, for the log."""
+    every access handled and none allowed, where the kernel has it), the runs' seccomp filter and one more that
+    refuses any socket, new process, exec or new session, no core dumps, no file it could write, few descriptors.
+    Returns what holds, for the log."""
     import resource
 
     from runner.sandbox import landlock, seccomp
@@ -153,7 +154,7 @@ def lock_down_helper() -> dict[str, Any]:
         record["landlock"] = "no file or network access"
     except (OSError, landlock.LandlockError) as exc:
         record["landlock"] = f"not enforced ({exc})"
-    record["seccomp"] = seccomp.install()
+    record["seccomp"] = seccomp.install() and seccomp.install_helper()  # the runs' filter, then no process, no socket
     for limit, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_NOFILE, 16)):
         resource.setrlimit(limit, (value, value))
     return record

@@ -224,6 +224,8 @@ def main() -> None:
     # what Jinja2 loads only when first used, loaded now (nothing can be read once locked down)
     import textwrap  # noqa: F401  (wordwrap)
 
+    import jinja2.debug  # noqa: F401  (Jinja2 rewrites a failing template's traceback with it: the real error)
+
     from runner.sandbox.privileges import lock_down_helper
     from runner.specs.expressions import render
 
