@@ -413,7 +413,7 @@ def test_every_problem_of_a_file_with_position(corpus: Outcome) -> None:
         (8, 18, "error", "tools[1].permissions", "shell needs 'execute' to work"),
         (8, 19, "error", "tools[1].permissions[0]",
          "'exec' is not one of read, write, execute, network; did you mean 'execute'?"),
-        (11, 11, "error", "triggers[0].type", "'cronjob' is not one of schedule, file_change"),
+        (11, 11, "error", "triggers[0].type", "'cronjob' is not one of schedule, file_change, webhook, run_completed"),
         (14, 15, "error", "constraints.max_tokens",
          "input should be a valid integer, unable to parse string as an integer, not str 'lots'"),
         (15, 16, "error", "constraints.max_runtime", "input should be greater than 0"),
@@ -429,7 +429,7 @@ def test_unknown_fields_get_did_you_mean_at_their_key(corpus: Outcome) -> None:
     ]
     line, col, severity, path, message = found[3]
     assert (line, col, severity, path) == (14, 1, "error", "zzz")
-    assert message.startswith("unknown field 'zzz' (known: constraints, description, enabled, instructions,")
+    assert message.startswith("unknown field 'zzz' (known: a2a, constraints, description, enabled, instructions,")
     assert len(found) == 4
 
 
@@ -438,7 +438,7 @@ def test_missing_required_fields(corpus: Outcome) -> None:
         (1, 1, "error", "name", "required field 'name' is missing"),
         (1, 1, "error", "model", "required field 'model' is missing"),
         (3, 5, "error", "tools[0].name", "required field 'name' is missing"),
-        (5, 5, "error", "triggers[0].type", "required field 'type' is missing (one of schedule, file_change)"),
+        (5, 5, "error", "triggers[0].type", "required field 'type' is missing (one of schedule, file_change, webhook, run_completed)"),
     ]
 
 
@@ -456,8 +456,8 @@ def test_wrong_types(corpus: Outcome) -> None:
 
 def test_bad_trigger_type(corpus: Outcome) -> None:
     assert brief(corpus.problems("bad-trigger.yaml")) == [
-        (5, 11, "error", "triggers[0].type", "'schedul' is not one of schedule, file_change; did you mean 'schedule'?"),
-        (7, 11, "error", "triggers[1].type", "'webhook' is not one of schedule, file_change"),
+        (5, 11, "error", "triggers[0].type", "'schedul' is not one of schedule, file_change, webhook, run_completed; did you mean 'schedule'?"),
+        (7, 5, "error", "triggers[1]", "a webhook needs its secret: name secret_env or secret_file (one of them)"),
         (8, 5, "error", "triggers[2]", "input should be a mapping of fields, not str 'schedule'"),
     ]
 

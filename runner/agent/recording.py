@@ -33,6 +33,24 @@ from runner.times import utcnow
 TERMINAL = ("succeeded", "failed", "timed_out", "budget_exceeded", "stopped", "interrupted", "skipped")
 
 
+@dataclass(frozen=True)
+class Links:
+    """Where a run comes from besides its trigger: the run that asked it as a tool, the run whose end
+    triggered it, and how deep in such a chain it is. Carried whole from a request to each of its rows."""
+
+    parent_run_id: str | None = None
+    trigger_run_id: str | None = None
+    chain_depth: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Links:
+        """The links a recorded row (as_ledger's dict) holds."""
+        return cls(data.get("parent_run_id"), data.get("trigger_run_id"), int(data.get("chain_depth") or 0))
+
+
 @dataclass
 class RunRow:
     """One row of the ``runs`` table; written whole at each state change."""
@@ -65,6 +83,9 @@ class RunRow:
     node: str | None = None  # the host that ran it
     workflow_run_id: str | None = None  # the workflow run whose step this run is
     step: str | None = None
+    parent_run_id: str | None = None  # the run that asked this one as a tool
+    trigger_run_id: str | None = None  # the run (or workflow run) whose end triggered this one
+    chain_depth: int = 0  # run_completed triggers between this run and one started otherwise
     extra: dict[str, Any] = field(default_factory=dict)  # not in the ledger: output_chars (an answer's full length)
 
     def as_ledger(self) -> dict[str, Any]:
@@ -87,7 +108,8 @@ def live_row(progress_row: sqlite3.Row, status: str) -> RunRow:
                   input=data.get("input"), requested_by=data.get("requested_by"), pid=r["pid"],
                   retry_of=data.get("retry_of"), attempt=int(data.get("attempt") or 1),
                   denied=int(data.get("denied") or 0), tool_errors=int(data.get("tool_errors") or 0),
-                  node=data.get("node"), workflow_run_id=data.get("workflow_run_id"), step=data.get("step"))
+                  node=data.get("node"), workflow_run_id=data.get("workflow_run_id"), step=data.get("step"),
+                  **Links.of(data).fields())
 
 
 def end_in_flight(conn: sqlite3.Connection, progress_row: sqlite3.Row, status: str, error: str) -> RunRow:

@@ -379,7 +379,10 @@ def print_transcript(t: dict[str, Any]) -> None:
             f"{_bytes(s['bytes_written'])} written" if s["bytes_written"] is not None else None,
             f"attempt {s['attempt']}" if s["attempt"] else None,
             f"on node {esc(s['node'])}" if s.get("node") else None,
-            f"retry of {s['retry_of']}" if s["retry_of"] else None]
+            f"retry of {s['retry_of']}" if s["retry_of"] else None,
+            f"asked by run {s['parent_run_id']}" if s.get("parent_run_id") else None,
+            f"triggered by the end of {s['trigger_run_id']} (chain depth {s['chain_depth']})"
+            if s.get("trigger_run_id") else None]
     if any(cost):
         console.print("  " + ", ".join(c for c in cost if c))
     console.print("\n[bold]input[/bold]")

@@ -227,7 +227,8 @@ def summary_of(run: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, A
                 and e["detail"].get("error")),
             "cpu_seconds": run.get("cpu_seconds"), "max_rss_mb": run.get("max_rss_mb"),
             "bytes_written": run.get("bytes_written"), "attempt": run.get("attempt"), "retry_of": run.get("retry_of"),
-            "node": run.get("node")}
+            "node": run.get("node"), "parent_run_id": run.get("parent_run_id"),
+            "trigger_run_id": run.get("trigger_run_id"), "chain_depth": run.get("chain_depth") or 0}
 
 
 def _pick(detail: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -47,7 +47,10 @@ TABLES: dict[str, str] = {
             bytes_written BIGINT,
             node VARCHAR,
             workflow_run_id VARCHAR,
-            step VARCHAR
+            step VARCHAR,
+            parent_run_id VARCHAR,
+            trigger_run_id VARCHAR,
+            chain_depth INTEGER DEFAULT 0
         );
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS retry_of VARCHAR;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS attempt INTEGER DEFAULT 1;
@@ -58,7 +61,10 @@ TABLES: dict[str, str] = {
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS bytes_written BIGINT;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS node VARCHAR;
         ALTER TABLE runs ADD COLUMN IF NOT EXISTS workflow_run_id VARCHAR;
-        ALTER TABLE runs ADD COLUMN IF NOT EXISTS step VARCHAR""",
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS step VARCHAR;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS parent_run_id VARCHAR;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS trigger_run_id VARCHAR;
+        ALTER TABLE runs ADD COLUMN IF NOT EXISTS chain_depth INTEGER DEFAULT 0""",
     "run_events": """
         CREATE TABLE IF NOT EXISTS run_events (
             run_id VARCHAR NOT NULL,

@@ -261,6 +261,8 @@ def from_pydantic(doc: Document, exc: ValidationError, root: type[BaseModel] = A
             message = f"input should be a mapping of fields, not {_describe(value)}"
         elif kind.endswith("_type") or kind.endswith("_parsing"):
             message = f"{_lower(err['msg'])}, not {_describe(value)}"
+        elif kind == "value_error":  # our validators' own sentences
+            message = str(ctx.get("error") or err["msg"])
         else:
             message = _lower(err["msg"])
         line, col = doc.position(loc, key=at_key)

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Permission = Literal["read", "write", "execute", "network"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -43,8 +43,32 @@ class ToolSpec(Strict):
         description="shell only: the programs it may run (by name or absolute path).",
     )
     timeout: float | None = Field(
-        None, gt=0, le=3600, description="Seconds one call may take (shell, http_get); default 30."
+        None, gt=0, le=3600, description="Seconds one call may take (shell, http_get, an agent or remote "
+        "agent asked); default 30 (an agent asked: its own max_runtime)."
     )
+    agent: str | None = Field(
+        None, pattern=NAME_PATTERN, description="This tool asks another agent of the repository (an agent as a "
+        "tool): the callee runs in its own sandbox with what both may do, and its tokens count against this "
+        "run's max_tokens. The tool's name is then free.")
+    remote_agent: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$", max_length=2000, description="This tool asks an A2A agent at this URL "
+        "(its endpoint, or its card's). Its host must be in constraints.allowed_domains; the call goes out "
+        "through the supervisor, which adds the credential (secret_env). The tool's name is then free.")
+    secret_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="remote_agent only: the daemon's "
+        "environment variable holding the remote side's bearer token (never the token itself; the run never "
+        "sees it).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ToolSpec:
+        if self.agent and self.remote_agent:
+            raise ValueError("a tool asks an agent or a remote_agent, not both")
+        if self.secret_env and not self.remote_agent:
+            raise ValueError("secret_env is the remote side's credential: it goes with remote_agent")
+        if (self.agent or self.remote_agent) and (self.paths or self.commands or self.permissions):
+            raise ValueError("an agent asked as a tool has its own tools: paths, commands and permissions "
+                             "belong in its spec")
+        return self
 
 
 class MemorySpec(Strict):
@@ -87,7 +111,54 @@ class FileChangeTrigger(Strict):
     recursive: bool = Field(False, description="Watch subfolders too.")
 
 
-Trigger = Annotated[ScheduleTrigger | FileChangeTrigger, Field(discriminator="type")]
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+RunEnd = Literal["succeeded", "failed", "timed_out", "stopped", "budget_exceeded", "interrupted", "skipped"]
+
+
+class WebhookTrigger(Strict):
+    type: Literal["webhook"] = Field(description="Runs when an HTTP POST arrives at "
+                                     "/agents/v1/hooks/events/CLIENT/PATH (no API token: its own secret guards it).")
+    auth: Literal["hmac", "bearer"] = Field(
+        "hmac", description="hmac: the body's HMAC-SHA256 in X-Hub-Signature-256 (GitHub's form, "
+        "'sha256=HEX'); bearer: 'Authorization: Bearer SECRET'.")
+    secret_env: str | None = Field(None, pattern=ENV_NAME, description="The daemon's environment variable "
+                                   "holding the secret (never the secret itself). One of secret_env, secret_file.")
+    secret_file: str | None = Field(None, min_length=1, description="An absolute file holding the secret "
+                                    "(read at each delivery, so it can be rotated; variables expand as in paths).")
+    path: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="The URL's last "
+                             "segment; default the agent's or workflow's name.")
+    dedupe: str | None = Field(None, max_length=2000, description="A template over headers and payload whose "
+                               "value names a delivery, e.g. \"{{ headers['X-GitHub-Delivery'] }}\": a second "
+                               "delivery with the same value starts nothing. Header names match without regard "
+                               "to case.")
+    inputs: dict[str, str] = Field(default_factory=dict, description="Workflows only: templates over headers "
+                                   "and payload giving the workflow's inputs. An agent's run input is the payload.")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookTrigger:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError("a webhook needs its secret: name secret_env or secret_file (one of them)")
+        return self
+
+
+class RunCompletedTrigger(Strict):
+    type: Literal["run_completed"] = Field(description="Runs when a run of another agent or workflow ends in "
+                                           "one of the statuses; its output is this run's input.")
+    agent: str | None = Field(None, pattern=NAME_PATTERN, description="The agent whose runs are watched (one of "
+                              "agent, workflow).")
+    workflow: str | None = Field(None, pattern=NAME_PATTERN, description="The workflow whose runs are watched.")
+    status: list[RunEnd] = Field(default_factory=lambda: ["succeeded"], min_length=1,
+                                 description="End states that fire it (default succeeded).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunCompletedTrigger:
+        if (self.agent is None) == (self.workflow is None):
+            raise ValueError("run_completed watches one agent or one workflow: name agent or workflow")
+        return self
+
+
+Trigger = Annotated[ScheduleTrigger | FileChangeTrigger | WebhookTrigger | RunCompletedTrigger,
+                    Field(discriminator="type")]
 
 
 class Constraints(Strict):
@@ -165,6 +236,11 @@ class Placement(Strict):
         return value
 
 
+class A2A(Strict):
+    expose: bool = Field(False, description="Serve this agent over the A2A protocol (an Agent Card at "
+                         "/agents/v1/a2a/NAME/.well-known/agent-card.json; calls need an API token).")
+
+
 class AgentSpec(Strict):
     kind: Literal["agent"] = Field("agent", exclude=True, description="agent, the default (a workflow says kind: "
                                    "workflow).")
@@ -193,6 +269,8 @@ class AgentSpec(Strict):
         None, description="Where runs go on a Ray cluster: nodes with these labels and resources. Without "
         "it, runs go to any node (a file_change trigger's runs stay on the daemon's node).",
     )
+    a2a: A2A | None = Field(None, description="Other agents reach this one over the A2A protocol: "
+                            "{expose: true}.")
     retry: Retry | None = Field(
         None, description="Retry runs started by a trigger that end in one of the 'on' states; each retry is "
         "a new run whose retry_of names the run it retries. Runs started by a user are not retried.",

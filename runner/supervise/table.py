@@ -32,7 +32,7 @@ from runner.agent.asking import Asks
 from runner.agent.executor import Executor
 from runner.agent.launching import prepare, start
 from runner.agent.local import LocalExecutor
-from runner.agent.recording import LiveWriter, RunRecord, RunRow, new_run_id, stops_requested, write_run
+from runner.agent.recording import Links, LiveWriter, RunRecord, RunRow, new_run_id, stops_requested, write_run
 from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
@@ -65,6 +65,7 @@ class Request:
     on_end: Callable[[Request, RunRow], None] | None = None  # told once the final row is durable
     record: RunRecord | None = None  # once its executor has it
     stop_wanted: tuple[str, str] | None = None  # a stop asked before its executor had it: (status, reason)
+    links: Links = field(default_factory=Links)  # the run that asked it, or whose end triggered it
 
     @property
     def concurrent(self) -> bool:
@@ -100,13 +101,14 @@ class ProcessTable:
     def submit(self, agent: str, *, trigger: str, input: str | None = None, requested_by: str | None = None,
                overlap: str | None = None, retry_of: str | None = None, attempt: int = 1,
                delay: float = 0.0, step: tuple[str, str] | None = None, limits: dict[str, float] | None = None,
-               on_end: Callable[[Request, RunRow], None] | None = None, run_id: str | None = None) -> Request:
+               on_end: Callable[[Request, RunRow], None] | None = None, run_id: str | None = None,
+               links: Links = Links()) -> Request:
         """Queue a run of ``agent`` (or record it skipped, per its overlap policy). ``step``: (workflow run id,
         step id) of a workflow's step, which runs beside other runs of its agent with ``limits``."""
         request = Request(run_id or new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
                           attempt=attempt, not_before=time.monotonic() + delay,
                           workflow_run_id=step[0] if step else None, step=step[1] if step else None,
-                          limits=limits, on_end=on_end)
+                          limits=limits, on_end=on_end, links=links)
         with self.cond:
             if not self.accepting:
                 return self._record(request, "skipped", "the daemon is shutting down")
@@ -123,7 +125,7 @@ class ProcessTable:
             write_run(self.conn, RunRow(request.run_id, self.settings.client_id, agent, None, trigger, "queued",
                                         queued_at=request.queued_at, input=input, requested_by=requested_by,
                                         retry_of=retry_of, attempt=attempt, workflow_run_id=request.workflow_run_id,
-                                        step=request.step))
+                                        step=request.step, **links.fields()))
             if retry_of is not None:
                 self.conn.execute("UPDATE run_progress SET retry_of = ? WHERE run_id = ?", (retry_of, request.run_id))
             self.queue.append(request)
@@ -136,7 +138,8 @@ class ProcessTable:
         data = json.loads(progress_row["row"]) if progress_row["row"] else {}
         request = Request(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
                           data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
-                          retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1))
+                          retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1),
+                          links=Links.of(data))
         with self.cond:
             self.conn.execute("UPDATE run_progress SET launcher_pid = ? WHERE run_id = ?",
                               (os.getpid(), request.run_id))
@@ -154,7 +157,7 @@ class ProcessTable:
         row = RunRow(request.run_id, self.settings.client_id, request.agent, None, request.trigger, status,
                      queued_at=request.queued_at, ended_at=stamp, error=error, input=request.input,
                      requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
-                     workflow_run_id=request.workflow_run_id, step=request.step)
+                     workflow_run_id=request.workflow_run_id, step=request.step, **request.links.fields())
         write_run(self.conn, row)
         request.status, request.row = status, row
         request.done.set()
@@ -173,7 +176,8 @@ class ProcessTable:
         data = json.loads(progress_row["row"]) if progress_row["row"] else {}
         request = Request(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
                           data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
-                          status="running", retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1))
+                          status="running", retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1),
+                          links=Links.of(data))
         try:
             plan = prepare(self.settings, self.conn, self.source, request.agent, input=request.input,
                            trigger=request.trigger, run_id=request.run_id, allow_suspended=True)
@@ -278,7 +282,8 @@ class ProcessTable:
         request.status = "running"
         record = start(plan, self.executor, self.asks, self.writer, self.conn, queued_at=request.queued_at,
               requested_by=request.requested_by, retry_of=request.retry_of, attempt=request.attempt,
-              on_end=lambda final: self._ended(request, final), step=(request.workflow_run_id, request.step))
+              on_end=lambda final: self._ended(request, final), step=(request.workflow_run_id, request.step),
+              links=request.links)
         with self.cond:  # a stop asked while it was being handed off is carried out now (never lost)
             request.record, wanted = record, request.stop_wanted
         if wanted is not None:
