@@ -93,6 +93,12 @@ class NotFoundError(OrchestratorError):
     code = "not_found"
 
 
+class UnauthenticatedError(OrchestratorError):
+    """A request without the proof its endpoint asks for (a webhook's signature or bearer secret)."""
+
+    code = "unauthorized"
+
+
 class ConflictError(OrchestratorError):
     code = "conflict"
 

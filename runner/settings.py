@@ -234,6 +234,14 @@ class Settings(BaseSettings):
         "runs",
         ge=0,
     )
+    max_chain_depth: int = _env(
+        "AGENT_ORCH_MAX_CHAIN_DEPTH",
+        8,
+        "Runs a chain of run_completed triggers may add after the run that began it: a run past it is not "
+        "started (its delivery is rejected, with the reason).",
+        "runs",
+        ge=1, le=1000,
+    )
     webhook_secret: SecretStr = _env(
         "AGENT_ORCH_WEBHOOK_SECRET",
         SecretStr(""),

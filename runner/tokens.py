@@ -12,9 +12,11 @@ table of a few rows; a cache would buy microseconds and cost exactly that guaran
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -149,3 +151,21 @@ def _normal(text: str | None) -> str | None:
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def signed(body: bytes, secret: str, header: Callable[[str], str | None], *, gitlab: bool = True) -> bool:
+    """Whether a webhook's body carries its sender's proof of ``secret``: GitHub's HMAC-SHA256 in
+    X-Hub-Signature-256 ('sha256=HEX'), Gitea's in X-Gitea-Signature, or (``gitlab``) GitLab's X-Gitlab-Token,
+    the secret itself. Compared in constant time."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    github, gitea = header("X-Hub-Signature-256") or "", header("X-Gitea-Signature") or ""
+    token = (header("X-Gitlab-Token") or "") if gitlab else ""
+    return (hmac.compare_digest(github.encode(), f"sha256={digest}".encode()) if github else False) or \
+        (hmac.compare_digest(gitea.encode(), digest.encode()) if gitea else False) or \
+        (hmac.compare_digest(token.encode(), secret.encode()) if token else False)
+
+
+def bearer_is(header: Callable[[str], str | None], secret: str) -> bool:
+    """Whether 'Authorization: Bearer SECRET' names ``secret`` (constant time)."""
+    given = header("Authorization") or ""
+    return given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), secret.encode())

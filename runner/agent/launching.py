@@ -20,7 +20,7 @@ from typing import Any
 from runner.agent.asking import Asks
 from runner.agent.executor import Executor
 from runner.agent.local import LocalExecutor
-from runner.agent.recording import Links, LiveWriter, RunRecord, RunRow, new_run_id, stops_requested
+from runner.agent.recording import NO_LINKS, Links, LiveWriter, RunRecord, RunRow, new_run_id, stops_requested
 from runner.errors import NotFoundError, OrchestratorError, SpecError
 from runner.ledger.ingesting import flush
 from runner.plan import RunPlan
@@ -87,7 +87,7 @@ def start(plan: RunPlan, executor: Executor, asks: Asks, writer: LiveWriter, con
           queued_at: str, requested_by: str | None = None, retry_of: str | None = None, attempt: int = 1,
           on_end: Callable[[RunRow], None] | None = None,
           on_message: Callable[[dict[str, Any]], None] | None = None,
-          step: tuple[str | None, str | None] = (None, None), links: Links = Links()) -> RunRecord:
+          step: tuple[str | None, str | None] = (None, None), links: Links = NO_LINKS) -> RunRecord:
     """Record the run as running (durably, first), then hand it to ``executor``: the one way a run starts,
     for the daemon's process table and a foreground run alike. A run its executor refuses ends failed.
     ``step``: the workflow run and step this run is, if it is one."""

@@ -51,6 +51,9 @@ class Links:
         return cls(data.get("parent_run_id"), data.get("trigger_run_id"), int(data.get("chain_depth") or 0))
 
 
+NO_LINKS = Links()  # a run started by a user, a schedule or a file
+
+
 @dataclass
 class RunRow:
     """One row of the ``runs`` table; written whole at each state change."""

@@ -32,6 +32,8 @@ MAX_PAGE = 1000  # items in one page of a list
 MAX_DEPTH = 32
 MAX_STRING = 64 * 1024
 OPEN_PATHS = {"/healthz", "/openapi.json", "/metrics", "/agents/v1/hooks/git"}
+# Webhooks: open, and their Authorization header (a webhook's own bearer secret) is not an API token.
+UNTOKENED = "/agents/v1/hooks/events/"
 
 
 class Api:
@@ -78,6 +80,8 @@ class Middleware:
         if req.content_length and req.content_length > MAX_BODY:
             raise TooLarge(f"the body is over {MAX_BODY} bytes")
         header = req.get_header("Authorization") or ""
+        if req.path.startswith(UNTOKENED):
+            return
         if header:
             scheme, _, token = header.partition(" ")
             principal = tokens.lookup(self.api.any_conn(), token.strip()) if scheme.lower() == "bearer" else None
@@ -241,7 +245,7 @@ def int_param(req: falcon.Request, name: str, default: int, low: int, high: int)
 
 
 def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> falcon.App[Any, Any]:
-    from runner.api import agents, runs, system, workflows
+    from runner.api import agents, deliveries, runs, system, workflows
 
     api = Api(runtimes, metrics or Metrics(runtimes))
     app = falcon.App(middleware=[Middleware(api)])
@@ -274,6 +278,9 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     app.add_route(f"{base}/tokens", system.TokenCollection(api))
     app.add_route(f"{base}/tokens/{{token_id}}", system.TokenItem(api))
     app.add_route(f"{base}/hooks/git", system.GitHook(api))
+    app.add_route(f"{base}/hooks/events/{{client}}/{{name}}", deliveries.EventHook(api))
+    app.add_route(f"{base}/deliveries", deliveries.Collection(api))
+    app.add_route(f"{base}/deliveries/{{delivery_id}}/replay", deliveries.Replay(api))
     app.add_route("/metrics", system.MetricsResource(api))
     app.add_route("/healthz", system.Health(api))
     app.add_route("/openapi.json", system.OpenApi(api))

@@ -21,6 +21,7 @@ from runner.errors import (
     SpecError,
     StorageFullError,
     TransientError,
+    UnauthenticatedError,
 )
 
 log = logging.getLogger("runner.api")
@@ -79,7 +80,8 @@ class Unavailable(ApiError):
 
 # Our own exception tree, mapped in one place.
 STATUS_OF: list[tuple[type[OrchestratorError], type[ApiError]]] = [
-    (NotFoundError, NotFound), (ConflictError, Conflict), (SpecError, Unprocessable), (DeniedError, Forbidden),
+    (NotFoundError, NotFound), (UnauthenticatedError, Unauthorized), (ConflictError, Conflict),
+    (SpecError, Unprocessable), (DeniedError, Forbidden),
     (TransientError, Unavailable), (SourceError, Unavailable),  # the daemon's source is broken: not the caller's fault
     (OrchestratorError, BadRequest),
 ]

@@ -29,6 +29,7 @@ QUERY: dict[str, tuple[tuple[str, str], ...]] = {
     "events": (("after", "integer"), ("limit", "integer"), ("follow", "boolean")),
     "workflows": (("limit", "integer"), ("cursor", "string")),
     "workflow_runs": (("workflow", "string"), ("status", "string"), ("limit", "integer")),
+    "deliveries": (("trigger", "string"), ("decision", "string"), ("limit", "integer"), ("cursor", "string")),
 }
 # Body fields of the agent operations (start and stop take none). A spec's own fields are the spec
 # model's; the wrapped form {"spec": {...}} may repeat the rest of what GET /agents/{id} shows, which is
@@ -140,6 +141,14 @@ ANSWER_FIELDS: dict[str, Any] = {"workflow_run_id": {"type": "string"}, "status"
 WORKFLOW_ANSWER = {"type": "object", "required": ["workflow_run_id", "status"], "properties": ANSWER_FIELDS}
 APPROVE_ANSWER = {"type": "object", "required": ["workflow_run_id", "status", "step", "approved"], "properties": {
     **ANSWER_FIELDS, "step": {"type": "string"}, "approved": {"type": "boolean"}}}
+DELIVERY = {"type": "object", "required": ["delivery_id", "trigger", "decision"], "properties": {
+    "delivery_id": {"type": "string"}, "client_id": {"type": "string"}, "trigger": {"type": "string"},
+    "received_at": {"type": "string"}, "dedupe_key": TEXT, "decision": {"enum": ["accepted", "started", "duplicate",
+                                                                                   "rejected"]},
+    "reason": TEXT, "run_id": TEXT, "workflow_run_id": TEXT, "target": {"type": "string"}, "kind": {"type": "string"}}}
+DELIVERY_ANSWER = {"type": "object", "required": ["delivery_id", "decision"], "properties": {
+    "delivery_id": {"type": "string"}, "run_id": TEXT, "workflow_run_id": TEXT, "decision": {"type": "string"},
+    "reason": {"type": "string"}, "duplicate": {"type": "boolean"}}}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -277,6 +286,20 @@ def document() -> dict[str, Any]:
             "responses": {**_ok({"type": "object", "required": ["id", "revoked"], "properties": {
                 "id": {"type": "string"}, "revoked": {"type": "boolean"}}}), **_errors(401, 403, 404)}}},
         f"{base}/hooks/git": {"post": {"security": [], "responses": {**_ok(OBJ, 202), **_errors(401, 403, 413)}}},
+        f"{base}/hooks/events/{{client}}/{{name}}": {
+            "parameters": _params(("client", "path", "string"), ("name", "path", "string")),
+            "post": {"security": [], "description": "A webhook: signed with its secret (X-Hub-Signature-256) or "
+                     "carrying it (Authorization: Bearer); the body (JSON) is the event.",
+                     "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
+                     "responses": {**_ok(DELIVERY_ANSWER, 202), **_ok(DELIVERY_ANSWER),
+                                   **_errors(400, 401, 404, 413)}}},
+        f"{base}/deliveries": {"get": {
+            "parameters": _query("deliveries"),
+            "responses": {**_ok({"type": "object", "required": ["deliveries", "next_cursor"], "properties": {
+                "deliveries": {"type": "array", "items": DELIVERY}, "next_cursor": TEXT}}), **_errors(400, 401)}}},
+        f"{base}/deliveries/{{delivery_id}}/replay": {
+            "parameters": _params(("delivery_id", "path", "string")), "post": {
+                "responses": {**_ok(DELIVERY, 202), **_errors(400, 401, 403, 404, 409, 503)}}},
         # Open (totals over every client), or with a token (that client's own series).
         "/metrics": {"get": {"security": [{}, *SECURED], "responses": {"200": {
             "description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any
 
 import falcon
@@ -90,7 +88,7 @@ class GitHook(Resource):
             raise Unauthorized(UNSIGNED)  # not reached: without a token, require() refuses
         secret = rt.settings.webhook_secret.get_secret_value()
         if secret:
-            if not _signed(req, body, secret):
+            if not tokens.signed(body, secret, req.get_header):
                 raise Unauthorized(UNSIGNED)
             who = "webhook"
         else:
@@ -98,16 +96,6 @@ class GitHook(Resource):
         rt.request_reconcile(f"webhook:{who}")
         resp.status = 202
         resp.media = {"reconcile": "requested", "client_id": client}
-
-
-def _signed(req: falcon.Request, body: bytes, secret: str) -> bool:
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    github = req.get_header("X-Hub-Signature-256") or ""
-    gitea = req.get_header("X-Gitea-Signature") or ""
-    gitlab = req.get_header("X-Gitlab-Token") or ""
-    return (hmac.compare_digest(github, f"sha256={digest}") if github else False) or \
-        (hmac.compare_digest(gitea, digest) if gitea else False) or \
-        (hmac.compare_digest(gitlab, secret) if gitlab else False)
 
 
 class Health(Resource):

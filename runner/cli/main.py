@@ -142,7 +142,7 @@ def cli(ctx: click.Context, home: str | None, client_id: str | None, output: str
 def main(app_factory: AppFactory) -> None:
     """agentctl. ``app_factory`` builds the REST API that `agentctl serve` serves: the entry point
     (``runner.__main__``) hands in the API's, as the CLI and the API are siblings that never import each other."""
-    from runner.cli import agents, runs, specs, workflows  # noqa: F401  (registers the commands)
+    from runner.cli import agents, deliveries, runs, specs, workflows  # noqa: F401  (registers the commands)
 
     try:
         cli.main(standalone_mode=False, obj=app_factory)

@@ -15,9 +15,9 @@ from runner.reconcile.planning import Plan
 from runner.reconcile.reconciling import SourceOverride, open_source, plan, reconcile
 from runner.settings import Settings, remember_source
 from runner.source.git import is_remote
+from runner.specs.graph_checking import check_refs
 from runner.specs.problems import Problem
 from runner.specs.validating import SPEC_SUFFIXES, check_unique_names, files_on_disk, validate_tree
-from runner.specs.workflow_checking import check_workflow_refs
 from runner.supervise.owning import running_daemon
 
 source_options = [
@@ -57,7 +57,7 @@ def validate(app: App, paths: tuple[str, ...]) -> None:
         if Path(raw).is_file() and not raw.endswith(SPEC_SUFFIXES):
             problems.append(Problem(raw, 1, 1, "", "not a spec file: specs end in .yaml or .yml"))
     check_unique_names(everything)  # across all the PATHs, as a repository would
-    check_workflow_refs(everything, beside)
+    check_refs(everything, beside)
     checked = len(everything)
     for r in everything:
         problems.extend(r.problems)

@@ -34,7 +34,8 @@ from runner.ledger.schema import TABLES, column_types, columns
 
 LIVE = ("queued", "running")  # a run in these states stays in the live store when its row is archived
 KEYS = {"runs": ("run_id",), "run_events": ("run_id", "seq"), "reconciles": ("reconcile_id",),
-        "audit": ("audit_id",), "workflow_runs": ("workflow_run_id",), "approvals": ("approval_id",)}
+        "audit": ("audit_id",), "workflow_runs": ("workflow_run_id",), "approvals": ("approval_id",),
+        "deliveries": ("delivery_id",)}
 BATCH = 5000
 CHECKPOINT_WAL = "8MB"  # WAL size past which a flush's commit folds it into the ledger file
 log = logging.getLogger("runner.ledger")

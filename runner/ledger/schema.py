@@ -103,8 +103,12 @@ TABLES: dict[str, str] = {
             ended_at TIMESTAMP,
             input_tokens BIGINT DEFAULT 0,
             output_tokens BIGINT DEFAULT 0,
-            error VARCHAR
-        )""",
+            error VARCHAR,
+            trigger_run_id VARCHAR,
+            chain_depth INTEGER DEFAULT 0
+        );
+        ALTER TABLE workflow_runs ADD COLUMN IF NOT EXISTS trigger_run_id VARCHAR;
+        ALTER TABLE workflow_runs ADD COLUMN IF NOT EXISTS chain_depth INTEGER DEFAULT 0""",
     "approvals": """
         CREATE TABLE IF NOT EXISTS approvals (
             approval_id VARCHAR PRIMARY KEY,
@@ -114,6 +118,18 @@ TABLES: dict[str, str] = {
             "by" VARCHAR,
             "at" TIMESTAMP NOT NULL,
             comment VARCHAR
+        )""",
+    "deliveries": """
+        CREATE TABLE IF NOT EXISTS deliveries (
+            delivery_id VARCHAR PRIMARY KEY,
+            client_id VARCHAR NOT NULL,
+            trigger VARCHAR NOT NULL,
+            received_at TIMESTAMP NOT NULL,
+            dedupe_key VARCHAR,
+            decision VARCHAR NOT NULL,
+            reason VARCHAR,
+            run_id VARCHAR,
+            workflow_run_id VARCHAR
         )""",
     "audit": """
         CREATE TABLE IF NOT EXISTS audit (

@@ -82,10 +82,11 @@ CREATE TABLE IF NOT EXISTS wf_approvals (
     at TEXT NOT NULL,
     comment TEXT
 );
-""", migrations=[("wf_steps", "message", "TEXT")])
+""", migrations=[("wf_steps", "message", "TEXT"), ("wf_runs", "event", "TEXT"), ("wf_runs", "trigger_run_id", "TEXT"),
+                  ("wf_runs", "chain_depth", "INTEGER NOT NULL DEFAULT 0")])
 
 RUN_COLUMNS = ("workflow_run_id", "client_id", "workflow", "spec_revision", "trigger", "status", "attempt",
-               "started_at", "ended_at", "input_tokens", "output_tokens", "error")
+               "started_at", "ended_at", "input_tokens", "output_tokens", "error", "trigger_run_id", "chain_depth")
 TERMINAL = ("succeeded", "failed", "timed_out", "budget_exceeded", "stopped", "interrupted", "skipped")
 
 
@@ -123,6 +124,16 @@ def closing_of(conn: sqlite3.Connection, wf_id: str) -> str | None:
 def in_flight(conn: sqlite3.Connection, wf_id: str) -> list[str]:
     return [r[0] for r in conn.execute("SELECT run_id FROM wf_items WHERE workflow_run_id = ? AND status = 'running'",
                                        (wf_id,))]
+
+
+def workflow_output(conn: sqlite3.Connection, wf_id: str) -> str | None:
+    """What a workflow run gave: the answers of its last step (in spec order) that succeeded."""
+    row = conn.execute("SELECT step FROM wf_steps WHERE workflow_run_id = ? AND status = 'succeeded' "
+                       "ORDER BY position DESC LIMIT 1", (wf_id,)).fetchone()
+    if row is None:
+        return None
+    answers = [out for _, status, out in outputs_of(conn, wf_id, row[0]) if status == "succeeded" and out]
+    return "\n".join(answers) if answers else None
 
 
 def outputs_of(conn: sqlite3.Connection, wf_id: str, step_id: str) -> list[tuple[int, str, str | None]]:

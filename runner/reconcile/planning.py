@@ -18,6 +18,7 @@ from runner.errors import FolderMissing
 from runner.reconcile.applied import AppliedAgent, load_applied
 from runner.reconcile.probing import probe_tools
 from runner.source.git import GitSource
+from runner.specs.graph_checking import has_refs
 from runner.specs.problems import Problem, errors_in
 from runner.specs.validating import SpecResult, custom_tools_of, validate_tree
 from runner.state import Transaction, register
@@ -82,8 +83,9 @@ def make_plan(conn: sqlite3.Connection, source: GitSource, revision: str, *, cli
               allow_empty: bool = False) -> Plan:
     applied = load_applied(conn, client_id, kind=None)
     # Workflows are always validated (through the cache): their steps' agents are checked against the tree.
+    # So are agents that name other specs (tools, triggers): the graphs they make are checked over the tree.
     known = {a.path: (a.blob or "", a.fingerprint or "", a.name) for a in applied.values()
-             if a.path and a.spec_json and a.synced and a.kind == "agent"}
+             if a.path and a.spec_json and a.synced and a.kind == "agent" and not has_refs(a.spec_dict)}
     cache = SpecCache(conn)
     try:
         files = source.files(revision)

@@ -25,9 +25,10 @@ from typing import Any
 from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
-from runner.errors import UsageError
+from runner.errors import ExpressionError, UsageError
 from runner.settings import Settings, client_ids
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
+from runner.specs.expressions import check
 from runner.specs.loading import Document, Loc
 from runner.specs.models import AgentSpec
 from runner.specs.problems import Problem, Severity, field_path
@@ -467,6 +468,36 @@ class _Semantics:
                           "such as Europe/Berlin)")
             if trig.get("type") == "file_change" and isinstance(trig.get("path"), str):
                 self._path(("triggers", i, "path"), trig["path"])
+            if trig.get("type") == "webhook":
+                self._webhook(i, trig)
+
+    def _webhook(self, i: int, trig: dict[str, Any]) -> None:
+        if isinstance(trig.get("secret_file"), str):
+            try:
+                path = expand(trig["secret_file"], self.variables)
+            except KeyError as exc:
+                self._add(("triggers", i, "secret_file"), f"unknown variable ${{{exc.args[0]}}}")
+            else:
+                if not os.path.isabs(path):
+                    self._add(("triggers", i, "secret_file"), f"'{path}' is not an absolute path")
+        inputs = trig.get("inputs")
+        if inputs and self.data.get("kind", "agent") != "workflow":
+            self._add(("triggers", i, "inputs"), "inputs map a webhook into a workflow's inputs; an agent's run "
+                      "input is the payload itself")
+        texts: list[tuple[Loc, Any]] = [(("triggers", i, "dedupe"), trig.get("dedupe"))]
+        texts += [(("triggers", i, "inputs", k), v) for k, v in (inputs.items() if isinstance(inputs, dict) else [])]
+        for loc, text in texts:
+            if not isinstance(text, str):
+                continue
+            try:
+                names = check(text, template=True)
+            except ExpressionError as exc:
+                self._add(loc, f"the template does not parse: {exc}")
+                continue
+            unknown = sorted(names.used - {"headers", "payload", "event"})
+            if unknown:
+                self._add(loc, f"'{unknown[0]}' is not known here: a webhook's templates read headers, payload and "
+                          "event")
 
     def _domains(self) -> None:
         constraints = self.data.get("constraints")

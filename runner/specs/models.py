@@ -141,13 +141,17 @@ class WebhookTrigger(Strict):
         return self
 
 
+def _succeeded() -> list[RunEnd]:
+    return ["succeeded"]
+
+
 class RunCompletedTrigger(Strict):
     type: Literal["run_completed"] = Field(description="Runs when a run of another agent or workflow ends in "
                                            "one of the statuses; its output is this run's input.")
     agent: str | None = Field(None, pattern=NAME_PATTERN, description="The agent whose runs are watched (one of "
                               "agent, workflow).")
     workflow: str | None = Field(None, pattern=NAME_PATTERN, description="The workflow whose runs are watched.")
-    status: list[RunEnd] = Field(default_factory=lambda: ["succeeded"], min_length=1,
+    status: list[RunEnd] = Field(default_factory=_succeeded, min_length=1,
                                  description="End states that fire it (default succeeded).")
 
     @model_validator(mode="after")

@@ -19,10 +19,11 @@ from typing import Any
 from runner.specs.catalog import ToolInfo
 from runner.specs.checking import Context, check_document
 from runner.specs.custom_tools import describe_module
+from runner.specs.graph_checking import Ref, check_refs, refs_of
 from runner.specs.loading import load_document
 from runner.specs.models import AgentSpec, WorkflowSpec
 from runner.specs.problems import Problem
-from runner.specs.workflow_checking import Ref, check_workflow, check_workflow_refs
+from runner.specs.workflow_checking import check_workflow
 
 KINDS = ("agent", "workflow")
 
@@ -49,7 +50,7 @@ class SpecResult:
     known_good: bool = False
     name_at: tuple[int, int] = (1, 1)  # where the name is written, for problems about it
     kind: str = "agent"  # or workflow
-    refs: list[Ref] = field(default_factory=list)  # a workflow's agents, where its steps name them
+    refs: list[Ref] = field(default_factory=list)  # the specs it names, where (graph_checking)
 
     @property
     def valid(self) -> bool:
@@ -123,7 +124,7 @@ def validate_tree(
             results.append(validate_file(f, ctx, fingerprint, cache))
     if across:
         check_unique_names(results)
-        check_workflow_refs(results)
+        check_refs(results)
     return results, fingerprint
 
 
@@ -145,6 +146,7 @@ def validate_file(
             spec, problems, refs = check_workflow(doc, ctx, f.rel_path)
         elif raw_kind in KINDS:
             spec, problems = check_document(doc, ctx, f.rel_path)
+            refs = refs_of(doc)
         else:
             problems = [Problem(display, *doc.position(("kind",)), "kind",
                                 f"{raw_kind!r} is not a kind of spec: write agent (the default) or workflow")]

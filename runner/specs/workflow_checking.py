@@ -4,7 +4,7 @@ What one file can tell: the shape (the pydantic models), unique step ids, that a
 for an approval, ``needs`` naming steps of this workflow, no cycle (printed as its path, ``a -> b -> a``),
 expressions and templates that parse and name only steps the step needs (so their outputs exist when it
 runs) and inputs the workflow declares, inputs a trigger can give, and the triggers themselves. What needs
-the other files (the agents a step names, a name taken by an agent) is ``check_workflow_refs``, run over the
+the other files (the agents a step names, a name taken by an agent) is ``graph_checking.check_refs``, run over the
 whole tree.
 """
 
@@ -18,13 +18,13 @@ from pydantic import ValidationError
 from runner.errors import ExpressionError
 from runner.specs.checking import Context, did_you_mean, from_pydantic, trigger_problems
 from runner.specs.expressions import NAMES, check
+from runner.specs.graph_checking import Ref, refs_of
 from runner.specs.loading import Document, Loc
 from runner.specs.models import WorkflowSpec
 from runner.specs.problems import Problem, Severity, field_path
 
 INPUT_TYPES = {"string": (str,), "number": (int, float), "integer": (int,), "boolean": (bool,),
                "object": (dict,), "array": (list,)}
-Ref = tuple[str, int, int, str]  # an agent a step names: (name, line, col, field)
 
 
 def check_workflow(doc: Document, ctx: Context, rel_path: str) -> tuple[WorkflowSpec | None, list[Problem], list[Ref]]:
@@ -42,7 +42,7 @@ def check_workflow(doc: Document, ctx: Context, rel_path: str) -> tuple[Workflow
     problems.sort(key=lambda p: (p.line, p.col))
     if any(p.severity == "error" for p in problems):
         spec = None
-    return spec, problems, checker.refs
+    return spec, problems, [*checker.refs, *refs_of(doc)]
 
 
 def input_problem(name: str, declared: dict[str, Any], value: Any) -> str | None:
@@ -170,7 +170,7 @@ class _Checker:
 
     def _inputs(self) -> None:
         triggers = self.data.get("triggers")
-        triggered = [t.get("type") for t in (triggers if isinstance(triggers, list) else []) if isinstance(t, dict)]
+        triggered = [t for t in (triggers if isinstance(triggers, list) else []) if isinstance(t, dict)]
         for name, declared in self.inputs.items():
             if not isinstance(declared, dict):
                 continue
@@ -179,9 +179,16 @@ class _Checker:
                 problem = input_problem(name, declared, default)
                 if problem:
                     self._add(("inputs", name, "default"), f"the default of {problem}")
-            elif triggered:
-                self._add(("inputs", name), f"input '{name}' is required (it has no default), and a {triggered[0]} "
-                          "trigger gives no inputs: give it a default")
+            elif triggered and (silent := [t for t in triggered if name not in (t.get("inputs") or {})]):
+                self._add(("inputs", name), f"input '{name}' is required (it has no default), and a "
+                          f"{silent[0].get('type')} trigger gives no {name}: give it a default" +
+                          (", or map it in the webhook's inputs" if silent[0].get("type") == "webhook" else ""))
+        for i, trig in enumerate(triggers if isinstance(triggers, list) else []):
+            mapped = trig.get("inputs") if isinstance(trig, dict) else None
+            for key in mapped if isinstance(mapped, dict) else {}:
+                if key not in self.inputs:
+                    self._add(("triggers", i, "inputs", key), f"'{key}' is not an input of this workflow (inputs: "
+                              f"{', '.join(self.inputs) or 'none declared'})", key=True)
 
 
 def _ancestors(graph: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -198,25 +205,3 @@ def _ancestors(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     for step in graph:
         walk(step)
     return out
-
-
-def check_workflow_refs(results: list[Any], context: list[Any] | None = None) -> None:
-    """The agents each workflow's steps name must be agents of the same tree (SpecResults, in place); the
-    ``context`` results (specs beside a file validated alone) count as known, and are not checked."""
-    known = [*results, *(context or [])]
-    agents = {r.name for r in known if r.name and r.kind == "agent"}
-    workflows = {r.name for r in known if r.name and r.kind == "workflow"}
-    for r in results:
-        if r.kind != "workflow":
-            continue
-        added = []
-        for name, line, col, field in r.refs:
-            if name in agents:
-                continue
-            why = (f"'{name}' is a workflow; a step runs an agent" if name in workflows else
-                   f"unknown agent '{name}'{did_you_mean(name, agents)}")
-            added.append(Problem(r.file, line, col, field, why))
-        new = [p for p in added if p not in r.problems]
-        if new:
-            r.problems = sorted([*r.problems, *new], key=lambda p: (p.line, p.col))
-            r.spec = None

@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any
 
 from runner.agent.launching import no_agent
-from runner.agent.recording import end_in_flight
+from runner.agent.recording import RunRow, end_in_flight
 from runner.errors import OrchestratorError, PermanentError, SourceError, StorageFullError, TransientError, UsageError
 from runner.ledger import reading
 from runner.ledger.ingesting import checkpoint, flush, retry_rejected
@@ -62,12 +62,13 @@ from runner.specs.models import AgentSpec
 from runner.state import PerThread, connect
 from runner.supervise import workflow_ops
 from runner.supervise.control import ControlServer, socket_path
+from runner.supervise.events import Events, Received
 from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
 from runner.supervise.owning import HomeLock
 from runner.supervise.recovery import sweep
 from runner.supervise.runtime import Runtime
-from runner.supervise.table import ProcessTable
+from runner.supervise.table import ProcessTable, Request
 from runner.supervise.triggers import Scheduler, Watcher
 from runner.supervise.workflows import WorkflowEngine
 
@@ -223,6 +224,10 @@ class ClientDaemon:
         log.info("starting: source %s, client %s, home %s", self.source.location.describe(), s.client_id, s.home)
         self.table = ProcessTable(s, open_source(s), executor=self.executor)
         self.workflows = WorkflowEngine(s, self.table)
+        self.events = Events(s, self.table, self.workflows)
+        self.table.on_run_end = self._run_ended
+        self.workflows.on_end = lambda row, output: self.events.ended(
+            "workflow", row["workflow"], row["workflow_run_id"], row["status"], output, int(row["chain_depth"] or 0))
         left = sweep(self.conn, s.client_id, s.home / "scratch" / s.client_id)
         if left.interrupted:
             log.warning("marked %d run(s) interrupted (in flight when the last daemon stopped): %s",
@@ -250,6 +255,7 @@ class ClientDaemon:
         for row in left.interrupted:
             self.table.interrupted(row)  # queues its retry, if its spec asks for one
         self.workflows.recover(steps)  # a workflow's step runs go back to their steps
+        self.events.recover()  # deliveries accepted, not started, when the last daemon stopped
         # The triggers are armed only now, after the first reconcile: the catch-up of missed slots must see an
         # empty schedule, whatever the reconcile applied.
         self.scheduler = Scheduler(lambda: self.conn, s.client_id, self.submit)
@@ -350,6 +356,7 @@ class ClientDaemon:
             self._armed_workflows = set(flows)
             agents.update(flows)  # triggers work alike for both: only their runs differ (``submit``)
             self.scheduler.update(agents, catch_up=catch_up)
+            self.events.update(agents)
             s = self.settings
             self.watcher.update(agents, lambda name: {"CLIENT_ID": s.client_id, "AGENT_NAME": name,
                                                       "AGENT_ORCH_HOME": str(s.home)})
@@ -385,6 +392,12 @@ class ClientDaemon:
                 return None
         return self.table.submit(agent, trigger=trigger, input=input, requested_by=requested_by, overlap=overlap)
 
+    def _run_ended(self, request: Request, row: RunRow) -> None:
+        """A run's end fires run_completed triggers; a workflow's step and an agent asked as a tool belong to their
+        workflow or caller, whose ends count instead."""
+        if request.workflow_run_id is None and request.links.parent_run_id is None:
+            self.events.ended("agent", request.agent, request.run_id, row.status, row.output, request.links.chain_depth)
+
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's requests: ping, run, start, stop, reconcile."""
         op, agent = request.get("op"), request.get("agent")
@@ -399,6 +412,12 @@ class ClientDaemon:
             return {"ok": True}
         if op in workflow_ops.OPS:
             return workflow_ops.handle(self.workflows, request)
+        if op == "delivery.replay":
+            try:
+                return {"ok": True, **self.events.replay(str(request.get("id")), str(request.get("requested_by")
+                                                                                         or "cli")).as_json()}
+            except OrchestratorError as exc:
+                return {"ok": False, "code": exc.code, "error": exc.message}
         applied = load_applied(self.conn, client, agent) if isinstance(agent, str) else {}
         if not isinstance(agent, str) or agent not in applied:
             hint = " (run 'agentctl apply')" if op == "run" else ""  # as agentctl says it without a daemon
@@ -459,6 +478,7 @@ class ClientDaemon:
         self.workflows.detach()  # what the table's stop does to step runs is for the next start to take up
         self.table.shutdown(grace=0 if now else s.shutdown_grace, kill_grace=s.kill_grace)
         self.workflows.park()
+        self.events.close()
 
 
 def _runnable(agent: AppliedAgent) -> AgentSpec | None:
@@ -518,6 +538,13 @@ class DaemonRuntime:
     def approve_step(self, workflow_run_id: str, step: str, approve: bool, comment: str | None,
                      requested_by: str) -> dict[str, Any]:
         return self.daemon.workflows.approve(workflow_run_id, step, approve, comment, requested_by)
+
+    def webhook(self, segment: str, header: Callable[[str], str | None], headers: dict[str, str],
+                body: bytes) -> Received:
+        return self.daemon.events.webhook(segment, header, headers, body)
+
+    def replay_delivery(self, delivery_id: str, requested_by: str) -> dict[str, Any]:
+        return self.daemon.events.replay(delivery_id, requested_by).as_json()
 
     def request_reconcile(self, initiator: str) -> None:
         self.daemon._request_now.set()

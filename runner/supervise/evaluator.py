@@ -152,6 +152,19 @@ class _Entry(dict[str, Any]):
         return value
 
 
+class _Headers(dict[str, Any]):
+    """An event's headers: names match without regard to case (they arrive lower-cased)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(key.lower() if isinstance(key, str) else key)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key.lower() if isinstance(key, str) else key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(key.lower() if isinstance(key, str) else key, default)
+
+
 def _steps(given: dict[str, Any]) -> dict[str, _Entry]:
     out = {}
     for step_id, raw in given.items():
@@ -173,6 +186,7 @@ def _answer(request: dict[str, Any]) -> Any:
     op, text = request["op"], request["text"]
     context = dict(request.get("context") or {})
     context["steps"] = _steps(context.get("steps") or {})
+    context["headers"] = _Headers({str(k).lower(): v for k, v in (context.get("headers") or {}).items()})
     if op == "if":
         return bool(evaluate(text, context))
     if op == "for_each":

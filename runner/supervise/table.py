@@ -32,7 +32,16 @@ from runner.agent.asking import Asks
 from runner.agent.executor import Executor
 from runner.agent.launching import prepare, start
 from runner.agent.local import LocalExecutor
-from runner.agent.recording import Links, LiveWriter, RunRecord, RunRow, new_run_id, stops_requested, write_run
+from runner.agent.recording import (
+    NO_LINKS,
+    Links,
+    LiveWriter,
+    RunRecord,
+    RunRow,
+    new_run_id,
+    stops_requested,
+    write_run,
+)
 from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
@@ -85,6 +94,7 @@ class ProcessTable:
         self.latencies: deque[float] = deque(maxlen=1000)  # trigger to hand-off, seconds
         self._conns = PerThread(settings.state_path)
         self.on_dispatch: Callable[[float], None] | None = None
+        self.on_run_end: Callable[[Request, RunRow], None] | None = None  # any run's end, once its row is durable
         self.owns_executor = executor is None  # a shared one (Ray's) is closed by the daemon
         self.executor: Executor = executor or LocalExecutor(settings.kill_grace)
         self.writer = LiveWriter(settings.state_path)
@@ -102,7 +112,7 @@ class ProcessTable:
                overlap: str | None = None, retry_of: str | None = None, attempt: int = 1,
                delay: float = 0.0, step: tuple[str, str] | None = None, limits: dict[str, float] | None = None,
                on_end: Callable[[Request, RunRow], None] | None = None, run_id: str | None = None,
-               links: Links = Links()) -> Request:
+               links: Links = NO_LINKS) -> Request:
         """Queue a run of ``agent`` (or record it skipped, per its overlap policy). ``step``: (workflow run id,
         step id) of a workflow's step, which runs beside other runs of its agent with ``limits``."""
         request = Request(run_id or new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
@@ -301,6 +311,8 @@ class ProcessTable:
         log.info("run %s of %s ended: %s", request.run_id, request.agent, row.status)
         if request.on_end is not None:
             request.on_end(request, row)
+        if self.on_run_end is not None:
+            self.on_run_end(request, row)
         self.retry(request.run_id, request.agent, request.trigger, request.input, row.status, request.attempt)
 
     # -- stopping -----------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ FAILED = ("failed", "timed_out", "budget_exceeded", "stopped", "interrupted")
 DONE = ("succeeded", "skipped", *FAILED)
 def context_of(spec_steps: list[WorkflowStep], step: WorkflowStep, inputs: dict[str, Any],
                states: dict[str, dict[str, Any]], outputs: Callable[[str], list[tuple[int, str, str | None]]],
-               approvals: Callable[[], dict[str, dict[str, Any]]]) -> dict[str, Any]:
+               approvals: Callable[[], dict[str, dict[str, Any]]],
+               event: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the step's expressions read, for the evaluator (``runner.specs.evaluator``): its inputs, and of the
     steps only those its texts name, each as its status and its runs' answers, in item order (None for a run
     that did not succeed). Validation made sure every step they read is named so and has run."""
@@ -43,7 +44,9 @@ def context_of(spec_steps: list[WorkflowStep], step: WorkflowStep, inputs: dict[
             decisions = approvals() if decisions is None else decisions
             entry["approval"] = decisions.get(step_id)
         steps[step_id] = entry
-    return {"inputs": inputs, "event": {}, "headers": {}, "payload": {}, "steps": steps}
+    event = event or {}
+    return {"inputs": inputs, "event": event.get("event") or {}, "headers": event.get("headers") or {},
+            "payload": event.get("payload") if "payload" in event else {}, "steps": steps}
 
 
 def too_long(status: str, output_chars: int | None) -> str | None:

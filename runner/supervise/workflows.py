@@ -18,9 +18,10 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from runner.agent.recording import RunRow, end_in_flight, new_run_id
+from runner.agent.recording import NO_LINKS, Links, RunRow, end_in_flight, new_run_id
 from runner.errors import ConflictError, ExpressionError, NotFoundError, SpecError, UsageError
 from runner.ledger.workflows import (
     approvals_of,
@@ -30,6 +31,7 @@ from runner.ledger.workflows import (
     outputs_of,
     run_row,
     step_states,
+    workflow_output,
 )
 from runner.ledger.workflows import (
     in_flight as runs_in_flight,
@@ -74,6 +76,7 @@ class WorkflowEngine:
         self._next_at: dict[str, float] = {}  # each run's armed timer
         self.detached = False  # the daemon is stopping: ends of runs are not acted on (recover does, at the next start)
         self.on_step_end: Any = None  # metrics: called with (workflow, seconds)
+        self.on_end: Callable[[sqlite3.Row, str | None], None] | None = None  # a run ended: (its row, its output)
         self.thread = threading.Thread(target=self._loop, name=f"workflows-{self.client_id}", daemon=True)
         self.thread.start()
 
@@ -83,7 +86,9 @@ class WorkflowEngine:
 
     # -- what users ask ----------------------------------------------------------------------------
 
-    def start(self, name: str, inputs: dict[str, Any] | None, *, trigger: str, requested_by: str) -> str:
+    def start(self, name: str, inputs: dict[str, Any] | None, *, trigger: str, requested_by: str,
+              wf_id: str | None = None, event: dict[str, Any] | None = None, links: Links = NO_LINKS) -> str:
+        """A run: its id (``wf_id``: a delivery's). ``event``: its expressions' event, headers, payload."""
         applied = load_applied(self.conn, self.client_id, name, kind="workflow").get(name)
         if applied is None:
             raise NotFoundError(f"no workflow named '{name}' for client '{self.client_id}' (run 'agentctl apply')")
@@ -95,14 +100,16 @@ class WorkflowEngine:
         values, problems = coerce_inputs({k: v.model_dump() for k, v in spec.inputs.items()}, inputs)
         if problems:
             raise UsageError(problems[0], details=problems)
-        wf_id = new_run_id()
+        wf_id = wf_id or new_run_id()
         now = time.time()
         with Transaction(self.conn) as tx:
             tx.execute("""INSERT INTO wf_runs (workflow_run_id, client_id, workflow, spec_revision, spec, trigger,
-                              requested_by, status, attempt, inputs, started_at, deadline)
-                          VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?)""",
+                              requested_by, status, attempt, inputs, started_at, deadline, event, trigger_run_id,
+                              chain_depth)
+                          VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)""",
                        (wf_id, self.client_id, name, applied.applied_revision, spec.model_dump_json(by_alias=True),
-                        trigger, requested_by, json.dumps(values), utcnow(), deadline(spec, now)))
+                        trigger, requested_by, json.dumps(values), utcnow(), deadline(spec, now),
+                        json.dumps(event) if event else None, links.trigger_run_id, links.chain_depth))
             tx.executemany("INSERT INTO wf_steps (workflow_run_id, step, position, status) VALUES (?, ?, ?, 'pending')",
                            [(wf_id, s.id, i) for i, s in enumerate(spec.steps)])
             journal_run(tx, run_row(tx, wf_id))
@@ -333,7 +340,8 @@ class WorkflowEngine:
                 break
             context = context_of(spec.steps, step, json.loads(run["inputs"]), steps,
                                  functools.partial(outputs_of, self.conn, wf_id),
-                                 functools.partial(approvals_of, self.conn, wf_id))
+                                 functools.partial(approvals_of, self.conn, wf_id),
+                                 json.loads(run["event"]) if run["event"] else {})
             state["status"] = self._begin(wf_id, step, context, now)
             if state["status"] in FAILED and not step.continue_on_error:
                 break  # the workflow fails: no more expressions for steps that will not run
@@ -574,6 +582,8 @@ class WorkflowEngine:
             row = run_row(tx, wf_id)
             journal_run(tx, row)
         log.info("workflow %s run %s %s%s", row["workflow"], wf_id, status, f": {row['error']}" if row["error"] else "")
+        if self.on_end is not None:
+            self.on_end(row, workflow_output(self.conn, wf_id))
 
     def _arm(self, wf_id: str, run: sqlite3.Row, steps: dict[str, dict[str, Any]], now: float) -> None:
         """A timer for the next moment this run must be looked at without an event: a backoff's end, an
