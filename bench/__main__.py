@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["plan", "memory", "overhead", "daemon", "runmem", "api", "sandbox", "rearm", "ray", "workflows"]
+BENCHES = ["plan", "memory", "overhead", "daemon", "runmem", "api", "sandbox", "rearm", "ray", "workflows", "events"]
 BY_NAME = [*BENCHES, "soak"]
 
 
