@@ -186,7 +186,7 @@ def main() -> None:
           f"{statistics.median(hook_lat) * ms:.1f} ms, p99 {_percentile(hook_lat, 0.99) * ms:.1f} ms, "
           f"{hook_rate:.0f} events/s ({hook_err} errors) | baseline GET /agents: p50 "
           f"{statistics.median(base_lat) * ms:.1f} ms, p99 {_percentile(base_lat, 0.99) * ms:.1f} ms, "
-          f"{base_rate:.0f} req/s ({base_err} errors) | ratio {hook_rate / base_rate:.2f}x of the bare API's throughput")
+          f"{base_rate:.0f} req/s ({base_err} errors) | ratio {hook_rate / base_rate:.2f}x the bare API's")
     hook_start, run_start = statistics.median(to_start), statistics.median(direct)
     print(f"events: webhook to run start, {STARTS} one at a time: median {hook_start * ms:.1f} ms, p99 "
           f"{_percentile(to_start, 0.99) * ms:.1f} ms | baseline `run` over the control socket: median "
