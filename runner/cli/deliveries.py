@@ -5,10 +5,8 @@ which starts the stored event again as a new delivery."""
 from __future__ import annotations
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from runner.cli.main import App, cli, pass_app
+from runner.cli.main import App, cli, console, pass_app, table_of
 from runner.cli.runs import esc
 from runner.cli.workflow_views import short
 from runner.cli.workflows import ask
@@ -37,14 +35,12 @@ def deliveries_list(app: App, trigger: str | None, decision: str | None, limit: 
         if not found:
             click.echo("no deliveries yet: webhook and run_completed triggers record one per event", err=True)
             return
-        table = Table(box=None, header_style="bold")
-        for column in ("DELIVERY", "TRIGGER", "RECEIVED", "DECISION", "RUN", "DEDUPE KEY", "REASON"):
-            table.add_column(column)
+        table = table_of("DELIVERY", "TRIGGER", "RECEIVED", "DECISION", "RUN", "DEDUPE KEY", "REASON")
         for d in found:
             table.add_row(esc(d["delivery_id"]), esc(d["trigger"]), d["received_at"], d["decision"],
                           esc(d["run_id"] or d["workflow_run_id"] or "-"), esc(short(d["dedupe_key"] or "-", 40)),
                           esc(short(d["reason"] or "", 80)))
-        Console(soft_wrap=True).print(table)
+        console().print(table)
 
     app.emit(found, text)
 

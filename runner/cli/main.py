@@ -173,3 +173,21 @@ def main(app_factory: AppFactory) -> None:
         click.echo(f"internal error: {type(exc).__name__}: {exc} (AGENT_ORCH_LOG_LEVEL=debug shows more)",
                    err=True)
         sys.exit(2)
+
+
+def table_of(*columns: str) -> Any:
+    """A listing's table: no box; ERROR and MESSAGE wrap, the other columns are cut with an ellipsis."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold" if col in ("ERROR", "MESSAGE", "REASON") else "ellipsis",
+                         no_wrap=col not in ("ERROR", "MESSAGE", "REASON"))
+    return table
+
+
+def console() -> Any:
+    """Where listings go: the terminal's width, or 200 columns into a pipe (so ids are not cut)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=200 if not sys.stdout.isatty() else None)

@@ -14,10 +14,8 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from runner.cli.main import App, cli, pass_app
+from runner.cli.main import App, cli, console, pass_app, table_of
 from runner.cli.runs import esc
 from runner.cli.workflow_views import (
     WORKFLOW_STATUSES,
@@ -104,7 +102,7 @@ def _followed(app: App, workflow_run_id: str) -> dict[str, Any]:
 def _print_outcome(run: dict[str, Any]) -> None:
     """After following: the run's steps (unless they were just shown live), then one line of outcome."""
     if not sys.stdout.isatty():
-        _console().print(render_run(run, hints=False))
+        console().print(render_run(run, hints=False))
     wid = run["workflow_run_id"]
     if run["status"] == "waiting":
         asks = {s["step"]: s.get("message") for s in run.get("steps") or []}
@@ -131,7 +129,7 @@ def workflow_status(app: App, workflow_run_id: str, watch: bool) -> None:
     if found is None:
         raise NotFoundError(f"no workflow run '{workflow_run_id}' for client '{app.settings.client_id}'")
     if not watch:
-        app.emit(found, lambda: _console().print(render_run(found)))
+        app.emit(found, lambda: console().print(render_run(found)))
         return
     ended = _followed(app, workflow_run_id)
     app.emit(ended, lambda: _print_outcome(ended))
@@ -167,7 +165,7 @@ def workflow_list(app: App, name: str | None, status_: str | None, limit: int, d
     runs = list_workflow_runs(app.conn, app.settings.client_id, workflow=name, status=status_, limit=limit)
 
     def text() -> None:
-        table = _table("WORKFLOW RUN", "WORKFLOW", "STATUS", "ATTEMPT", "TRIGGER", "STARTED", "ENDED", "TOKENS",
+        table = table_of("WORKFLOW RUN", "WORKFLOW", "STATUS", "ATTEMPT", "TRIGGER", "STARTED", "ENDED", "TOKENS",
                        "ERROR")
         for r in runs:
             table.add_row(esc(r["workflow_run_id"]), esc(r["workflow"]), status_markup(r["status"]),
@@ -175,7 +173,7 @@ def workflow_list(app: App, name: str | None, status_: str | None, limit: int, d
                           r.get("ended_at") or "-", str(tokens_of(r)),
                           esc(short(r["error"], 80)) if r.get("error") else "")
         if runs:
-            _console().print(table)
+            console().print(table)
         else:
             click.echo("no workflow runs yet: 'agentctl workflow run NAME' starts one", err=True)
 
@@ -202,14 +200,14 @@ def _list_defined(app: App, name: str | None) -> None:
                      "message": w.message, "path": w.path})
 
     def text() -> None:
-        table = _table("NAME", "STATE", "REVISION", "STEPS", "INPUTS", "TRIGGERS", "LAST RUN", "MESSAGE")
+        table = table_of("NAME", "STATE", "REVISION", "STEPS", "INPUTS", "TRIGGERS", "LAST RUN", "MESSAGE")
         for r in rows:
             last = r["last_run"]
             table.add_row(esc(r["name"]), r["state"], r["revision"] or "-", str(len(r["steps"])),
                           esc(", ".join(r["inputs"]) or "-"), esc(", ".join(map(str, r["triggers"])) or "-"),
                           f"{last['status']} {str(last['started_at'] or '')[:19]}" if last else "-", esc(r["message"]))
         if rows:
-            _console().print(table)
+            console().print(table)
         else:
             click.echo("no workflows applied yet: add a 'kind: workflow' spec and run 'agentctl apply'", err=True)
 
@@ -277,15 +275,4 @@ def _who() -> str:
     except (KeyError, OSError):  # no login name and no passwd entry (a bare container)
         return "cli"
 
-
-def _table(*columns: str) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in columns:
-        table.add_column(col, overflow="fold" if col in ("ERROR", "MESSAGE") else "ellipsis",
-                         no_wrap=col not in ("ERROR", "MESSAGE"))
-    return table
-
-
-def _console() -> Console:
-    return Console(highlight=False, width=200 if not sys.stdout.isatty() else None)
 
