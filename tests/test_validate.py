@@ -438,7 +438,8 @@ def test_missing_required_fields(corpus: Outcome) -> None:
         (1, 1, "error", "name", "required field 'name' is missing"),
         (1, 1, "error", "model", "required field 'model' is missing"),
         (3, 5, "error", "tools[0].name", "required field 'name' is missing"),
-        (5, 5, "error", "triggers[0].type", "required field 'type' is missing (one of schedule, file_change, webhook, run_completed)"),
+        (5, 5, "error", "triggers[0].type",
+         "required field 'type' is missing (one of schedule, file_change, webhook, run_completed)"),
     ]
 
 
@@ -456,7 +457,8 @@ def test_wrong_types(corpus: Outcome) -> None:
 
 def test_bad_trigger_type(corpus: Outcome) -> None:
     assert brief(corpus.problems("bad-trigger.yaml")) == [
-        (5, 11, "error", "triggers[0].type", "'schedul' is not one of schedule, file_change, webhook, run_completed; did you mean 'schedule'?"),
+        (5, 11, "error", "triggers[0].type",
+         "'schedul' is not one of schedule, file_change, webhook, run_completed; did you mean 'schedule'?"),
         (7, 5, "error", "triggers[1]", "a webhook needs its secret: name secret_env or secret_file (one of them)"),
         (8, 5, "error", "triggers[2]", "input should be a mapping of fields, not str 'schedule'"),
     ]

@@ -59,8 +59,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                             "inputs": {"topic": {"type": "string"}, "count": {"type": "integer", "default": 1}},
                             "triggers": [webhook(inputs={"topic": "{{ payload.topic }}",
                                                          "count": "{{ payload.n }}"})],
-                            "steps": [{"id": "only", "agent": "echo",
-                                       "input": "{{ inputs.topic }} x{{ inputs.count }} from {{ headers['x-sender'] }}"}]},
+                            "steps": [{"id": "only", "agent": "echo", "input":
+                                       "{{ inputs.topic }} x{{ inputs.count }} from {{ headers['x-sender'] }}"}]},
     }
     served = serve(base, files, env={"HOOK_SECRET": SECRET})
     try:
@@ -87,7 +87,8 @@ def test_a_signed_webhook_starts_a_run_with_the_payload_as_input(served: Served)
     assert json.loads(run["input"]) == {"action": "opened"}
     assert run["output"] == 'got {"action": "opened"}'
     rows = wait_ledger(served.home, "SELECT * FROM deliveries WHERE delivery_id = ?", [answer["delivery_id"]],
-                       until=lambda rows: bool(rows) and rows[0]["decision"] == "started", what="the delivery in the ledger")
+                       until=lambda rows: bool(rows) and rows[0]["decision"] == "started",
+                       what="the delivery in the ledger")
     assert rows[0]["run_id"] == answer["run_id"] and rows[0]["dedupe_key"] == "d-1"
     assert rows[0]["trigger"] == "webhook:hooked"
 

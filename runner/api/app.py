@@ -245,7 +245,7 @@ def int_param(req: falcon.Request, name: str, default: int, low: int, high: int)
 
 
 def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> falcon.App[Any, Any]:
-    from runner.api import agents, deliveries, runs, system, workflows
+    from runner.api import a2a, agents, deliveries, runs, system, workflows
 
     api = Api(runtimes, metrics or Metrics(runtimes))
     app = falcon.App(middleware=[Middleware(api)])
@@ -281,6 +281,11 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     app.add_route(f"{base}/hooks/events/{{client}}/{{name}}", deliveries.EventHook(api))
     app.add_route(f"{base}/deliveries", deliveries.Collection(api))
     app.add_route(f"{base}/deliveries/{{delivery_id}}/replay", deliveries.Replay(api))
+    a2a.ensure_tables(api)
+    app.add_route(f"{base}/a2a", a2a.Endpoint(api))
+    app.add_route(f"{base}/a2a/{{name}}", a2a.Endpoint(api))
+    app.add_route(f"{base}/a2a/{{name}}/.well-known/agent-card.json", a2a.Card(api))
+    app.add_route("/.well-known/agent-card.json", a2a.RootCard(api))
     app.add_route("/metrics", system.MetricsResource(api))
     app.add_route("/healthz", system.Health(api))
     app.add_route("/openapi.json", system.OpenApi(api))

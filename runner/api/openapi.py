@@ -115,6 +115,18 @@ WORKFLOW = {"type": "object", "required": ["name", "state", "steps", "triggers",
     "etag": {"type": ["string", "null"]}, "generation": {"type": "integer"},
     "conditions": {"type": "array"}, "last_run": {"type": ["object", "null"]}}}
 TEXT = {"type": ["string", "null"]}
+# An A2A Agent Card; proto3's JSON leaves out empty lists (a root card with no skill has no "skills").
+AGENT_CARD = {"type": "object", "required": ["name", "supportedInterfaces"], "properties": {
+    "name": {"type": "string"}, "description": {"type": "string"}, "supportedInterfaces": {"type": "array"},
+    "skills": {"type": "array"}, "capabilities": OBJ, "securitySchemes": OBJ}}
+JSON_RPC_CALL = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["jsonrpc", "method"], "properties": {
+        "jsonrpc": {"const": "2.0"}, "id": {"type": ["string", "integer", "null"]},
+        "method": {"type": "string", "enum": ["SendMessage", "GetTask", "CancelTask"]}, "params": OBJ}}}}}
+JSON_RPC_ANSWER = {"type": "object", "required": ["jsonrpc", "id"], "properties": {
+    "jsonrpc": {"const": "2.0"}, "id": {"type": ["string", "integer", "null"]}, "result": OBJ,
+    "error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "integer"}, "message": {"type": "string"}}}}}
 WORKFLOW_RUN_FIELDS: dict[str, Any] = {
     "workflow_run_id": {"type": "string"}, "client_id": {"type": "string"}, "workflow": {"type": "string"},
     "spec_revision": TEXT, "trigger": TEXT, "status": {"type": "string"}, "attempt": COUNT,
@@ -300,6 +312,15 @@ def document() -> dict[str, Any]:
         f"{base}/deliveries/{{delivery_id}}/replay": {
             "parameters": _params(("delivery_id", "path", "string")), "post": {
                 "responses": {**_ok(DELIVERY, 202), **_errors(400, 401, 403, 404, 409, 503)}}},
+        # A2A (docs/a2a.md): the cards are the sdk's AgentCard JSON; a call is JSON-RPC 2.0, whose errors are
+        # answered 200 with a JSON-RPC error object, as a2a-sdk's server answers them.
+        f"{base}/a2a/{{name}}/.well-known/agent-card.json": {"parameters": _params(NAME), "get": {
+            "responses": {**_ok(AGENT_CARD), **_errors(401, 404)}}},
+        f"{base}/a2a/{{name}}": {"parameters": _params(NAME), "post": {
+            "requestBody": JSON_RPC_CALL, "responses": {**_ok(JSON_RPC_ANSWER), **_errors(401, 403, 404, 413)}}},
+        f"{base}/a2a": {"post": {
+            "requestBody": JSON_RPC_CALL, "responses": {**_ok(JSON_RPC_ANSWER), **_errors(401, 403, 404, 413)}}},
+        "/.well-known/agent-card.json": {"get": {"responses": {**_ok(AGENT_CARD), **_errors(401, 404)}}},
         # Open (totals over every client), or with a token (that client's own series).
         "/metrics": {"get": {"security": [{}, *SECURED], "responses": {"200": {
             "description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -509,10 +509,14 @@ class DaemonRuntime:
     def conn(self) -> sqlite3.Connection:
         return self.daemon.conn
 
-    def submit_run(self, agent: str, input: str | None, requested_by: str) -> str:
-        run_id: str = self.daemon.submit(agent, trigger="manual", input=input, requested_by=requested_by,
+    def submit_run(self, agent: str, input: str | None, requested_by: str, trigger: str = "manual") -> str:
+        run_id: str = self.daemon.submit(agent, trigger=trigger, input=input, requested_by=requested_by,
                                          overlap="queue").run_id
         return run_id
+
+    def stop_run(self, run_id: str, requested_by: str) -> bool:
+        """Stop one run, queued or running here; False when it is neither (ended, or not this client's)."""
+        return bool(self.daemon.table.stop_run(run_id, f"stopped by {requested_by}"))
 
     def start_agent(self, agent: str, requested_by: str) -> str:
         set_suspended(self.conn(), self.settings.client_id, agent, False)

@@ -223,7 +223,7 @@ class ProcessTable:
     def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str,
               attempt: int) -> Request | None:
         """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one."""
-        if trigger in ("manual", "workflow") or status not in RETRIABLE or not self.accepting:
+        if trigger in ("manual", "a2a", "workflow") or status not in RETRIABLE or not self.accepting:
             return None
         applied = load_applied(self.conn, self.settings.client_id, agent).get(agent)
         policy = (applied.spec_dict or {}).get("retry") if applied is not None else None
