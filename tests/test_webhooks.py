@@ -103,6 +103,9 @@ def test_a_bad_or_missing_signature_is_401_and_starts_nothing(served: Served) ->
     assert tampered.status == 401, tampered.body
     assert tampered.json["error"]["code"] == "unauthorized"
     assert len(deliveries(served, trigger="hooked", limit="1000")) == before  # refused attempts are no rows
+    metrics = served.request("GET", "/metrics", role="viewer").body.decode()
+    assert 'agent_orch_webhook_refused_total{client="default",reason="unauthenticated"} 3.0' in metrics
+    assert 'agent_orch_deliveries_total{client="default",decision="started",trigger="webhook"}' in metrics
 
 
 def test_unknown_names_clients_and_large_or_broken_bodies(served: Served) -> None:

@@ -99,7 +99,7 @@ class Middleware:
         elapsed = time.perf_counter() - started if isinstance(started, float) else 0.0
         self.api.metrics.request(req.method, route, status, elapsed)
         principal: tokens.Principal | None = req.context.get("principal")
-        client = principal.client_id if principal else next(iter(self.api.runtimes))
+        client = principal.client_id if principal else req.context.get("client") or next(iter(self.api.runtimes))
         if req.method != "GET" or status >= 400:
             self.api.cache.clear()  # a write (or a failed one) may have changed what pages show
         self.api.audit.add(client, {

@@ -34,6 +34,7 @@ class EventHook(Resource):
         rt = self.api.runtimes.get(client)
         if rt is None:
             raise NotFound(f"no webhook '{name}' for client '{client}'")
+        req.context.client = client  # its audit row is this client's
         headers = dict(list(req.headers.items())[:KEPT_HEADERS])
         received = rt.webhook(name, req.get_header, headers, body)
         resp.status = 200 if received.duplicate else 202

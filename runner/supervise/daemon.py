@@ -272,6 +272,9 @@ class ClientDaemon:
         self.scheduler.on_lag = metrics.trigger_lag.labels(self.settings.client_id).observe
         self.workflows.on_step_end = lambda workflow, seconds: metrics.step_seconds.labels(
             self.settings.client_id, workflow).observe(seconds)
+        self.events.on_refused = lambda why: metrics.webhook_refused.labels(self.settings.client_id, why).inc()
+        self.events.on_decided = lambda trigger, decision: metrics.deliveries.labels(
+            self.settings.client_id, trigger, decision).inc()
 
     def loop(self) -> None:
         delay = self._first_wait  # the poll interval, or what the first reconcile's failure asked for

@@ -74,7 +74,8 @@ class Events:
         self._conns = PerThread(settings.state_path)
         self.hooks: dict[str, Target] = {}  # URL segment -> what it starts
         self.watchers: dict[tuple[str, str], list[Target]] = {}  # (kind, name) watched -> who fires on its ends
-        self.on_rejected: Callable[[str], None] | None = None  # metrics: a POST refused (its reason)
+        self.on_refused: Callable[[str], None] | None = None  # metrics: a POST refused before a delivery (why)
+        self.on_decided: Callable[[str, str], None] | None = None  # metrics: (trigger type, decision)
         self._ends: queue.Queue[tuple[str, str, str, str, str | None, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._fire_loop, name=f"events-{self.client_id}", daemon=True)
         self._thread.start()
@@ -112,8 +113,8 @@ class Events:
         proven = secret is not None and (tokens.signed(body, secret, header, gitlab=False) if trig.auth == "hmac"
                                          else tokens.bearer_is(header, secret))
         if not proven:
-            if self.on_rejected is not None:
-                self.on_rejected("no secret" if secret is None else "unauthenticated")
+            if self.on_refused is not None:
+                self.on_refused("no_secret" if secret is None else "unauthenticated")
             raise UnauthenticatedError("the request is not signed with the webhook's secret" if trig.auth == "hmac"
                                        else "send the webhook's secret as 'Authorization: Bearer SECRET'")
         kept = {k.lower(): v for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
@@ -131,7 +132,7 @@ class Events:
             self._refuse(delivery, f"a template of the webhook failed: {exc}")
         delivery.dedupe_key = key or None
         delivery.event = {**event, "input": body.decode("utf-8"), "inputs": inputs}
-        first = accept(self._conns.get(), delivery)
+        first = self._accept(delivery)
         if first is not delivery:
             log.info("delivery %s for %s: a redelivery of %s", delivery.delivery_id, target.name, first.delivery_id)
             return Received(first, True)
@@ -144,8 +145,23 @@ class Events:
 
     def _refuse(self, delivery: Delivery, reason: str) -> NoReturn:
         delivery.decision, delivery.run_id, delivery.reason = "rejected", None, reason
-        accept(self._conns.get(), delivery)
+        self._accept(delivery)
         raise UsageError(reason)
+
+    def _accept(self, d: Delivery) -> Delivery:
+        """``accept``, counted: the delivery itself, or the first one when ``d`` is a redelivery."""
+        first = accept(self._conns.get(), d)
+        if d.decision != "accepted":  # a duplicate, or refused as it came
+            self._count(d)
+        return first
+
+    def _decide(self, d: Delivery, decision: str, reason: str | None = None) -> None:
+        decide(self._conns.get(), d, decision, reason)
+        self._count(d)
+
+    def _count(self, d: Delivery) -> None:
+        if self.on_decided is not None:
+            self.on_decided(d.trigger.split(":", 1)[0], d.decision)
 
     def _render(self, text: str, event: dict[str, Any]) -> str:
         return str(self.evaluator.ask("render", text, {"inputs": {}, "steps": {}, **event})[0])
@@ -188,13 +204,13 @@ class Events:
                 request = self.table.submit(d.target, trigger=trigger, input=d.event.get("input"), requested_by=who,
                                             run_id=d.run_id, links=links)
                 if request.status == "skipped":
-                    decide(self._conns.get(), d, "rejected", request.row.error if request.row else "skipped")
+                    self._decide(d, "rejected", request.row.error if request.row else "skipped")
                     return None
         except OrchestratorError as exc:
-            decide(self._conns.get(), d, "rejected", exc.message)
+            self._decide(d, "rejected", exc.message)
             log.warning("delivery %s for %s rejected: %s", d.delivery_id, d.target, exc.message)
             return exc
-        decide(self._conns.get(), d, "started")
+        self._decide(d, "started")
         return None
 
     def recover(self) -> None:
@@ -205,7 +221,7 @@ class Events:
             exists = conn.execute("SELECT 1 FROM run_progress WHERE run_id = ? UNION ALL "
                                   "SELECT 1 FROM wf_runs WHERE workflow_run_id = ?", (d.run_id, d.run_id)).fetchone()
             if exists:
-                decide(conn, d, "started")
+                self._decide(d, "started")
             else:
                 log.warning("delivery %s for %s: accepted before the last daemon stopped, not started: starting it",
                             d.delivery_id, d.target)
@@ -226,7 +242,7 @@ class Events:
             raise UsageError(f"delivery {delivery_id} kept no event to replay (it was refused before it had one)")
         new = Delivery(new_delivery_id(), self.client_id, old.trigger, old.target, old.kind, utcnow(), None,
                        "accepted", f"replay of {old.delivery_id} by {requested_by}", new_run_id(), old.event)
-        accept(conn, new)
+        self._accept(new)
         self._start(new)
         log.info("delivery %s replayed as %s by %s", old.delivery_id, new.delivery_id, requested_by)
         return new
@@ -252,7 +268,6 @@ class Events:
                 log.exception("run_completed: firing for the end of %s failed", end[2])
 
     def _fire(self, kind: str, name: str, run_id: str, status: str, output: str | None, chain_depth: int) -> None:
-        conn = self._conns.get()
         depth = chain_depth + 1
         for target in self.watchers.get((kind, name), []):
             trig = target.trigger
@@ -269,8 +284,8 @@ class Events:
                 d.decision, d.run_id = "rejected", None
                 d.reason = (f"chain depth {depth} is past AGENT_ORCH_MAX_CHAIN_DEPTH ({self.settings.max_chain_depth})"
                             f": the end of {run_id} starts nothing")
-                accept(conn, d)
+                self._accept(d)
                 log.warning("%s: %s", target.name, d.reason)
                 continue
-            if accept(conn, d) is d:
+            if self._accept(d) is d:
                 self._start(d)

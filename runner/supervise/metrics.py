@@ -62,6 +62,11 @@ class Metrics:
                                       registry=r, buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 86400))
         self.runs = Counter("agent_orch_runs", "Runs ended, by final status.", ["client", "agent", "status"],
                             registry=r)
+        self.deliveries = Counter("agent_orch_deliveries", "Events received (webhooks, run ends), by trigger type "
+                                  "and decision: started, duplicate, rejected.", ["client", "trigger", "decision"],
+                                  registry=r)
+        self.webhook_refused = Counter("agent_orch_webhook_refused", "Webhook POSTs refused before any delivery: "
+                                       "no secret configured, or no proof of it.", ["client", "reason"], registry=r)
         self.tokens = Counter("agent_orch_tokens", "Model tokens used.", ["client", "agent", "kind"], registry=r)
         self.tool_calls = Counter("agent_orch_tool_calls", "Tool calls by tool and decision.",
                                   ["client", "tool", "decision"], registry=r)
