@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import DeniedError
+from runner.specs import domains
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,10 @@ class HostRule:
         a named domain, hosts beyond this machine. The lookup then has to agree."""
         host = host.lower().rstrip(".")
         literal = _literal(host)
-        local = local_name(host) or (literal is not None and _loopback(literal))
-        named = any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
-                    for allowed in self.allowed_domains if allowed != "local")
-        if local:
-            if "local" not in self.allowed_domains:
-                raise DeniedError(f"'{host}' is this machine; only 'local' in allowed_domains allows that")
-        elif not named:
-            raise DeniedError(f"'{host}' is not in allowed_domains ({', '.join(self.allowed_domains) or 'none'})")
-        elif not self.remote_enabled:
-            raise DeniedError(f"'{host}' is beyond this machine and ENABLE_REMOTE_TOOLS is off")
+        local = domains.is_local(host)
+        refused = domains.refusal(host, self.allowed_domains, self.remote_enabled)
+        if refused:
+            raise DeniedError(refused)
         if addresses is None:  # a local name is not looked up: *.localhost would go to the DNS server
             addresses = [literal] if literal else ["127.0.0.1"] if local else lookup(host)
         kinds = {_loopback(a) for a in addresses}
@@ -115,15 +110,8 @@ class HostRule:
         return addresses
 
 
-def _literal(host: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return None
-
-
-def local_name(host: str) -> bool:
-    return host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost")
+_literal = domains.literal_address
+local_name = domains.local_name
 
 
 def lookup(host: str) -> list[str]:
@@ -140,13 +128,4 @@ def lookup(host: str) -> list[str]:
     return list(dict.fromkeys(str(i[4][0]).split("%")[0] for i in infos))
 
 
-def _loopback(address: str) -> bool:
-    """This machine: loopback, the unspecified address (Linux connects 0.0.0.0 and :: to the local
-    host), and their IPv4-mapped IPv6 forms."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_unspecified
-
-
-loopback = _loopback
+_loopback = loopback = domains.loopback
