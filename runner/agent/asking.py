@@ -1,54 +1,125 @@
-"""The control plane's answers to what runs ask over their channel: their agent's memory.
+"""The control plane's answers to what runs ask over their channel: their agent's memory, the agents
+they ask as tools, and remote A2A agents.
 
 An agent's memory store lives with the daemon (or the foreground launcher), whichever node runs the
 agent: a run asks ``memory.search`` or ``memory.save`` and waits; ``Asks`` answers on a small pool of
 threads (an embedding may wait on Ollama; the executor's thread must not) and hands the answer to the
 run's executor, which writes it on the run's channel. The run never opens the store's file.
+
+``agent.ask`` goes to the handler the daemon's process table gives (``runner.supervise.calling``): it
+starts the callee and replies when the callee ends, from another thread; without a daemon there is none,
+and the ask is refused. ``remote.ask`` is answered here, on a pool of its own (a remote agent may take
+minutes): the URL's host is checked against the run's ``allowed_domains`` by the egress rules, each
+decision journaled as the egress proxy's are (an ``egress`` event of the run), the credential is read
+from the daemon's own environment (``secret_env``), and ``runner.agent.remote`` makes the call.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner.agent.executor import Executor
-from runner.errors import OrchestratorError
+from runner.agent.remote import ask_remote
+from runner.errors import DeniedError, OrchestratorError
 from runner.plan import RunPlan, store_path
+from runner.sandbox.access import HostRule
+from runner.times import utcnow
 
 log = logging.getLogger("runner.agent")
 TEXT = 8000  # characters of a memory saved, as the memory_save tool has always kept
 MAX_ANSWER = 256 << 10  # bytes of an answer's memories (JSON): the nearest that fit, the rest left out
+REMOTE_THREADS = 8  # remote agents asked at once; more asks wait their turn (each run asks one at a time)
+
+
+class Journal(Protocol):
+    """Where a run's record takes what its supervisor adds to it (its ``RunRecord``)."""
+
+    def message(self, message: dict[str, Any]) -> None: ...
+
+
+Reply = Callable[[dict[str, Any]], None]  # the answer's fields; called once, from any thread
+# An ``agent.ask`` handler: (the asking run's plan, the ask, its record, reply). It raises OrchestratorError
+# (DeniedError: refused by policy) to refuse at once, or calls ``reply`` when the callee has ended.
+AgentAsks = Callable[[RunPlan, dict[str, Any], Journal | None, Reply], None]
 
 
 class Asks:
-    def __init__(self, executor: Executor, threads: int = 2) -> None:
+    def __init__(self, executor: Executor, threads: int = 2, agents: AgentAsks | None = None) -> None:
         self.executor = executor
+        self.agents = agents
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="asks")
+        self._remote = ThreadPoolExecutor(REMOTE_THREADS, thread_name_prefix="asks-remote")
         self._lock = threading.Lock()
         self._stores: dict[Path, Any] = {}
 
-    def take(self, plan: RunPlan, ask: dict[str, Any]) -> None:
-        """Answer ``ask`` (a checked channel message) of ``plan``'s run, later, on the pool."""
-        self._pool.submit(self._answer, plan, ask)
+    def take(self, plan: RunPlan, ask: dict[str, Any], record: Journal | None = None) -> None:
+        """Answer ``ask`` (a checked channel message) of ``plan``'s run, later, on a pool; ``record`` is the
+        run's record, for what the answer adds to it (an egress decision)."""
+        pool = self._remote if ask["op"] == "remote.ask" else self._pool
+        pool.submit(self._answer, plan, ask, record)
 
-    def _answer(self, plan: RunPlan, ask: dict[str, Any]) -> None:
+    def _answer(self, plan: RunPlan, ask: dict[str, Any], record: Journal | None) -> None:
+        def reply(fields: dict[str, Any]) -> None:
+            try:
+                self.executor.answer(plan.run_id, {"t": "answer", "id": ask["id"], **fields})
+            except Exception:
+                log.exception("answering run %s failed", plan.run_id)
+
         try:
-            answer = {"t": "answer", "id": ask["id"], **self._do(plan, ask)}
+            if ask["op"] == "agent.ask":
+                if self.agents is None:
+                    raise OrchestratorError("an agent is asked as a tool by the daemon: run this agent with "
+                                            "'agentctl serve' running")
+                self.agents(plan, ask, record, reply)
+                return
+            fields = self._remote_ask(plan, ask, record) if ask["op"] == "remote.ask" else self._memory(plan, ask)
         except OrchestratorError as exc:
-            answer = {"t": "answer", "id": ask["id"], "error": exc.message}
+            fields = {"error": exc.message, **({"denied": True} if isinstance(exc, DeniedError) else {})}
         except Exception as exc:  # a bug or a broken store: the run's tool says so, the run goes on
             log.exception("answering run %s's %s failed", plan.run_id, ask.get("op"))
-            answer = {"t": "answer", "id": ask["id"], "error": f"memory failed: {type(exc).__name__}"}
-        try:
-            self.executor.answer(plan.run_id, answer)
-        except Exception:
-            log.exception("answering run %s failed", plan.run_id)
+            fields = {"error": f"{ask['op']} failed: {type(exc).__name__}"}
+        reply(fields)
 
-    def _do(self, plan: RunPlan, ask: dict[str, Any]) -> dict[str, Any]:
+    def _remote_ask(self, plan: RunPlan, ask: dict[str, Any], record: Journal | None) -> dict[str, Any]:
+        tool = next((t for t in plan.spec.tools if t.name == ask.get("tool") and t.remote_agent), None)
+        if tool is None or tool.remote_agent is None:
+            raise DeniedError(f"'{ask.get('tool')}' is not a remote_agent tool of this agent")
+        rule = HostRule(tuple(plan.spec.constraints.allowed_domains), plan.settings.enable_remote_tools)
+
+        def check(url: str) -> None:
+            """The egress rules for one URL of the call, the decision journaled as the proxy's are."""
+            parts = urllib.parse.urlsplit(url)
+            detail = {"method": "POST", "host": parts.hostname or "-", "port": _port(parts),
+                      "via": f"remote_agent {tool.name}"}
+            try:
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise DeniedError(f"only http and https URLs are allowed, not '{url[:200]}'")
+                rule.check(parts.hostname)
+            except DeniedError as exc:
+                _journal(record, "denied", {**detail, "reason": exc.message})
+                raise
+            _journal(record, "allowed", {**detail, "reason": "allowed_domains"})
+
+        token = None
+        if tool.secret_env:
+            token = os.environ.get(tool.secret_env)
+            if not token:
+                raise OrchestratorError(f"the daemon's environment has no {tool.secret_env}: the credential of "
+                                        f"the remote agent at {tool.remote_agent} is missing")
+        timeout = tool.timeout or plan.settings.default_agent_timeout
+        answer = ask_remote(tool.remote_agent, ask["text"], token=token, timeout=timeout, check=check)
+        host = urllib.parse.urlsplit(tool.remote_agent).hostname
+        return {"output": answer.text, "host": host, "task_id": answer.task_id, "state": answer.state}
+
+    def _memory(self, plan: RunPlan, ask: dict[str, Any]) -> dict[str, Any]:
         store = self._store(plan)
         if ask["op"] == "memory.save":
             return {"memory_id": store.add(ask["text"][:TEXT], kind=ask.get("kind", "note"), run_id=plan.run_id)}
@@ -76,10 +147,24 @@ class Asks:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._remote.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             for store in self._stores.values():
                 store.close()
             self._stores.clear()
+
+
+def _port(parts: urllib.parse.SplitResult) -> int:
+    try:
+        return parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return 0
+
+
+def _journal(record: Journal | None, decision: str, detail: dict[str, Any]) -> None:
+    if record is not None:
+        record.message({"t": "event", "ts": utcnow(), "kind": "log", "name": "egress", "decision": decision,
+                        "detail": detail})
 
 
 class _Locked:

@@ -5,8 +5,8 @@ A message is one JSON object on one line, with the format's version ``v`` and a 
   supervisor follows it with signals), and ``answer`` (to the run's ``ask``, with the same ``id``);
 - out of the run: ``event`` (a step: model call, tool call, memory, log), ``usage`` (tokens of a model
   call), ``tool`` (a tool was called), ``log`` (a line for the agent's log), ``ask`` (a question only the
-  control plane can answer: its memory store's search and save; the run waits for the answer), and
-  ``result`` (the last one).
+  control plane can answer: its memory store's search and save, an agent asked as a tool, a remote A2A
+  agent; the run waits for the answer), and ``result`` (the last one).
 
 The framing is the same over a socketpair (the local executor) and a TCP stream (a remote node), so
 every executor shares ``Decoder`` and ``checked``. The run's code holds its end of the channel, so
@@ -34,8 +34,10 @@ EVENT_KINDS = ("llm_call", "tool_call", "memory", "log")  # 'status' rows are th
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_COUNT = 2_000_000  # tokens one model call may report (the largest contexts today)
 MAX_OVERSHOOT = 100_000  # tokens past twice its budget a run's own loop never reaches
-ASKS = ("memory.search", "memory.save")  # what a run may ask its control plane
-MAX_ASK_TEXT = 8000  # characters of a text a run saves or searches for
+ASKS = ("memory.search", "memory.save", "agent.ask", "remote.ask")  # what a run may ask its control plane
+MEMORY_ASKS = ("memory.search", "memory.save")
+TOOL_ASKS = {"agent.ask": "agent", "remote.ask": "remote_agent"}  # an ask of a tool: the field its tool has
+MAX_ASK_TEXT = 8000  # characters of a text a run saves or searches for, or of a question it asks an agent
 RUN_STATUSES = ("succeeded", "failed", "budget_exceeded")  # what a run may say of itself; the rest are its supervisor's
 
 
@@ -162,8 +164,12 @@ def checked(message: dict[str, Any], size: int) -> dict[str, Any]:
         ask_id, op, text, k = message.get("id"), message.get("op"), message.get("text"), message.get("k", 5)
         if type(ask_id) is not int or op not in ASKS or not isinstance(text, str) or type(k) is not int:
             raise ChannelError("the run sent a message its supervisor refuses: an ask that is not {id, op, text, k}")
+        tool = message.get("tool")
+        if op in TOOL_ASKS and not isinstance(tool, str):
+            raise ChannelError(f"the run sent a message its supervisor refuses: an {op} that names no tool")
         return {"t": "ask", "id": ask_id, "op": op, "text": text[:MAX_ASK_TEXT], "k": max(1, min(k, 50)),
-                "kind": "run_summary" if message.get("kind") == "run_summary" else "note"}
+                "kind": "run_summary" if message.get("kind") == "run_summary" else "note",
+                **({"tool": printable(str(tool)[:64])} if op in TOOL_ASKS else {})}
     if kind in ("tool", "egress"):
         return {"t": kind}
     if kind == "result":
@@ -183,14 +189,21 @@ def _text(value: Any, cap: int) -> str | None:
 
 class Bounds:
     """What the spec bounds, the run's reports are bounded by: model calls (each reports its usage
-    once), tokens (twice the budget and a margin), tools it does not have (a model may name some; not
-    thousands), and the names of the supervisor's own records (the proxy's ``egress``)."""
+    once), tokens (twice the budget and a margin; the tokens of the agents it asked as tools count, as
+    their answers carried them: ``borrow``), tools it does not have (a model may name some; not
+    thousands), asks of tools it does not have, and the names of the supervisor's own records (the
+    proxy's ``egress``)."""
 
     def __init__(self, spec: AgentSpec) -> None:
         self.spec = spec
         self.tools = {t.name for t in spec.tools}
-        self.usages = self.tokens = 0
+        self.asking = {op: {t.name for t in spec.tools if getattr(t, field)} for op, field in TOOL_ASKS.items()}
+        self.usages = self.tokens = self.borrowed = 0
         self.strangers: set[str] = set()
+
+    def borrow(self, tokens: int) -> None:
+        """Tokens an agent asked as a tool used, on this run's budget (its supervisor counted them)."""
+        self.borrowed += max(0, tokens)
 
     def check(self, message: dict[str, Any]) -> None:
         c = self.spec.constraints
@@ -200,14 +213,20 @@ class Bounds:
             if self.usages > c.max_model_calls:
                 raise ChannelError(f"the run sent a message its supervisor refuses: usage of more model calls "
                                    f"than max_model_calls ({c.max_model_calls})")
-            if c.max_tokens is not None and self.tokens > 2 * c.max_tokens + MAX_OVERSHOOT:
+            used = self.tokens + self.borrowed
+            if c.max_tokens is not None and used > 2 * c.max_tokens + MAX_OVERSHOOT:
                 raise ChannelError(f"the run sent a message its supervisor refuses: usage far past the token "
-                                   f"budget ({self.tokens} tokens of {c.max_tokens})")
+                                   f"budget ({used} tokens of {c.max_tokens}, {self.borrowed} of them its "
+                                   "agents asked as tools used)")
         elif message["t"] == "event" and message["kind"] == "tool_call" and message["name"] not in self.tools:
             self.strangers.add(str(message["name"]))
             if len(self.strangers) > MAX_STRANGERS:
                 raise ChannelError(f"the run sent a message its supervisor refuses: calls of more than "
                                    f"{MAX_STRANGERS} tools the agent does not have")
+        elif message["t"] == "ask" and message["op"] in TOOL_ASKS:
+            if message["tool"] not in self.asking[message["op"]]:
+                raise ChannelError(f"the run sent a message its supervisor refuses: an {message['op']} of "
+                                   f"{message['tool']!r}, which is not one of its {TOOL_ASKS[message['op']]} tools")
         elif message["t"] == "ask" and (self.spec.memory is None or self.spec.memory.type == "none"):
             raise ChannelError("the run sent a message its supervisor refuses: an ask of the memory of an agent "
                                "that has none")

@@ -29,6 +29,7 @@ from runner.sandbox.confining import check_paths, runtime_overlaps
 from runner.settings import Settings
 from runner.source.git import GitSource
 from runner.specs.checking import private_folders, protected_folders
+from runner.specs.models import AgentSpec
 from runner.state import connect
 from runner.times import utcnow
 
@@ -37,15 +38,16 @@ MAX_SCRIPT = 1 << 20  # bytes of a scripted model file, as of a spec file
 
 def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, name: str, *,
             input: str | None = None, trigger: str = "manual", run_id: str | None = None,
-            allow_suspended: bool = False) -> RunPlan:
-    """The plan of a run of agent ``name`` at its applied revision."""
+            allow_suspended: bool = False, spec: AgentSpec | None = None) -> RunPlan:
+    """The plan of a run of agent ``name`` at its applied revision; ``spec`` stands for the applied spec
+    when given (an agent asked as a tool runs with its spec narrowed to its caller's)."""
     agents = load_applied(conn, settings.client_id, name)
     agent = agents.get(name)
     if agent is None:
         raise no_agent(conn, settings.client_id, name, " (run 'agentctl apply')")
-    spec = agent.spec
-    if spec is None:
+    if agent.spec is None:
         raise SpecError(f"agent '{name}' has never had a valid spec: {agent.message}")
+    spec = spec or agent.spec
     if agent.suspended and not allow_suspended:
         raise SpecError(f"agent '{name}' is suspended: 'agentctl start {name}' resumes it")
     folder = source.location.path
@@ -58,7 +60,7 @@ def prepare(settings: Settings, conn: sqlite3.Connection, source: GitSource, nam
     from runner.specs.catalog import BUILTIN_TOOLS
 
     for tool in spec.tools:
-        if tool.name not in BUILTIN_TOOLS and agent.applied_revision:
+        if tool.name not in BUILTIN_TOOLS and not (tool.agent or tool.remote_agent) and agent.applied_revision:
             path = str(PurePosixPath(folder) / "tools" / f"{tool.name}.py")
             custom[tool.name] = source.read_file(agent.applied_revision, path, limit=MAX_SCRIPT).decode(
                 "utf-8", "replace")
@@ -94,8 +96,8 @@ def start(plan: RunPlan, executor: Executor, asks: Asks, writer: LiveWriter, con
     row = RunRow(plan.run_id, plan.client_id, plan.agent, plan.revision, plan.trigger, "queued", queued_at=queued_at,
                  input=plan.input, requested_by=requested_by, retry_of=retry_of, attempt=attempt,
                  workflow_run_id=step[0], step=step[1], **links.fields())
-    record = RunRecord(writer, row, plan.settings.logs_dir, on_end=on_end, on_message=on_message,
-                       on_ask=functools.partial(asks.take, plan))
+    record = RunRecord(writer, row, plan.settings.logs_dir, on_end=on_end, on_message=on_message)
+    record.on_ask = functools.partial(asks.take, plan, record=record)
     record.begin(conn, getattr(executor, "name", "local"))
     try:
         executor.submit(plan, record)

@@ -121,6 +121,8 @@ class LocalExecutor:
                     or run.outbox:
                 return  # not in flight, or not the ask it waits for (answered already)
             run.outbox += encode(message)  # its ask stays open until all of it is written
+            if type(message.get("tokens")) is int and run.bounds is not None:
+                run.bounds.borrow(message["tokens"])  # an agent asked as a tool: its tokens are on this run's budget
         self._wake()
 
     def close(self) -> None:

@@ -174,17 +174,21 @@ class Recorder:
     The run process has no access to the state database or the log folder (its sandbox forbids both):
     it writes ``{"t": "event" | "usage" | "tool" | "log" | "result", ...}`` lines on the pipe to its
     launcher, which applies them (``apply``) in order. Token totals are kept here too, so the budget
-    needs no round trip.
+    needs no round trip. ``borrowed`` counts the tokens of the agents this run asked as tools: they are
+    on this run's budget (``used``), never in its own counts (the ledger has them on the callees' rows).
     """
 
     def __init__(self, sink: Callable[[dict[str, Any]], None], run_id: str) -> None:
         self.sink, self.run_id = sink, run_id
-        self.input_tokens = self.output_tokens = 0
+        self.input_tokens = self.output_tokens = self.borrowed = 0
         self.log = _PipeLog(sink)
 
     @property
     def used(self) -> int:
-        return self.input_tokens + self.output_tokens
+        return self.input_tokens + self.output_tokens + self.borrowed
+
+    def borrow(self, tokens: int) -> None:
+        self.borrowed += max(0, tokens)
 
     def event(self, kind: str, name: str | None = None, decision: str | None = None,
               detail: dict[str, Any] | None = None) -> None:
@@ -371,6 +375,10 @@ class RunRecord:
         self.seq = 0
         self.skip = 0  # events on record already (a run followed again after a daemon's crash): not written again
         self.durable = threading.Event()  # set once the final row is on disk
+        # Messages come from the executor's thread, one at a time; the supervisor adds a few of its own from
+        # the threads that answer the run's asks (an egress decision of a remote agent's call) while the run
+        # waits: the lock keeps their numbering in order.
+        self._lock = threading.RLock()
         self.started = time.monotonic()
         self.log = AgentLog(agent_log_path(logs_dir, row.client_id, row.agent), row.run_id)
 
@@ -396,6 +404,10 @@ class RunRecord:
             tx.execute("UPDATE run_progress SET executor = ? WHERE run_id = ?", (executor, row.run_id))
 
     def message(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._message(message)
+
+    def _message(self, message: dict[str, Any]) -> None:
         row, kind = self.row, message["t"]
         if self.skip:
             if kind == "event":

@@ -3,7 +3,8 @@
 Budgets are checked between steps, against the providers' own usage reports:
 - every model call may produce at most the output tokens left in ``max_tokens``;
 - the run ends ``budget_exceeded`` once input plus output tokens pass ``max_tokens`` (or reach it
-  with work still pending), or when the model hit the per-call cap that the budget imposed;
+  with work still pending), or when the model hit the per-call cap that the budget imposed; the tokens
+  of the agents it asked as tools count as its own here (``Recorder.borrowed``);
 - ``max_model_calls`` ends a tool loop the same way.
 The deadline (``max_runtime``) is not kept here: the launcher kills the process group at it, which
 also stops a call that hangs.
@@ -57,7 +58,7 @@ def execute(plan: RunPlan, sink: Callable[[dict[str, Any]], None], sandbox: dict
         plan.scratch.mkdir(parents=True, exist_ok=True)
         recorder.event("log", "sandbox", None, sandbox or {"mode": "none"})
         memory = open_memory(plan) if ask is None else _asked_memory(plan, ask)
-        result = _loop(plan, recorder, log, memory)
+        result = _loop(plan, recorder, log, memory, ask)
         if memory is not None and result.status == "succeeded":
             summary = f"Run {plan.run_id} ({plan.trigger}): input: {(plan.input or '-')[:300]} | " \
                       f"answer: {(result.output or '')[:600]}"
@@ -82,7 +83,8 @@ def _asked_memory(plan: RunPlan, ask: Callable[[dict[str, Any]], dict[str, Any]]
     return None if mem is None or mem.type == "none" else ChannelMemory(ask)
 
 
-def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers | None) -> RunResult:
+def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers | None,
+          ask: Callable[[dict[str, Any]], dict[str, Any]] | None) -> RunResult:
     spec, s = plan.spec, plan.settings
     ref = ModelRef.parse(spec.model)
     log.write(f"run started ({plan.trigger}) model={spec.model} revision={(plan.revision or '-')[:12]}")
@@ -94,7 +96,7 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers |
                        remote_enabled=s.enable_remote_tools, memory=memory, run_id=plan.run_id,
                        scratch=str(plan.scratch))
     toolbox = Toolbox(spec, variables=plan.variables, base_env=base_env, custom_sources=plan.custom_sources,
-                      custom_dir=plan.scratch / "tools", recorder=recorder, log=log)
+                      custom_dir=plan.scratch / "tools", recorder=recorder, log=log, ask=ask)
     bound = model.bind_tools(toolbox.tools) if toolbox.tools else model
     messages: list[BaseMessage] = [SystemMessage(_system_prompt(plan, recorder, memory)),
                                    HumanMessage(plan.input or "Begin the task.")]
@@ -109,8 +111,9 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers |
         prompt = _prompt_estimate(messages, last_input) if ref.provider != "scripted" else 0
         remaining = None if budget is None else budget - used - prompt
         if remaining is not None and remaining <= 0:
-            return _stop(log, "budget_exceeded", f"token budget of {budget} used up ({used} tokens, "
-                         "no room left for another model call)")
+            return _stop(log, "budget_exceeded", f"token budget of {budget} used up ({used} tokens"
+                         + (f", {recorder.borrowed} of them used by agents it asked" if recorder.borrowed else "")
+                         + ", no room left for another model call)")
         per_call = DEFAULT_MAX_OUTPUT if remaining is None else min(DEFAULT_MAX_OUTPUT, remaining)
         started = time.monotonic()
         ai = bound.invoke(messages, **limit_kwargs(ref, per_call))
@@ -118,7 +121,7 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers |
         assert isinstance(ai, AIMessage)
         inp, out, estimated = _usage(ai, messages)
         last_input = (inp, len(messages))
-        total_in, total_out = recorder.usage(inp, out)
+        recorder.usage(inp, out)
         truncated = _finish(ai) == "length"
         said = ai.text if isinstance(ai.content, list) else str(ai.content)
         recorder.event("llm_call", ref.provider + ":" + ref.name, None, {
@@ -128,10 +131,12 @@ def _loop(plan: RunPlan, recorder: Recorder, log: LogWriter, memory: Remembers |
         log.write(f"model call {call + 1}: {inp}+{out} tokens, {latency} ms, "
                   f"{len(ai.tool_calls)} tool call(s)")
         messages.append(ai)
-        total = total_in + total_out
+        total = recorder.used  # with the tokens of the agents it asked as tools
         if budget is not None and (total > budget or (total >= budget and ai.tool_calls)
                                    or (truncated and per_call < DEFAULT_MAX_OUTPUT)):
-            return _stop(log, "budget_exceeded", f"token budget of {budget} reached ({total} tokens)")
+            return _stop(log, "budget_exceeded", f"token budget of {budget} reached ({total} tokens"
+                         + (f", {recorder.borrowed} of them used by agents it asked" if recorder.borrowed else "")
+                         + ")")
         if not ai.tool_calls:
             answer = ai.text if isinstance(ai.content, list) else str(ai.content)
             recorder.event("log", "final_answer", None, {"chars": len(answer)})

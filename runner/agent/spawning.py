@@ -294,7 +294,7 @@ def _run(plan: Any, channel: socket.socket, entered: list[str]) -> int:
 def _agent(plan: Any, channel: socket.socket, namespaces: list[str]) -> int:
     from runner.agent.channel import encode
     from runner.agent.running import RunResult, execute
-    from runner.errors import OrchestratorError
+    from runner.errors import DeniedError, OrchestratorError
     from runner.sandbox.confining import confine, isolate, output_tail
 
     def sink(message: dict[str, Any]) -> None:
@@ -319,8 +319,8 @@ def _agent(plan: Any, channel: socket.socket, namespaces: list[str]) -> int:
         answer = json.loads(line)
         if answer.get("t") != "answer" or answer.get("id") != ask_id:
             os._exit(143)
-        if answer.get("error"):
-            raise OrchestratorError(str(answer["error"]))
+        if answer.get("error"):  # refused by policy (a host, the depth, the budget), or failed
+            raise (DeniedError if answer.get("denied") else OrchestratorError)(str(answer["error"]))
         return dict(answer)
 
     isolation = isolate(plan, namespaces, channel)

@@ -4,6 +4,11 @@
 (with its duration, the start of its result, redacted, and the result's full size) or ``denied`` (with
 the reason: nothing was read). A denied call
 or a failing tool is answered to the model as a tool error so it can recover.
+
+A tool that asks an agent (``agent:``) or a remote A2A agent (``remote_agent:``) takes one question and
+asks the control plane over the run's channel (``agent.ask``, ``remote.ask``); the run waits for the
+answer, which its supervisor bounds in time (docs/events.md). Its event names what answered: the
+callee's run id, or the remote host and task. A callee's tokens are added to this run's budget count.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import importlib.util
 import re
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from runner.agent.builtin_tools import BUILTINS, ToolEnv
 from runner.agent.recording import LogWriter, Recorder
-from runner.errors import DeniedError, SpecError
+from runner.errors import DeniedError, OrchestratorError, SpecError
 from runner.sandbox.access import PathRule
 from runner.specs.catalog import BUILTIN_TOOLS
 from runner.specs.checking import expand
@@ -62,10 +68,18 @@ class _Save(BaseModel):
     text: str = Field(description="What to remember.")
 
 
+class _Question(BaseModel):
+    question: str = Field(description="What to ask, in full: the agent asked sees nothing else of this "
+                          "conversation.")
+
+
 ARGS: dict[str, type[BaseModel]] = {
     "file_reader": _Path, "file_writer": _Write, "data_analyzer": _Query, "http_get": _Url,
     "shell": _Command, "memory_search": _Search, "memory_save": _Save,
 }
+
+
+Ask = Callable[[dict[str, Any]], dict[str, Any]]  # a question to the control plane, and its answer
 
 
 @dataclass
@@ -74,14 +88,33 @@ class _Entry:
     env: ToolEnv
     lc_tool: BaseTool  # what the model sees (and, for custom tools, what runs)
     builtin: bool
+    asks: bool = False  # an agent or a remote agent, asked through the control plane
+
+
+@dataclass
+class Asked:
+    """What an agent asked as a tool said: the text for the model, and what the call's event keeps."""
+
+    text: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    failed: bool = False
 
 
 class Toolbox:
     def __init__(self, spec: AgentSpec, *, variables: dict[str, str], base_env: ToolEnv,
-                 custom_sources: dict[str, str], custom_dir: Path, recorder: Recorder, log: LogWriter) -> None:
-        self.recorder, self.log = recorder, log
+                 custom_sources: dict[str, str], custom_dir: Path, recorder: Recorder, log: LogWriter,
+                 ask: Ask | None = None) -> None:
+        self.recorder, self.log, self.ask = recorder, log, ask
         self.entries: dict[str, _Entry] = {}
         for tool_spec in spec.tools:
+            lc_tool: BaseTool
+            if tool_spec.agent or tool_spec.remote_agent:
+                what = f"agent '{tool_spec.agent}'" if tool_spec.agent else f"the A2A agent at {tool_spec.remote_agent}"
+                lc_tool = StructuredTool.from_function(
+                    func=_unused, name=tool_spec.name, args_schema=_Question,
+                    description=tool_spec.description or f"Asks {what} a question and returns its answer.")
+                self.entries[tool_spec.name] = _Entry(tool_spec, base_env, lc_tool, False, asks=True)
+                continue
             paths = [expand(p, variables) for p in tool_spec.paths]
             env = ToolEnv(paths=PathRule.of(paths), commands=list(tool_spec.commands),
                           timeout=tool_spec.timeout or base_env.timeout, allowed_domains=base_env.allowed_domains,
@@ -89,7 +122,7 @@ class Toolbox:
                           scratch=base_env.scratch)
             if tool_spec.name in BUILTIN_TOOLS:
                 info = BUILTIN_TOOLS[tool_spec.name]
-                lc_tool: BaseTool = StructuredTool.from_function(
+                lc_tool = StructuredTool.from_function(
                     func=_unused, name=tool_spec.name, args_schema=ARGS[tool_spec.name],
                     description=tool_spec.description or info.summary)
                 self.entries[tool_spec.name] = _Entry(tool_spec, env, lc_tool, True)
@@ -128,14 +161,29 @@ class Toolbox:
                                                                 "duration_ms": _ms(started)})
             self.log.write(f"tool {name} failed: {message}", "WARNING")
             return f"error: {message}"
+        extra: dict[str, Any] = {}
+        if isinstance(result, Asked):
+            extra = result.detail
+            if result.failed:
+                self.recorder.event("tool_call", name, "allowed", {"args": args, "error": result.text[:500],
+                                                                    "duration_ms": _ms(started), **extra})
+                self.log.write(f"tool {name} failed: {result.text[:500]}", "WARNING")
+                return f"error: {result.text}"
+            result = result.text
         text = result if isinstance(result, str) else str(result)
         self.recorder.event("tool_call", name, "allowed", {"args": args, "duration_ms": _ms(started),
                                                             "result": text[:TRANSCRIPT_RESULT],
-                                                            "result_bytes": len(text.encode())})
+                                                            "result_bytes": len(text.encode()), **extra})
         self.log.write(f"tool {name} ok ({len(text)} chars)")
         return text[:MAX_RESULT] + ("\n... (truncated)" if len(text) > MAX_RESULT else "")
 
     def _run(self, entry: _Entry, args: dict[str, Any]) -> Any:
+        if entry.asks:
+            try:
+                question = _Question.model_validate(args).question
+            except Exception as exc:
+                raise DeniedError(f"bad arguments for {entry.spec.name}: {exc}".splitlines()[0]) from None
+            return self._ask(entry.spec, question)
         if entry.builtin:
             schema = ARGS[entry.spec.name]
             try:
@@ -147,6 +195,26 @@ class Toolbox:
             if isinstance(value, str) and PATH_ARG.search(key):
                 entry.env.paths.check(value, what=key)
         return entry.lc_tool.invoke(args)
+
+
+    def _ask(self, spec: ToolSpec, question: str) -> Asked:
+        """Ask the agent (or remote agent) of tool ``spec`` through the control plane. A refusal (a host not
+        allowed, the depth or the budget used up) raises DeniedError; a failure to ask, OrchestratorError."""
+        if self.ask is None:
+            raise OrchestratorError("this run has no control plane to ask (agents are asked through the daemon)")
+        if spec.agent:
+            answer = self.ask({"op": "agent.ask", "tool": spec.name, "text": question, "k": 1})
+            tokens = answer.get("tokens")
+            self.recorder.borrow(tokens if type(tokens) is int else 0)
+            detail = {"agent": spec.agent, "callee_run_id": answer.get("run_id"), "callee_status": answer.get("status"),
+                      "callee_tokens": tokens}
+            if answer.get("status") != "succeeded":
+                return Asked(f"agent '{spec.agent}' (run {answer.get('run_id')}) ended {answer.get('status')}: "
+                             f"{answer.get('reason') or 'no reason given'}", detail, failed=True)
+            return Asked(str(answer.get("output") or ""), detail)
+        answer = self.ask({"op": "remote.ask", "tool": spec.name, "text": question, "k": 1})
+        return Asked(str(answer.get("output") or ""), {"remote_agent": spec.remote_agent, "host": answer.get("host"),
+                                                        "task_id": answer.get("task_id"), "state": answer.get("state")})
 
 
 def _unused(**_kwargs: Any) -> str:

@@ -255,6 +255,8 @@ def _network(plan: RunPlan, isolated: bool, port: int | None) -> dict[str, Any]:
 def network_tools(plan: RunPlan) -> bool:
     """Any tool granted 'network' (a custom tool: by its spec, else by the PERMISSIONS it declares)."""
     for t in plan.spec.tools:
+        if t.agent or t.remote_agent:
+            continue  # asked through the control plane: the run opens no connection for it
         info = BUILTIN_TOOLS.get(t.name) or describe_module(t.name, plan.custom_sources.get(t.name, "").encode())
         if "network" in (t.permissions or info.allowed):
             return True
@@ -310,6 +312,8 @@ def spec_paths(plan: RunPlan) -> list[tuple[str, str, set[str]]]:
     """(tool, path, permissions) of every path the spec gives a tool, expanded, as written."""
     out = []
     for tool in plan.spec.tools:
+        if tool.agent or tool.remote_agent:
+            continue  # no paths: the agent asked has its own
         info = BUILTIN_TOOLS.get(tool.name)
         perms = set(tool.permissions or (info.needs if info else []))
         if info is None:
