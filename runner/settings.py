@@ -165,6 +165,17 @@ class Settings(BaseSettings):
         "runs",
     )
 
+    max_tool_depth: int = _env(
+        "AGENT_ORCH_MAX_TOOL_DEPTH",
+        3,
+        "How deep agents may ask agents as tools: a run started otherwise is at depth 0, the agent it asks at 1, "
+        "and an ask that would start a run deeper than this is refused (the model is told). Bounds chains the "
+        "specs cannot show as cycles.",
+        "runs",
+        ge=0,
+        le=32,
+    )
+
     # -- memory
     vector_db_url: str = _env(
         "VECTOR_DB_URL",

@@ -6,10 +6,15 @@ takes requests in order while fewer than MAX_AGENTS run, prepares each plan (the
 revision) and submits it to the executor (``runner.agent.executor``: local by default) with a
 ``RunRecord`` as its watcher, which records what the run reports and its end.
 
+A run an agent asks as a tool (``runner.supervise.calling``: its ``parent_run_id`` is the caller) is
+handed off at once, with the spec its caller narrowed (``Request.spec``): it takes no MAX_AGENTS slot
+(its caller holds one and waits for it) and runs beside other runs of its agent.
+
 A run's end is handled in one place (``_ended``, once its final row is durable, or ``_record`` for a
-run that never started): the slot is freed, and when the agent opted into retries (``retry: {limit,
-backoff, on}``) and the run was started by a trigger and ended in one of the ``on`` states, a new run
-is queued, ``backoff`` seconds later, whose ``retry_of`` is the run that ended. Such a run waits in
+run that never started): the slot is freed, the runs it asked as tools and that still run are stopped,
+and when the agent opted into retries (``retry: {limit, backoff, on}``) and the run was started by a
+trigger and ended in one of the ``on`` states, a new run is queued, ``backoff`` seconds later, whose
+``retry_of`` is the run that ended. Such a run waits in
 the queue like any other (so a kill -9 during its backoff keeps it), but is not handed off before its
 time.
 """
@@ -46,7 +51,9 @@ from runner.errors import OrchestratorError
 from runner.reconcile.applied import load_applied
 from runner.settings import Settings
 from runner.source.git import GitSource
+from runner.specs.models import AgentSpec
 from runner.state import PerThread
+from runner.supervise.calling import Calls
 from runner.times import utcnow
 
 log = logging.getLogger("runner.supervise")
@@ -75,11 +82,18 @@ class Request:
     record: RunRecord | None = None  # once its executor has it
     stop_wanted: tuple[str, str] | None = None  # a stop asked before its executor had it: (status, reason)
     links: Links = field(default_factory=Links)  # the run that asked it, or whose end triggered it
+    spec: AgentSpec | None = None  # an agent asked as a tool: its spec, narrowed to its caller's
+
+    @property
+    def called(self) -> bool:
+        """Asked as a tool by a run (which holds a slot and waits for it)."""
+        return self.links.parent_run_id is not None
 
     @property
     def concurrent(self) -> bool:
-        """One run of an agent at a time holds for runs its triggers and users start, not for workflow steps."""
-        return self.workflow_run_id is not None
+        """One run of an agent at a time holds for runs its triggers and users start, not for workflow steps
+        nor for agents asked as tools."""
+        return self.workflow_run_id is not None or self.called
 
 
 class ProcessTable:
@@ -98,7 +112,8 @@ class ProcessTable:
         self.owns_executor = executor is None  # a shared one (Ray's) is closed by the daemon
         self.executor: Executor = executor or LocalExecutor(settings.kill_grace)
         self.writer = LiveWriter(settings.state_path)
-        self.asks = Asks(self.executor)
+        self.calls = Calls(self)
+        self.asks = Asks(self.executor, agents=self.calls.ask)
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
         self.dispatcher.start()
 
@@ -112,13 +127,14 @@ class ProcessTable:
                overlap: str | None = None, retry_of: str | None = None, attempt: int = 1,
                delay: float = 0.0, step: tuple[str, str] | None = None, limits: dict[str, float] | None = None,
                on_end: Callable[[Request, RunRow], None] | None = None, run_id: str | None = None,
-               links: Links = NO_LINKS) -> Request:
+               links: Links = NO_LINKS, spec: AgentSpec | None = None) -> Request:
         """Queue a run of ``agent`` (or record it skipped, per its overlap policy). ``step``: (workflow run id,
-        step id) of a workflow's step, which runs beside other runs of its agent with ``limits``."""
+        step id) of a workflow's step, which runs beside other runs of its agent with ``limits``. ``spec``:
+        the spec it runs with instead of the applied one (an agent asked as a tool, narrowed)."""
         request = Request(run_id or new_run_id(), agent, trigger, input, requested_by, utcnow(), retry_of=retry_of,
                           attempt=attempt, not_before=time.monotonic() + delay,
                           workflow_run_id=step[0] if step else None, step=step[1] if step else None,
-                          limits=limits, on_end=on_end, links=links)
+                          limits=limits, on_end=on_end, links=links, spec=spec)
         with self.cond:
             if not self.accepting:
                 return self._record(request, "skipped", "the daemon is shutting down")
@@ -150,6 +166,10 @@ class ProcessTable:
                           data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
                           retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1),
                           links=Links.of(data))
+        if request.called:  # its caller died with that daemon, and its narrowed spec with it: it never runs
+            with self.cond:
+                return self._record(request, "interrupted", "the daemon died before this agent asked as a tool "
+                                    "started; its caller was interrupted")
         with self.cond:
             self.conn.execute("UPDATE run_progress SET launcher_pid = ? WHERE run_id = ?",
                               (os.getpid(), request.run_id))
@@ -195,8 +215,9 @@ class ProcessTable:
             plan = None  # it runs still; only its memory asks go unanswered
         record = RunRecord.resume(self.writer, progress_row, self.settings.logs_dir,
                                   on_end=lambda final: self._ended(request, final),
-                                  on_ask=functools.partial(self.asks.take, plan) if plan is not None else
-                                  functools.partial(self._cannot_answer, request.run_id))
+                                  on_ask=functools.partial(self._cannot_answer, request.run_id))
+        if plan is not None:
+            record.on_ask = functools.partial(self.asks.take, plan, record=record)
         with self.cond:
             self.running[request.run_id] = request
         deadline = plan.deadline_seconds if plan is not None else self.settings.default_agent_timeout
@@ -223,7 +244,7 @@ class ProcessTable:
     def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str,
               attempt: int) -> Request | None:
         """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one."""
-        if trigger in ("manual", "a2a", "workflow") or status not in RETRIABLE or not self.accepting:
+        if trigger in ("manual", "a2a", "workflow", "agent") or status not in RETRIABLE or not self.accepting:
             return None
         applied = load_applied(self.conn, self.settings.client_id, agent).get(agent)
         policy = (applied.spec_dict or {}).get("retry") if applied is not None else None
@@ -255,12 +276,13 @@ class ProcessTable:
 
     def _next(self) -> Request | None:
         """The oldest queued run whose agent has none in flight (an agent runs once at a time: 'queue'
-        waits for the run before it, 'replace' for the stopped one to be gone), while a slot is free."""
-        if len(self.running) >= self.settings.max_agents:
-            return None
+        waits for the run before it, 'replace' for the stopped one to be gone), while a slot is free. An
+        agent asked as a tool needs no slot: its caller holds one."""
+        free = sum(1 for r in self.running.values() if not r.called) < self.settings.max_agents
         busy = {r.agent for r in self.running.values() if not r.concurrent}
         now = time.monotonic()
-        return next((r for r in self.queue if (r.concurrent or r.agent not in busy) and r.not_before <= now), None)
+        return next((r for r in self.queue if (r.called or free) and (r.concurrent or r.agent not in busy)
+                     and r.not_before <= now), None)
 
     def _until_due(self) -> float | None:
         """Seconds until the first queued retry's backoff is over (None: nothing waits for its time)."""
@@ -271,7 +293,7 @@ class ProcessTable:
     def _hand_off(self, request: Request) -> None:
         try:
             plan = prepare(self.settings, self.conn, self.source, request.agent, input=request.input,
-                           trigger=request.trigger, run_id=request.run_id, allow_suspended=True)
+                           trigger=request.trigger, run_id=request.run_id, allow_suspended=True, spec=request.spec)
         except Exception as exc:  # whatever one run's preparation meets, the dispatcher goes on with the next
             if not isinstance(exc, OrchestratorError):
                 log.exception("preparing run %s of %s failed", request.run_id, request.agent)
@@ -309,6 +331,7 @@ class ProcessTable:
         request.status, request.row = row.status, row
         request.done.set()
         log.info("run %s of %s ended: %s", request.run_id, request.agent, row.status)
+        self.calls.caller_ended(request.run_id)
         if request.on_end is not None:
             request.on_end(request, row)
         if self.on_run_end is not None:
@@ -346,7 +369,18 @@ class ProcessTable:
             if status != "stopped":
                 request.record.stop_as = (status, reason)
         self.executor.stop(run_id)
+        self.calls.stop_callees(run_id, f"its caller, run {run_id}, was stopped")
         return True
+
+    def is_running(self, run_id: str) -> bool:
+        with self.cond:
+            return run_id in self.running
+
+    def record_of(self, run_id: str) -> RunRecord | None:
+        """The record of a run in flight here (None: not here, or not handed to its executor yet)."""
+        with self.cond:
+            request = self.running.get(run_id)
+            return request.record if request is not None else None
 
     def follow(self, run_id: str, on_end: Callable[[Request, RunRow], None]) -> bool:
         """Be told when run ``run_id``, queued or in flight here, ends; False when this table does not have it."""
