@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from runner.errors import ExpressionError, UsageError
 from runner.settings import Settings, client_ids
+from runner.specs import domains
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
 from runner.specs.expressions import check
 from runner.specs.loading import Document, Loc
@@ -396,6 +398,9 @@ class _Semantics:
                 self._add(("tools", i, "name"), f"tool '{name}' is listed twice (first as tools[{seen[name]}])")
                 continue
             seen[name] = i
+            if tool.get("agent") or tool.get("remote_agent"):
+                self._asked(i, tool)
+                continue
             info = self.ctx.tool(name)
             if info is None:
                 known = [*BUILTIN_TOOLS, *self.ctx.custom_tools]
@@ -406,6 +411,32 @@ class _Semantics:
                 self._add(("tools", i, "name"), f"custom tool '{name}' cannot be loaded: {info.error}")
                 continue
             self._tool(i, tool, info)
+
+    def _asked(self, i: int, tool: dict[str, Any]) -> None:
+        """A tool that asks an agent or a remote A2A agent: its name is free (nothing is looked up), but not a
+        builtin's; a remote agent's host must be one the spec's allowed_domains allow (by name, as the egress
+        rules read them; ENABLE_REMOTE_TOOLS is the daemon's, checked at each call as for http_get). Whether the
+        agent named exists is a question of the whole tree (validating.py)."""
+        if tool["name"] in BUILTIN_TOOLS:
+            self._add(("tools", i, "name"), f"'{tool['name']}' is a builtin tool: a tool that asks an agent needs a "
+                      "name of its own (ask_reviewer, say)")
+        url = tool.get("remote_agent")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            return
+        constraints = self.data.get("constraints")
+        allowed = constraints.get("allowed_domains") if isinstance(constraints, dict) else None
+        allowed = [d.lower() for d in allowed if isinstance(d, str)] if isinstance(allowed, list) else []
+        try:
+            host = urllib.parse.urlsplit(url).hostname or ""
+        except ValueError:
+            host = ""
+        if not host:
+            self._add(("tools", i, "remote_agent"), f"'{url[:200]}' names no host")
+            return
+        why = domains.refusal(host, allowed, None)
+        if why:
+            self._add(("tools", i, "remote_agent"), f"the remote agent's host is not allowed: {why} (list it in "
+                      "constraints.allowed_domains, 'local' for this machine)")
 
     def _tool(self, i: int, tool: dict[str, Any], info: ToolInfo) -> None:
         perms = tool.get("permissions")
