@@ -114,7 +114,7 @@ def intersect_paths(mine: Iterable[str], theirs: Iterable[str]) -> list[str]:
     for p in sorted(set(both), key=len):
         if not any(_within(p, kept) for kept in out):
             out.append(p)
-    return out
+    return sorted(out)
 
 
 def intersect_domains(mine: Iterable[str], theirs: Iterable[str]) -> list[str]:

@@ -1,0 +1,225 @@
+"""Agents asked as tools (docs/events.md, "An agent as a tool"), against a real daemon.
+
+Scripted agents in a real git repository; a daemon (`python -m runner serve`) on a fresh home, driven
+through its control socket. What happened is read from the ledger (runs, run_events). Every wait is a
+bounded poll of a condition; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SpecRepo, poll
+from daemon_helpers import state_rows, wait_ledger
+from test_daemon import MakeDaemon, daemons  # noqa: F401 (the fixture)
+from test_run import call, scripted_agent, turn
+
+from runner.agent.channel import Bounds, ChannelError, checked
+from runner.specs.models import AgentSpec
+from runner.supervise.narrowing import intersect_domains, intersect_paths, narrow
+
+ENDED = ("succeeded", "failed", "timed_out", "budget_exceeded", "stopped", "interrupted", "skipped")
+
+
+def ask_tool(name: str, agent: str) -> dict[str, Any]:
+    return {"name": name, "agent": agent, "description": f"asks {agent}"}
+
+
+def ended_runs(home: Path, agent: str, count: int = 1) -> list[dict[str, Any]]:
+    sql = "SELECT * FROM runs WHERE agent = ? ORDER BY coalesce(started_at, queued_at), run_id"
+    return wait_ledger(home, sql, [agent], what=f"{count} ended run(s) of {agent} in the ledger",
+                       until=lambda rows: len(rows) >= count and all(r["status"] in ENDED for r in rows[:count]),
+                       timeout=60)
+
+
+def events(home: Path, run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+    rows = wait_ledger(home, "SELECT * FROM run_events WHERE run_id = ? ORDER BY seq", [run_id],
+                       what=f"the events of run {run_id}", until=lambda rows: any(r["kind"] == "status" for r in rows))
+    for r in rows:
+        r["detail"] = json.loads(r["detail"]) if isinstance(r["detail"], str) else (r["detail"] or {})
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def tool_calls(home: Path, run_id: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in events(home, run_id, "tool_call") if e["name"] == name]
+
+
+# -- the call, both transcripts, the callee's row ----------------------------------------------------------------
+
+
+def test_a_caller_asks_an_agent_and_gets_its_answer(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    scripted_agent(repo, "reviewer", [turn(content="LGTM: ${INPUT}", usage=(7, 3))])
+    scripted_agent(repo, "author", [turn(call("ask_reviewer", question="is this ok?")), turn(content="done")],
+                   tools=[ask_tool("ask_reviewer", "reviewer")])
+    repo.commit("an author and its reviewer")
+    daemon = daemons()
+    final = daemon.run("author")
+    assert final["status"] == "succeeded", final
+
+    (callee,) = ended_runs(home, "reviewer")
+    assert callee["status"] == "succeeded" and callee["output"] == "LGTM: is this ok?"
+    assert callee["parent_run_id"] == final["run_id"] and callee["trigger"] == "agent"
+    assert callee["requested_by"] == f"run:{final['run_id']}" and callee["input"] == "is this ok?"
+
+    (asked,) = tool_calls(home, final["run_id"], "ask_reviewer")
+    assert asked["decision"] == "allowed", asked
+    assert asked["detail"]["result"] == "LGTM: is this ok?"
+    assert asked["detail"]["callee_run_id"] == callee["run_id"] and asked["detail"]["callee_tokens"] == 10
+    # The callee's transcript is its own run's: its model call and its end.
+    assert [e["kind"] for e in events(home, callee["run_id"]) if e["kind"] in ("llm_call", "status")] == \
+        ["llm_call", "status"]
+    # The caller's row keeps its own tokens (two calls of 10 + 5); the callee's are on the callee's row.
+    (caller,) = ended_runs(home, "author")
+    assert (caller["input_tokens"], caller["output_tokens"]) == (20, 10)
+    assert (callee["input_tokens"], callee["output_tokens"]) == (7, 3)
+
+
+# -- narrowing ----------------------------------------------------------------------------------------------------
+
+
+def test_the_callee_runs_with_what_its_caller_may_do(
+        repo: SpecRepo, home: Path, tmp_path: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    shared, other = tmp_path / "data" / "shared", tmp_path / "data" / "other"
+    for folder in (shared, other):
+        folder.mkdir(parents=True)
+        (folder / "note.txt").write_text(f"the note in {folder.name}")
+    reads_other = [turn(call("file_reader", path=str(other / "note.txt"))), turn(content="read it")]
+    scripted_agent(repo, "reader", reads_other,
+                   tools=[{"name": "file_reader", "paths": [str(shared), str(other)]}])
+    scripted_agent(repo, "boss", [turn(call("ask_reader", question="read the other note")), turn(content="ok")],
+                   tools=[{"name": "file_reader", "paths": [str(shared)]}, ask_tool("ask_reader", "reader")])
+    repo.commit("a reader of two folders, asked by a boss of one")
+    daemon = daemons()
+
+    alone = daemon.run("reader")
+    assert alone["status"] == "succeeded", alone
+    (read,) = tool_calls(home, alone["run_id"], "file_reader")
+    assert read["decision"] == "allowed" and "the note in other" in read["detail"]["result"]
+
+    asked = daemon.run("boss")
+    assert asked["status"] == "succeeded", asked
+    callee = next(r for r in ended_runs(home, "reader", 2) if r["parent_run_id"] == asked["run_id"])
+    (refused,) = tool_calls(home, callee["run_id"], "file_reader")
+    assert refused["decision"] == "denied", refused
+    assert str(other) in refused["detail"]["reason"] or "not in" in refused["detail"]["reason"], refused
+    assert callee["denied"] == 1
+
+
+def test_narrowing_keeps_what_both_specs_allow(tmp_path: Path) -> None:
+    callee = AgentSpec.model_validate({
+        "name": "callee", "model": "scripted:x.yaml", "memory": {"type": "vector_db"},
+        "tools": [{"name": "file_reader", "paths": ["/srv/data"]},
+                  {"name": "file_writer", "paths": ["/srv/data/out"]},
+                  {"name": "shell", "commands": ["echo", "ls", "rm"]},
+                  {"name": "http_get"}, {"name": "memory_search"},
+                  {"name": "ask_more", "agent": "deeper"}],
+        "constraints": {"allowed_domains": ["*.example.com", "api.other.org", "local"]}})
+    caller = AgentSpec.model_validate({
+        "name": "caller", "model": "scripted:x.yaml",
+        "tools": [{"name": "file_reader", "paths": ["/srv/data/in", "/elsewhere"]},
+                  {"name": "shell", "commands": ["echo", "ls"]}],
+        "constraints": {"allowed_domains": ["api.example.com", "*.other.org"]}})
+    variables = {"CLIENT_ID": "default", "AGENT_NAME": "x", "AGENT_ORCH_HOME": str(tmp_path)}
+    narrowed = narrow(callee, caller, callee_vars=variables, caller_vars=variables, callee_sources={},
+                      caller_sources={}, deeper=False)
+    tools = {t.name: t for t in narrowed.tools}
+    assert set(tools) == {"file_reader", "shell", "memory_search"}  # no write, no network, no deeper agent
+    assert tools["file_reader"].paths == ["/srv/data/in"]  # the caller's narrower path replaces the callee's
+    assert tools["shell"].commands == ["echo", "ls"]
+    assert narrowed.constraints.allowed_domains == ["api.example.com", "api.other.org"]
+    assert narrowed.memory == callee.memory
+    assert intersect_paths(["/a", "/b/c"], ["/a/x", "/b"]) == ["/a/x", "/b/c"]
+    assert intersect_domains(["*.a.com"], ["*.b.a.com", "a.com"]) == ["*.b.a.com"]
+
+
+# -- the shared budget, the depth ---------------------------------------------------------------------------------
+
+
+def test_the_callees_tokens_count_on_the_callers_budget(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    scripted_agent(repo, "spender", [turn(content="spent", usage=(500, 100))])
+    scripted_agent(repo, "thrifty", [turn(call("ask_spender", question="spend"), usage=(10, 5)),
+                                     turn(content="never reached")],
+                   tools=[ask_tool("ask_spender", "spender")], constraints={"max_tokens": 100})
+    repo.commit("a thrifty caller and a spender")
+    daemon = daemons()
+    final = daemon.run("thrifty")
+    assert final["status"] == "budget_exceeded", final
+    assert "used by agents it asked" in final["error"], final
+    (callee,) = ended_runs(home, "spender")
+    # The callee's budget was capped at what the caller had left (100 - 15): it overshot it and says so.
+    assert callee["status"] == "budget_exceeded" and "85" in callee["error"], callee
+    (caller,) = ended_runs(home, "thrifty")
+    assert caller["input_tokens"] + caller["output_tokens"] == 15  # its own only: the ledger counts nothing twice
+    (asked,) = tool_calls(home, final["run_id"], "ask_spender")
+    assert asked["detail"]["callee_tokens"] == 600 and asked["detail"]["error"].startswith("agent 'spender'")
+
+
+def test_an_ask_past_the_depth_limit_is_refused_to_the_model(
+        repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    scripted_agent(repo, "leaf", [turn(content="leaf")])
+    scripted_agent(repo, "root", [turn(call("ask_leaf", question="hello")), turn(content="alone then")],
+                   tools=[ask_tool("ask_leaf", "leaf")])
+    repo.commit("a root and a leaf")
+    daemon = daemons(env={"AGENT_ORCH_MAX_TOOL_DEPTH": "0"})
+    final = daemon.run("root")
+    assert final["status"] == "succeeded", final
+    (refused,) = tool_calls(home, final["run_id"], "ask_leaf")
+    assert refused["decision"] == "denied", refused
+    assert "AGENT_ORCH_MAX_TOOL_DEPTH (0)" in refused["detail"]["reason"], refused
+    assert not state_rows(home, "SELECT run_id FROM run_progress WHERE agent = 'leaf'")
+    assert ended_runs(home, "root")[0]["denied"] == 1
+
+
+def test_a_callee_does_not_keep_its_own_agent_tools_at_the_last_level(
+        repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    scripted_agent(repo, "c", [turn(content="c")])
+    scripted_agent(repo, "b", [turn(call("ask_c", question="hi")), turn(content="b")], tools=[ask_tool("ask_c", "c")])
+    scripted_agent(repo, "a", [turn(call("ask_b", question="hi")), turn(content="a")], tools=[ask_tool("ask_b", "b")])
+    repo.commit("a asks b asks c")
+    daemon = daemons(env={"AGENT_ORCH_MAX_TOOL_DEPTH": "1"})
+    assert daemon.run("a")["status"] == "succeeded"
+    (b,) = ended_runs(home, "b")
+    (refused,) = tool_calls(home, b["run_id"], "ask_c")
+    assert refused["decision"] == "denied" and "no tool named 'ask_c'" in refused["detail"]["reason"], refused
+
+
+# -- stopping -----------------------------------------------------------------------------------------------------
+
+
+def test_stopping_the_caller_stops_its_callee(repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    scripted_agent(repo, "slow", [turn(content="late", sleep=120)])
+    scripted_agent(repo, "impatient", [turn(call("ask_slow", question="take your time")), turn(content="x")],
+                   tools=[ask_tool("ask_slow", "slow")])
+    repo.commit("a caller of a slow agent")
+    daemon = daemons()
+    started = daemon.call({"op": "run", "agent": "impatient", "wait": False, "requested_by": "test"})
+    poll(lambda: state_rows(home, "SELECT run_id FROM run_progress WHERE agent = 'slow' AND status = 'running' "
+                            "AND pid IS NOT NULL"), "the callee to run", timeout=30)
+    daemon.call({"op": "stop", "agent": "impatient"})
+    (callee,) = ended_runs(home, "slow")
+    assert callee["status"] == "stopped" and callee["parent_run_id"] == started["run_id"], callee
+    (caller,) = ended_runs(home, "impatient")
+    assert caller["status"] == "stopped", caller
+
+
+# -- what a run may ask -------------------------------------------------------------------------------------------
+
+
+def test_a_run_may_ask_only_the_agents_its_spec_lists() -> None:
+    spec = AgentSpec.model_validate({"name": "x", "model": "scripted:x.yaml",
+                                     "tools": [ask_tool("ask_b", "b"), {"name": "http_get"}]})
+    bounds = Bounds(spec)
+    ok = checked({"t": "ask", "id": 1, "op": "agent.ask", "tool": "ask_b", "text": "q" * 20000}, 100)
+    assert len(ok["text"]) == 8000 and ok["tool"] == "ask_b"
+    bounds.check(ok)
+    for tool, op in (("http_get", "agent.ask"), ("ask_c", "agent.ask"), ("ask_b", "remote.ask")):
+        with pytest.raises(ChannelError, match="not one of its"):
+            bounds.check(checked({"t": "ask", "id": 2, "op": op, "tool": tool, "text": "q"}, 10))
+    with pytest.raises(ChannelError, match="names no tool"):
+        checked({"t": "ask", "id": 3, "op": "agent.ask", "text": "q"}, 10)
+    bounds.borrow(250)
+    bounds.check({"t": "usage", "input": 1, "output": 1})
+    assert bounds.tokens + bounds.borrowed == 252
