@@ -44,7 +44,8 @@ class ToolSpec(Strict):
     )
     timeout: float | None = Field(
         None, gt=0, le=3600, description="Seconds one call may take (shell, http_get, an agent or remote "
-        "agent asked); default 30 (an agent asked: its own max_runtime)."
+        "agent asked); default 30 (an agent asked: its own max_runtime, which this caps; a remote agent: "
+        "DEFAULT_AGENT_TIMEOUT)."
     )
     agent: str | None = Field(
         None, pattern=NAME_PATTERN, description="This tool asks another agent of the repository (an agent as a "
