@@ -1,0 +1,213 @@
+"""remote_agent tools: a run asks an A2A agent elsewhere through its supervisor (docs/events.md, A2A).
+
+The daemon under test is real; the other side is, for now, ``PartnerDouble``: a small A2A v1.0 JSON-RPC
+server made here (an Agent Card and ``SendMessage``), standing in for the other daemon's A2A server until
+``runner.api.a2a`` is merged. Its messages are built with a2a-sdk's own types, so the wire format is the
+SDK's. The end-to-end test against a second daemon is at the bottom and says why it is skipped while that
+server is not here. Every wait is a bounded poll.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SpecRepo
+from google.protobuf import json_format
+from test_agent_tools import events, tool_calls
+from test_daemon import MakeDaemon, daemons  # noqa: F401 (the fixture)
+from test_run import call, scripted_agent, turn
+
+from runner.agent.remote import ask_remote, card_location
+from runner.errors import DeniedError, OrchestratorError
+
+PATH = "/agents/v1/a2a/partner"
+
+
+class PartnerDouble(ThreadingHTTPServer):
+    """An A2A agent on 127.0.0.1: its card names ``endpoint`` (default: its own URL), it answers
+    'partner says: QUESTION' as a completed task's artifact, and it keeps the Authorization headers it saw."""
+
+    def __init__(self, endpoint: str | None = None, state: str = "TASK_STATE_COMPLETED") -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.endpoint, self.state = endpoint, state
+        self.authorizations: list[str | None] = []
+        self.questions: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{PATH}"
+
+    def card(self) -> dict[str, Any]:
+        from a2a.types.a2a_pb2 import AgentCard
+
+        card = AgentCard(name="partner", description="a test partner", version="1.0",
+                         supported_interfaces=[{"url": self.endpoint or self.url, "protocol_binding": "JSONRPC",
+                                                "protocol_version": "1.0"}],
+                         default_input_modes=["text/plain"], default_output_modes=["text/plain"])
+        return json_format.MessageToDict(card)
+
+    def answer(self, params: dict[str, Any]) -> dict[str, Any]:
+        from a2a.types.a2a_pb2 import SendMessageRequest, SendMessageResponse, Task, TaskState
+
+        request = json_format.ParseDict(params, SendMessageRequest())
+        question = "".join(p.text for p in request.message.parts)
+        self.questions.append(question)
+        task = Task(id="task-1", context_id="ctx-1", status={"state": TaskState.Value(self.state)},
+                    artifacts=[{"artifact_id": "a1", "parts": [{"text": f"partner says: {question}"}]}])
+        return json_format.MessageToDict(SendMessageResponse(task=task))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PartnerDouble
+
+    def do_GET(self) -> None:
+        self.server.authorizations.append(self.headers.get("Authorization"))
+        if self.path == PATH + "/.well-known/agent-card.json":
+            self._json(200, self.server.card())
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        self.server.authorizations.append(self.headers.get("Authorization"))
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if self.path != PATH or body.get("method") != "SendMessage":
+            self._json(404, {"error": "not found"})
+            return
+        self._json(200, {"jsonrpc": "2.0", "id": body.get("id"), "result": self.server.answer(body["params"])})
+
+    def _json(self, status: int, data: Any) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def partner() -> Iterator[PartnerDouble]:
+    server = PartnerDouble()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _allow_all(_url: str) -> None:
+    pass
+
+
+# -- the client ---------------------------------------------------------------------------------------------------
+
+
+def test_the_client_reads_the_card_and_sends_one_blocking_message(partner: PartnerDouble) -> None:
+    seen: list[str] = []
+    answer = ask_remote(partner.url, "how are you?", token="s3cret", timeout=20, check=seen.append)
+    assert answer.text == "partner says: how are you?" and answer.task_id == "task-1"
+    assert answer.state == "TASK_STATE_COMPLETED"
+    assert seen == [partner.url + "/.well-known/agent-card.json", partner.url]  # each URL checked before use
+    assert partner.authorizations == ["Bearer s3cret", "Bearer s3cret"]
+    # The card's own URL works as the tool's URL too.
+    assert card_location(partner.url + "/.well-known/agent-card.json") == (partner.url, "/.well-known/agent-card.json")
+
+
+def test_a_card_that_sends_the_call_elsewhere_is_refused_before_the_call(partner: PartnerDouble) -> None:
+    partner.endpoint = "http://elsewhere.example.com/a2a"
+
+    def check(url: str) -> None:
+        if "elsewhere" in url:
+            raise DeniedError("'elsewhere.example.com' is not in allowed_domains (local)")
+
+    with pytest.raises(DeniedError, match="elsewhere"):
+        ask_remote(partner.url, "hello", token=None, timeout=20, check=check)
+    assert partner.questions == []
+
+
+def test_a_task_that_did_not_complete_is_an_error(partner: PartnerDouble) -> None:
+    partner.state = "TASK_STATE_FAILED"
+    with pytest.raises(OrchestratorError, match="TASK_STATE_FAILED"):
+        ask_remote(partner.url, "hello", token=None, timeout=20, check=_allow_all)
+
+
+# -- through the daemon -------------------------------------------------------------------------------------------
+
+
+def test_a_run_asks_a_remote_agent_through_its_supervisor(
+        repo: SpecRepo, home: Path, partner: PartnerDouble, daemons: MakeDaemon) -> None:  # noqa: F811
+    scripted_agent(repo, "asker", [turn(call("ask_partner", question="status?")), turn(content="done")],
+                   tools=[{"name": "ask_partner", "remote_agent": partner.url, "secret_env": "PARTNER_TOKEN"}],
+                   constraints={"allowed_domains": ["local"]})
+    repo.commit("an agent that asks a partner")
+    daemon = daemons(env={"PARTNER_TOKEN": "tok-123"})
+    final = daemon.run("asker")
+    assert final["status"] == "succeeded", final
+    (asked,) = tool_calls(home, final["run_id"], "ask_partner")
+    assert asked["decision"] == "allowed" and asked["detail"]["result"] == "partner says: status?", asked
+    assert asked["detail"]["host"] == "127.0.0.1" and asked["detail"]["task_id"] == "task-1"
+    egress = [e for e in events(home, final["run_id"], "log") if e["name"] == "egress"]
+    assert [e["decision"] for e in egress] == ["allowed", "allowed"], egress
+    assert all(e["detail"]["via"] == "remote_agent ask_partner" for e in egress)
+    assert partner.authorizations == ["Bearer tok-123", "Bearer tok-123"]
+    assert "tok-123" not in json.dumps(events(home, final["run_id"]), default=str)  # the run never saw it
+
+
+def test_a_host_the_run_may_not_reach_is_a_denied_call(
+        repo: SpecRepo, home: Path, partner: PartnerDouble, daemons: MakeDaemon) -> None:  # noqa: F811
+    partner.endpoint = "http://partner.example.com/a2a"  # beyond this machine: ENABLE_REMOTE_TOOLS is off
+    scripted_agent(repo, "asker", [turn(call("ask_partner", question="status?")), turn(content="done")],
+                   tools=[{"name": "ask_partner", "remote_agent": partner.url}],
+                   constraints={"allowed_domains": ["local", "partner.example.com"]})
+    repo.commit("an agent whose partner's card points away")
+    daemon = daemons()
+    final = daemon.run("asker")
+    assert final["status"] == "succeeded", final
+    (asked,) = tool_calls(home, final["run_id"], "ask_partner")
+    assert asked["decision"] == "denied" and "ENABLE_REMOTE_TOOLS" in asked["detail"]["reason"], asked
+    egress = [e for e in events(home, final["run_id"], "log") if e["name"] == "egress"]
+    assert [(e["decision"], e["detail"]["host"]) for e in egress] == \
+        [("allowed", "127.0.0.1"), ("denied", "partner.example.com")], egress
+    assert partner.questions == []
+
+
+# -- end to end, against a second daemon's A2A server -----------------------------------------------------------
+
+A2A_SERVER = importlib.util.find_spec("runner.api.a2a") is not None
+
+
+@pytest.mark.skipif(not A2A_SERVER, reason="the A2A server (runner.api.a2a, branch a2a) is not merged yet: "
+                    "the client is tested above against PartnerDouble")
+def test_a_run_asks_an_agent_of_another_daemon(tmp_path: Path) -> None:
+    from api_helpers import scripted, serve
+
+    partner = serve(tmp_path / "partner", scripted("helper", [turn(content="helped: ${INPUT}")],
+                                                   a2a={"expose": True}))
+    try:
+        url = f"http://127.0.0.1:{partner.port}/agents/v1/a2a/helper"
+        files = scripted("asker", [turn(call("ask_helper", question="help me")), turn(content="done")],
+                         tools=[{"name": "ask_helper", "remote_agent": url, "secret_env": "HELPER_TOKEN"}],
+                         constraints={"allowed_domains": ["local"]})
+        asker = serve(tmp_path / "asker", files, env={"HELPER_TOKEN": partner.tokens["operator"]})
+        try:
+            reply = asker.api("POST", "/agents/asker/start", role="operator")
+            assert reply.status in (200, 202), reply.body
+            runs = asker.api("GET", "/runs?agent=asker", role="viewer").json
+            rows = runs["runs"] if isinstance(runs, dict) else runs
+            final = asker.wait_run(rows[0]["run_id"], timeout=60)
+            assert final["status"] == "succeeded", final
+            (asked,) = tool_calls(asker.home, final["run_id"], "ask_helper")
+            assert asked["detail"]["result"] == "helped: help me", asked
+        finally:
+            asker.stop()
+    finally:
+        partner.stop()
