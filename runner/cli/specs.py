@@ -49,10 +49,11 @@ def validate(app: App, paths: tuple[str, ...]) -> None:
     for root, files in files_on_disk(list(paths)):
         results, _ = validate_tree(files, client_id=client, home=home, file_exists=_exists_under(root), across=False)
         everything.extend(results)
-    # A workflow validated alone is checked with the agents beside it (its folder), as its repository would.
+    # A spec naming others (a workflow's steps, tools, triggers) validated alone is checked with the specs beside it
+    # (its folder), as its repository would.
     beside = [r for raw in paths if Path(raw).is_file() for _, files in files_on_disk([str(Path(raw).parent)])
               for r in validate_tree(files, client_id=client, home=home, across=False)[0]] \
-        if any(r.kind == "workflow" for r in everything) else []
+        if any(r.refs for r in everything) else []
     for raw in paths:  # a file named on purpose that is not a spec is a mistake worth saying
         if Path(raw).is_file() and not raw.endswith(SPEC_SUFFIXES):
             problems.append(Problem(raw, 1, 1, "", "not a spec file: specs end in .yaml or .yml"))

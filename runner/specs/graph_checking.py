@@ -56,7 +56,8 @@ def has_refs(spec: dict[str, Any] | None) -> bool:
 def check_refs(results: list[Any], context: list[Any] | None = None) -> None:
     """Check the refs of ``results`` (SpecResults, in place) against the tree; the ``context`` results (specs
     beside a file validated alone) count as known and are not checked."""
-    known = [*results, *(context or [])]
+    named = {(r.kind, r.name) for r in results}
+    known = [*results, *(c for c in context or [] if (c.kind, c.name) not in named)]  # a file is in both: once
     kinds = {r.name: r.kind for r in known if r.name}
     agents = {n for n, k in kinds.items() if k == "agent"}
     found: dict[int, list[Problem]] = {}

@@ -62,6 +62,7 @@ from runner.specs.models import AgentSpec
 from runner.state import PerThread, connect
 from runner.supervise import workflow_ops
 from runner.supervise.control import ControlServer, socket_path
+from runner.supervise.events import OPS as EVENT_OPS
 from runner.supervise.events import Events, Received
 from runner.supervise.logfile import setup_logging
 from runner.supervise.metrics import Metrics
@@ -415,12 +416,8 @@ class ClientDaemon:
             return {"ok": True}
         if op in workflow_ops.OPS:
             return workflow_ops.handle(self.workflows, request)
-        if op == "delivery.replay":
-            try:
-                return {"ok": True, **self.events.replay(str(request.get("id")), str(request.get("requested_by")
-                                                                                         or "cli")).as_json()}
-            except OrchestratorError as exc:
-                return {"ok": False, "code": exc.code, "error": exc.message}
+        if op in EVENT_OPS:
+            return self.events.handle(request)
         applied = load_applied(self.conn, client, agent) if isinstance(agent, str) else {}
         if not isinstance(agent, str) or agent not in applied:
             hint = " (run 'agentctl apply')" if op == "run" else ""  # as agentctl says it without a daemon

@@ -38,6 +38,7 @@ MAX_KEY = 512  # characters of a dedupe key kept
 # Headers a delivery keeps for its templates and a replay: never the proof of the secret.
 SECRET_HEADERS = {"authorization", "x-hub-signature-256", "x-hub-signature", "x-gitea-signature", "x-gitlab-token",
                   "cookie", "proxy-authorization"}
+OPS = ("delivery.replay",)  # the control socket's requests (`agentctl deliveries replay`)
 CRASH_AT = "AGENT_ORCH_TEST_CRASH_AT"  # fault injection for the tests: the daemon kills itself at this point
 
 
@@ -246,6 +247,14 @@ class Events:
         self._start(new)
         log.info("delivery %s replayed as %s by %s", old.delivery_id, new.delivery_id, requested_by)
         return new
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A control socket request (OPS), answered as the socket answers."""
+        try:
+            new = self.replay(str(request.get("id")), str(request.get("requested_by") or "cli"))
+            return {"ok": True, **new.as_json()}
+        except OrchestratorError as exc:
+            return {"ok": False, "code": exc.code, "error": exc.message}
 
     # -- run_completed ----------------------------------------------------------------------------------
 
