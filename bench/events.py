@@ -10,6 +10,11 @@
 
 The runs queue behind one another (overlap: queue) and are trivial scripted ones; every delivery is checked in
 the ledger (one started delivery and one run per event, none lost).
+
+- an agent asked as a tool: BENCH_TOOL_ROUNDS (20) rounds, each of three runs one after another over the control
+  socket (each waited for): the callee alone; a caller that answers at once (two model turns, no tool); a caller
+  that asks the callee once, then answers. The call's cost is (caller asking - caller alone), beside the callee's
+  own run: the overhead is what the call adds over a direct run of the callee. Medians.
 """
 
 from __future__ import annotations
@@ -38,12 +43,24 @@ EVENTS = int(os.environ.get("BENCH_EVENTS", "500"))
 SENDERS = 8
 STARTS = 30
 SECRET = "bench-secret"
+TOOL_ROUNDS = int(os.environ.get("BENCH_TOOL_ROUNDS", "20"))
 
 
 def make_repo(root: Path) -> Path:
     repo = root / "repo"
     (repo / "specs" / "_scripts").mkdir(parents=True)
     (repo / "specs" / "_scripts" / "done.yaml").write_text("turns:\n  - content: done\n")
+    (repo / "specs" / "_scripts" / "alone.yaml").write_text(
+        "turns:\n  - content: thinking\n  - content: done\n")
+    (repo / "specs" / "_scripts" / "asking.yaml").write_text(
+        "turns:\n  - tool_calls: [{name: ask_callee, args: {question: hi}}]\n  - content: done\n")
+    (repo / "specs" / "callee.yaml").write_text(
+        "name: callee\ndescription: trivial\nmodel: scripted:_scripts/done.yaml\noverlap: queue\n")
+    (repo / "specs" / "alone.yaml").write_text(
+        "name: alone\ndescription: trivial\nmodel: scripted:_scripts/alone.yaml\noverlap: queue\n")
+    (repo / "specs" / "asking.yaml").write_text(
+        "name: asking\ndescription: asks\nmodel: scripted:_scripts/asking.yaml\noverlap: queue\n"
+        "tools:\n  - name: ask_callee\n    agent: callee\n")
     (repo / "specs" / "hooked.yaml").write_text(
         "name: hooked\ndescription: trivial\nmodel: scripted:_scripts/done.yaml\noverlap: queue\n"
         "triggers:\n  - type: webhook\n    secret_env: BENCH_HOOK_SECRET\n"
@@ -133,6 +150,25 @@ def _idle(home: Path) -> None:
     raise RuntimeError("the runs never ended")
 
 
+def _timed_run(home: Path, agent: str) -> float:
+    """Seconds from submitting a run over the control socket to its answer (it waits for the end)."""
+    t = time.perf_counter()
+    reply = call(socket_path(home, "default"), {"op": "run", "agent": agent, "requested_by": "bench"}, timeout=120)
+    if not reply or reply.get("status") != "succeeded":
+        raise RuntimeError(f"run of {agent}: {reply}")
+    return time.perf_counter() - t
+
+
+def _tool_rounds(home: Path) -> dict[str, float]:
+    for agent in ("callee", "alone", "asking"):  # warm each path once
+        _timed_run(home, agent)
+    times: dict[str, list[float]] = {"callee": [], "alone": [], "asking": []}
+    for _ in range(TOOL_ROUNDS):
+        for agent in times:
+            times[agent].append(_timed_run(home, agent))
+    return {agent: statistics.median(values) for agent, values in times.items()}
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-events-"))
     proc = None
@@ -169,6 +205,7 @@ def main() -> None:
                                                          "requested_by": "bench"}) or {}
             direct.append(_wait_started(home, str(reply["run_id"])) - sent)
             _idle(home)
+        tool = _tool_rounds(home)
         from runner.ledger.deliveries import list_deliveries
         from runner.state import connect
 
@@ -192,6 +229,11 @@ def main() -> None:
           f"{_percentile(to_start, 0.99) * ms:.1f} ms | baseline `run` over the control socket: median "
           f"{run_start * ms:.1f} ms | extra {(hook_start - run_start) * ms:.1f} ms | deliveries started: {started} of "
           f"{EVENTS + STARTS + 20}")
+    call_cost = tool["asking"] - tool["alone"]
+    print(f"events: an agent asked as a tool, {TOOL_ROUNDS} rounds: the call {call_cost * ms:.1f} ms (caller asking "
+          f"{tool['asking'] * ms:.1f} ms - caller alone {tool['alone'] * ms:.1f} ms) | baseline: the callee alone "
+          f"{tool['callee'] * ms:.1f} ms | overhead {(call_cost - tool['callee']) * ms:.1f} ms, "
+          f"{call_cost / tool['callee']:.2f}x the direct run")
 
 if __name__ == "__main__":
     main()
