@@ -217,3 +217,90 @@ steps:
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
+
+
+def test_a_scripted_caller_asks_a_real_model_agent_and_a_webhook_starts_one(llama_server: str,
+                                                                            tmp_path: Path) -> None:
+    """Issue 15 on a real model: an agent asked as a tool answers from llama.cpp in its own sandbox, its real
+    tokens counted on the caller's budget; a signed webhook starts a real-model run with the payload as input."""
+    import hashlib
+    import hmac
+
+    repo = make_repo(tmp_path, {
+        "expert": """
+name: expert
+description: answers briefly
+instructions: "Answer the question in one short sentence."
+model: openai:gemma
+constraints: {max_tokens: 3000, max_runtime: 240, max_model_calls: 2}
+""",
+        "author": """
+name: author
+description: asks the expert
+model: scripted:_scripts/author.yaml
+tools:
+  - name: ask_expert
+    agent: expert
+constraints: {max_tokens: 6000}
+""",
+        "hooked": """
+name: hooked
+description: reads an event
+instructions: "Say in one short sentence what the JSON event you are given is about."
+model: openai:gemma
+constraints: {max_tokens: 3000, max_runtime: 240, max_model_calls: 2}
+triggers:
+  - type: webhook
+    secret_env: E2E_HOOK_SECRET
+""",
+    })
+    (repo / "specs" / "_scripts").mkdir()
+    (repo / "specs" / "_scripts" / "author.yaml").write_text(
+        "turns:\n  - tool_calls: [{name: ask_expert, args: {question: 'What colour is grass?'}}]\n"
+        "  - content: asked\n")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "script"], cwd=repo, check=True, capture_output=True,
+                   env={**os.environ, **GIT_ENV})
+    home = tmp_path / "home"
+    port = free_port()
+    env = {**os.environ, **GIT_ENV, "AGENT_ORCH_SOURCE": str(repo), "LANGCHAIN_API_URL": llama_server,
+           "AGENT_ORCH_SHUTDOWN_GRACE": "0", "E2E_HOOK_SECRET": "e2e-secret"}
+    daemon = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve", "--port", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not json.loads(agentctl(home, repo, llama_server, "--output", "json", "status").stdout or "{}").get(
+                "daemon", {}).get("running"):
+            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.5)
+        asked = agentctl(home, repo, llama_server, "--output", "json", "run", "author")
+        caller = json.loads(asked.stdout)
+        assert caller["status"] == "succeeded", asked.stdout + asked.stderr
+        rows = json.loads(agentctl(home, repo, llama_server, "--output", "json", "history", "--sql",
+                                   "select run_id, status, output, input_tokens, output_tokens, parent_run_id "
+                                   "from runs where agent = 'expert'").stdout)
+        (callee,) = rows
+        assert callee["parent_run_id"] == caller["run_id"] and callee["status"] == "succeeded", callee
+        assert callee["input_tokens"] > 0 and callee["output_tokens"] > 0 and callee["output"]
+        print(f"\nexpert asked as a tool: {callee['output'][:60]!r}, {callee['input_tokens']}+"
+              f"{callee['output_tokens']} tokens on the caller's budget")
+
+        body = json.dumps({"action": "opened", "title": "Fix the login page"}).encode()
+        signature = "sha256=" + hmac.new(b"e2e-secret", body, hashlib.sha256).hexdigest()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/agents/v1/hooks/events/default/hooked", data=body,
+                                     headers={"X-Hub-Signature-256": signature, "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 202
+            run_id = json.loads(resp.read())["run_id"]
+        deadline = time.monotonic() + 300
+        while True:
+            shown = json.loads(agentctl(home, repo, llama_server, "--output", "json", "show", run_id).stdout or "{}")
+            if shown.get("status") not in (None, "queued", "running"):
+                break
+            assert time.monotonic() < deadline, "the webhook's run did not end"
+            time.sleep(1)
+        assert shown["status"] == "succeeded" and json.loads(shown["input"])["title"] == "Fix the login page", shown
+        print(f"webhook run: {shown['output'][:60]!r}")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
