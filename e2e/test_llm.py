@@ -62,6 +62,20 @@ def agentctl(home: Path, repo: Path, api: str, *args: str) -> subprocess.Complet
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+def serve(home: Path, repo: Path, api: str, *options: str, **env: str) -> subprocess.Popen[bytes]:
+    """`agentctl serve` with ``options`` and ``env``, once `agentctl status` says it runs."""
+    daemon = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve", *options], cwd=ROOT,
+                              env={**os.environ, **GIT_ENV, "AGENT_ORCH_SOURCE": str(repo), "LANGCHAIN_API_URL": api,
+                                   "AGENT_ORCH_SHUTDOWN_GRACE": "0", **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not json.loads(agentctl(home, repo, api, "--output", "json", "status").stdout or "{}").get(
+        "daemon", {}).get("running"):
+        assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+        time.sleep(0.5)
+    return daemon
+
+
 def make_repo(tmp_path: Path, specs: dict[str, str]) -> Path:
     repo = tmp_path / "repo"
     (repo / "specs").mkdir(parents=True)
@@ -186,16 +200,8 @@ steps:
 """,
     })
     home = tmp_path / "home"
-    env = {**os.environ, **GIT_ENV, "AGENT_ORCH_SOURCE": str(repo), "LANGCHAIN_API_URL": llama_server,
-           "AGENT_ORCH_PORT": "0", "AGENT_ORCH_SHUTDOWN_GRACE": "0"}
-    daemon = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = serve(home, repo, llama_server, AGENT_ORCH_PORT="0")
     try:
-        deadline = time.monotonic() + 120
-        while not json.loads(agentctl(home, repo, llama_server, "--output", "json", "status").stdout or "{}").get(
-                "daemon", {}).get("running"):
-            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.5)
         relay = agentctl(home, repo, llama_server, "--output", "json", "workflow", "run", "relay")
         done = json.loads(relay.stdout)
         assert done["status"] == "succeeded", relay.stdout + relay.stderr
@@ -263,16 +269,8 @@ triggers:
                    env={**os.environ, **GIT_ENV})
     home = tmp_path / "home"
     port = free_port()
-    env = {**os.environ, **GIT_ENV, "AGENT_ORCH_SOURCE": str(repo), "LANGCHAIN_API_URL": llama_server,
-           "AGENT_ORCH_SHUTDOWN_GRACE": "0", "E2E_HOOK_SECRET": "e2e-secret"}
-    daemon = subprocess.Popen([sys.executable, "-m", "runner", "--home", str(home), "serve", "--port", str(port)],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = serve(home, repo, llama_server, "--port", str(port), E2E_HOOK_SECRET="e2e-secret")
     try:
-        deadline = time.monotonic() + 120
-        while not json.loads(agentctl(home, repo, llama_server, "--output", "json", "status").stdout or "{}").get(
-                "daemon", {}).get("running"):
-            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.5)
         asked = agentctl(home, repo, llama_server, "--output", "json", "run", "author")
         caller = json.loads(asked.stdout)
         assert caller["status"] == "succeeded", asked.stdout + asked.stderr

@@ -30,7 +30,7 @@ from runner.errors import ExpressionError, UsageError
 from runner.settings import Settings, client_ids
 from runner.specs import domains
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
-from runner.specs.expressions import check
+from runner.specs.expressions import Names, check
 from runner.specs.loading import Document, Loc
 from runner.specs.models import AgentSpec
 from runner.specs.problems import Problem, Severity, field_path
@@ -518,17 +518,9 @@ class _Semantics:
         texts: list[tuple[Loc, Any]] = [(("triggers", i, "dedupe"), trig.get("dedupe"))]
         texts += [(("triggers", i, "inputs", k), v) for k, v in (inputs.items() if isinstance(inputs, dict) else [])]
         for loc, text in texts:
-            if not isinstance(text, str):
-                continue
-            try:
-                names = check(text, template=True)
-            except ExpressionError as exc:
-                self._add(loc, f"the template does not parse: {exc}")
-                continue
-            unknown = sorted(names.used - {"headers", "payload", "event"})
-            if unknown:
-                self._add(loc, f"'{unknown[0]}' is not known here: a webhook's templates read headers, payload and "
-                          "event")
+            if isinstance(text, str):
+                for problem in names_read(text, template=True, known=("headers", "payload", "event"))[1]:
+                    self._add(loc, problem)
 
     def _domains(self) -> None:
         constraints = self.data.get("constraints")
@@ -544,6 +536,18 @@ class _Semantics:
         if uses_http and not domains:
             self._add(("constraints",), "http_get can reach nothing: constraints.allowed_domains is empty",
                       "warning")
+
+
+def names_read(text: str, *, template: bool, known: Iterable[str]) -> tuple[Names | None, list[str]]:
+    """What an expression or template reads (None when it cannot be read), and its problems: it does not parse,
+    or it names what is not ``known`` there."""
+    known = list(known)
+    try:
+        names = check(text, template=template)
+    except ExpressionError as exc:
+        return None, [f"{'template' if template else 'expression'} cannot be read: {exc}"]
+    return names, [f"unknown name '{name}'{did_you_mean(name, known)} (known: {', '.join(known)})"
+                   for name in sorted(names.used - set(known))]
 
 
 def trigger_problems(doc: Document, ctx: Context, rel_path: str) -> list[Problem]:

@@ -15,9 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from runner.errors import ExpressionError
-from runner.specs.checking import Context, did_you_mean, from_pydantic, trigger_problems
-from runner.specs.expressions import NAMES, check
+from runner.specs.checking import Context, did_you_mean, from_pydantic, names_read, trigger_problems
+from runner.specs.expressions import NAMES
 from runner.specs.graph_checking import Ref, refs_of
 from runner.specs.loading import Document, Loc
 from runner.specs.models import WorkflowSpec
@@ -148,13 +147,11 @@ class _Checker:
         for loc, text, template in fields:
             if not isinstance(text, str) or not text.strip():
                 continue
-            try:
-                names = check(text, template=template)
-            except ExpressionError as exc:
-                self._add(loc, f"{'template' if template else 'expression'} cannot be read: {exc}")
+            names, problems = names_read(text, template=template, known=NAMES)
+            for problem in problems:
+                self._add(loc, problem)
+            if names is None:
                 continue
-            for name in sorted(names.used - set(NAMES)):
-                self._add(loc, f"unknown name '{name}'{did_you_mean(name, NAMES)} (known: {', '.join(NAMES)})")
             if "item" in names.used and (not step.get("for_each") or loc[-1] in ("for_each", "if")):
                 self._add(loc, "'item' is known only in the input of a for_each step")
             for ref in sorted(names.steps):
