@@ -177,9 +177,10 @@ class _Checker:
                 if problem:
                     self._add(("inputs", name, "default"), f"the default of {problem}")
             elif triggered and (silent := [t for t in triggered if name not in (t.get("inputs") or {})]):
+                hook = silent[0].get("type") == "webhook"
                 self._add(("inputs", name), f"input '{name}' is required (it has no default), and a "
-                          f"{silent[0].get('type')} trigger gives no {name}: give it a default" +
-                          (", or map it in the webhook's inputs" if silent[0].get("type") == "webhook" else ""))
+                          f"{silent[0].get('type')} trigger gives no {name if hook else 'inputs'}: give it a default"
+                          + (", or map it in the webhook's inputs" if hook else ""))
         for i, trig in enumerate(triggers if isinstance(triggers, list) else []):
             mapped = trig.get("inputs") if isinstance(trig, dict) else None
             for key in mapped if isinstance(mapped, dict) else {}:
