@@ -293,6 +293,9 @@ def test_malformed_calls_get_json_rpc_errors_never_a_500(main: Served) -> None:
     assert code({"jsonrpc": "2.0", "id": 1, "method": "SendMessage",
                  "params": {"message": {"messageId": "m-empty", "parts": []}}}) == -32602
     assert code({"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "nope"}}) == -32001
+    nan = (b'{"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": {"messageId": "m-nan", '
+           b'"role": "ROLE_USER", "parts": [{"data": {"n": NaN}}]}}}')
+    assert call(nan)["error"]["code"] == -32602  # NaN is no JSON a run could be given
     answer = call(json.dumps({"jsonrpc": "2.0", "id": "abc", "method": "Teleport"}).encode())
     assert answer["id"] == "abc"
     assert "Traceback" not in main.log() and "internal error" not in main.log()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from api_helpers import Reply, Served, make_repo, poll, scripted, serve
 from conftest import ROOT
-from daemon_helpers import wait_ledger
+from daemon_helpers import ledger_rows, wait_ledger
 
 SECRET = "s3cret-for-tests"
 HOOK = "/agents/v1/hooks/events/default"
@@ -55,6 +55,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         **scripted("third", [{"content": "three after ${INPUT}"}], overlap="queue",
                    triggers=[{"type": "run_completed", "agent": "second", "status": ["succeeded"]}]),
         **scripted("echo", [{"content": "echo ${INPUT}"}], overlap="queue"),
+        **scripted("flaky", [], overlap="queue", retry={"limit": 1, "on": ["failed"]},  # no turn: each run fails
+                   triggers=[{"type": "run_completed", "agent": "first"}]),
+        **scripted("twohooks", [{"content": "ok"}], overlap="queue",
+                   triggers=[webhook(path="hook-a", dedupe="{{ headers['X-Delivery'] }}"),
+                             {"type": "webhook", "secret_env": "OTHER_SECRET", "path": "hook-b",
+                              "dedupe": "{{ headers['X-Delivery'] }}"}]),
         "specs/flow.yaml": {"kind": "workflow", "name": "flow", "description": "a webhook's workflow",
                             "inputs": {"topic": {"type": "string"}, "count": {"type": "integer", "default": 1}},
                             "triggers": [webhook(inputs={"topic": "{{ payload.topic }}",
@@ -62,7 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                             "steps": [{"id": "only", "agent": "echo", "input":
                                        "{{ inputs.topic }} x{{ inputs.count }} from {{ headers['x-sender'] }}"}]},
     }
-    served = serve(base, files, env={"HOOK_SECRET": SECRET})
+    served = serve(base, files, env={"HOOK_SECRET": SECRET, "OTHER_SECRET": "other-secret"})
     try:
         yield served
     finally:
@@ -175,8 +181,8 @@ def test_a_chain_of_three_run_completed_agents(served: Served) -> None:
     first = served.wait_run(reply.json["run_id"])
     assert first["status"] == "succeeded"
     rows = wait_ledger(served.home, "SELECT agent, run_id, trigger, trigger_run_id, chain_depth, output, status "
-                       "FROM runs WHERE trigger_run_id = ? OR trigger_run_id IN (SELECT run_id FROM runs WHERE "
-                       "trigger_run_id = ?)", [first["run_id"], first["run_id"]],
+                       "FROM runs WHERE agent IN ('second', 'third') AND (trigger_run_id = ? OR trigger_run_id IN "
+                       "(SELECT run_id FROM runs WHERE trigger_run_id = ?))", [first["run_id"], first["run_id"]],
                        until=lambda rows: len(rows) == 2 and all(r["status"] == "succeeded" for r in rows),
                        what="the chain's two runs", timeout=60)
     by_agent = {r["agent"]: r for r in rows}
@@ -255,3 +261,59 @@ def test_a_cycle_of_run_completed_triggers_is_refused_at_validation(tmp_path: Pa
     assert "run_completed triggers make a cycle: pong -> ping -> pong" in out
     assert "run_completed triggers make a cycle: ping -> pong -> ping" in out
     assert "unknown workflow 'nothere'" in out
+
+
+def test_a_retry_of_a_chained_run_keeps_its_place_in_the_chain(served: Served) -> None:
+    reply = post(served, "chain", {"for": "flaky"})
+    first = served.wait_run(reply.json["run_id"])
+    rows = wait_ledger(served.home, "SELECT run_id, status, retry_of, trigger_run_id, chain_depth FROM runs WHERE "
+                       "agent = 'flaky' AND trigger_run_id = ? ORDER BY attempt", [first["run_id"]],
+                       until=lambda rows: len(rows) == 2 and all(r["status"] == "failed" for r in rows),
+                       what="flaky's run and its retry", timeout=60)
+    assert rows[1]["retry_of"] == rows[0]["run_id"]
+    assert [r["chain_depth"] for r in rows] == [1, 1]  # a retry never starts a chain afresh
+
+
+def test_one_hooks_sender_cannot_mark_another_hooks_events_as_seen(served: Served) -> None:
+    other = post(served, "hook-b", {"from": "b"}, secret="other-secret", headers={"X-Delivery": "shared-key"})
+    assert other.status == 202, other.body
+    mine = post(served, "hook-a", {"from": "a"}, headers={"X-Delivery": "shared-key"})
+    assert mine.status == 202 and "duplicate" not in mine.json, mine.body
+    assert mine.json["run_id"] != other.json["run_id"]
+
+
+def test_payloads_that_are_no_json_or_too_deep_are_400_never_500(served: Served) -> None:
+    for raw in (b'{"n": NaN}', b'[Infinity]', b"[" * 100 + b"]" * 100, b'{"a": ' * 2000 + b"1" + b"}" * 2000):
+        reply = post(served, "hooked", None, raw=raw)
+        assert reply.status == 400, (raw[:20], reply.status, reply.body[:200])
+        assert "not JSON" in reply.json["error"]["message"]
+
+
+def test_a_body_past_the_limit_is_refused_as_it_arrives_and_refusals_are_no_audit_rows(served: Served) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+    conn.putrequest("POST", f"{HOOK}/hooked")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b"x" * 65536
+    try:
+        for _ in range(64):  # 4 MiB, chunked: no Content-Length to refuse it by
+            conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+        status = conn.getresponse().status
+    except OSError:
+        status = 413  # the server closed the connection once the limit was passed
+    finally:
+        conn.close()
+    assert status == 413
+    for _ in range(20):
+        assert post(served, "hooked", {"x": 1}, secret="wrong").status == 401
+        assert post(served, "nothing-here", {"x": 1}).status == 404
+    marker = "/runs/after-the-refusals"  # audited (a 404 with a token), once the refusals before it were
+    assert served.api("GET", marker, role="viewer").status == 404
+    wait_ledger(served.home, "SELECT 1 FROM audit WHERE target = ?", [f"/agents/v1{marker}"],
+                until=lambda rows: bool(rows), what="the marker's audit row")
+    refused = ledger_rows(served.home, "SELECT target, outcome FROM audit WHERE target LIKE '%/hooks/events/%' "
+                          "AND outcome IN ('401', '404', '413')")
+    assert refused == [], refused  # anyone's refused webhook is a counter, never a ledger row

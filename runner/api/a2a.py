@@ -328,7 +328,10 @@ def _text(message: Any) -> str:
         if kind == "text":
             pieces.append(part.text)
         elif kind == "data":
-            pieces.append(json.dumps(MessageToDict(part.data)))
+            try:
+                pieces.append(json.dumps(MessageToDict(part.data), allow_nan=False))
+            except ValueError:  # NaN or Infinity in a data part: no JSON a run could be given
+                raise InvalidParamsError("a data part holds NaN or Infinity, which JSON does not have") from None
         else:
             raise ContentTypeNotSupportedError(f"a {kind or 'empty'} part cannot be a run's input: send text "
                                                "or data parts")

@@ -102,6 +102,8 @@ class Middleware:
         client = principal.client_id if principal else req.context.get("client") or next(iter(self.api.runtimes))
         if req.method != "GET" or status >= 400:
             self.api.cache.clear()  # a write (or a failed one) may have changed what pages show
+        if req.path.startswith(UNTOKENED) and status in (401, 404, 413):
+            return  # anyone's refused webhook: a counter (agent_orch_webhook_refused_total), never a ledger row
         self.api.audit.add(client, {
             "audit_id": uuid.uuid4().hex, "client_id": client, "ts": utcnow(),
             "actor": principal.name if principal else None, "action": f"{req.method} {route}",

@@ -97,7 +97,8 @@ def accept(conn: sqlite3.Connection, delivery: Delivery) -> Delivery:
 
 def decide(conn: sqlite3.Connection, delivery: Delivery, decision: str, reason: str | None = None) -> None:
     delivery.decision = decision
-    delivery.reason = str(reason)[:MAX_REASON] if reason else delivery.reason  # a replay's says what it replays
+    if reason:  # a replay's reason says what it replays: what befell it is added, not put instead
+        delivery.reason = (f"{delivery.reason}: {reason}" if delivery.reason else str(reason))[:MAX_REASON]
     with Transaction(conn) as tx:
         tx.execute("UPDATE deliveries SET decision = ?, reason = ? WHERE delivery_id = ?",
                    (delivery.decision, delivery.reason, delivery.delivery_id))
@@ -142,3 +143,11 @@ def list_deliveries(conn: sqlite3.Connection, client_id: str, *, trigger: str | 
     sql += " ORDER BY received_at DESC, delivery_id DESC LIMIT ?"
     args.append(max(1, min(int(limit), 10_000)))
     return [Delivery.of(r) for r in conn.execute(sql, args)]
+
+
+def prune(conn: sqlite3.Connection, client_id: str, before: str) -> int:
+    """Forget the live rows of deliveries received before ``before`` (their ledger rows stay): the dedupe window
+    and what can be replayed end there. Deliveries still waiting to start are kept."""
+    with Transaction(conn) as tx:
+        return tx.execute("DELETE FROM deliveries WHERE client_id = ? AND received_at < ? AND decision != 'accepted'",
+                          (client_id, before)).rowcount

@@ -11,6 +11,7 @@ whole tree.
 from __future__ import annotations
 
 import graphlib
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,8 +49,9 @@ def input_problem(name: str, declared: dict[str, Any], value: Any) -> str | None
     """Why ``value`` cannot be input ``name`` of type ``declared['type']``, or None."""
     kind = declared.get("type") or "string"
     ok = isinstance(value, INPUT_TYPES.get(kind, (object,)))
-    if kind in ("number", "integer") and isinstance(value, bool):
-        ok = False
+    if kind in ("number", "integer") and (isinstance(value, bool) or (isinstance(value, float) and
+                                                                     not math.isfinite(value))):
+        ok = False  # NaN and Infinity are no JSON: an answer holding them would not parse
     return None if ok else f"input '{name}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not {_kind(value)}"
 
 

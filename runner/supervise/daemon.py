@@ -79,6 +79,7 @@ log = logging.getLogger("runner.daemon")
 # importing it).
 AppFactory = Callable[[dict[str, Runtime], Metrics], Any]
 MAX_BACKOFF = 300.0
+API_MAX_BODY = 1024 * 1024  # bytes of a body (runner.api.app.MAX_BODY, checked again there)
 FOLLOW_INTERVAL = 0.2  # seconds between two reads of the applied generations: a re-arm lags an apply by about this
 
 
@@ -397,8 +398,7 @@ class ClientDaemon:
         return self.table.submit(agent, trigger=trigger, input=input, requested_by=requested_by, overlap=overlap)
 
     def _run_ended(self, request: Request, row: RunRow) -> None:
-        """A run's end fires run_completed triggers; a workflow's step and an agent asked as a tool belong to their
-        workflow or caller, whose ends count instead."""
+        """A run's end fires run_completed triggers (a step's or a callee's: its workflow's or caller's end does)."""
         if request.workflow_run_id is None and request.links.parent_run_id is None:
             self.events.ended("agent", request.agent, request.run_id, row.status, row.output, request.links.chain_depth)
 
@@ -543,9 +543,8 @@ class DaemonRuntime:
                      requested_by: str) -> dict[str, Any]:
         return self.daemon.workflows.approve(workflow_run_id, step, approve, comment, requested_by)
 
-    def webhook(self, segment: str, header: Callable[[str], str | None], headers: dict[str, str],
-                body: bytes) -> Received:
-        return self.daemon.events.webhook(segment, header, headers, body)
+    def webhook(self, *request: Any) -> Received:  # (segment, header, headers, body): Runtime.webhook
+        return self.daemon.events.webhook(*request)
 
     def replay_delivery(self, delivery_id: str, requested_by: str) -> dict[str, Any]:
         return self.daemon.events.replay(delivery_id, requested_by).as_json()
@@ -582,9 +581,10 @@ class ApiServer:
         try:
             # channel_request_lookahead: a client that leaves an event stream is seen at once, not at the
             # stream's next write
-            self.server = create_server(app, host=host, port=port, threads=12, ident="agent-orchestrator",
+            # Streams (8 at most) and blocking A2A calls (6) hold 14 of 24 threads; a body past the limit is refused
+            self.server = create_server(app, host=host, port=port, threads=24, ident="agent-orchestrator",
                                         clear_untrusted_proxy_headers=True, asyncore_use_poll=True,
-                                        channel_request_lookahead=1)
+                                        channel_request_lookahead=1, max_request_body_size=API_MAX_BODY)
         except OSError as exc:
             raise UsageError(f"the API cannot listen on {host}:{port}: {exc.strerror or exc} (another program "
                              "holds it? choose another with --port or AGENT_ORCH_PORT)") from None

@@ -15,14 +15,16 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from runner import tokens
 from runner.agent.recording import Links, new_run_id
 from runner.errors import ExpressionError, NotFoundError, OrchestratorError, UnauthenticatedError, UsageError
-from runner.ledger.deliveries import Delivery, accept, decide, get_delivery, new_delivery_id, pending
+from runner.ledger.deliveries import Delivery, accept, decide, get_delivery, new_delivery_id, pending, prune
 from runner.settings import Settings
 from runner.specs.checking import expand
 from runner.specs.models import AgentSpec, RunCompletedTrigger, WebhookTrigger, WorkflowSpec
@@ -30,7 +32,7 @@ from runner.state import PerThread
 from runner.supervise.evaluator import Evaluator
 from runner.supervise.table import ProcessTable
 from runner.supervise.workflows import WorkflowEngine
-from runner.times import utcnow
+from runner.times import stamp, utcnow
 
 log = logging.getLogger("runner.events")
 MAX_SECRET = 4096  # bytes of a secret file read
@@ -40,6 +42,34 @@ SECRET_HEADERS = {"authorization", "x-hub-signature-256", "x-hub-signature", "x-
                   "cookie", "proxy-authorization"}
 OPS = ("delivery.replay",)  # the control socket's requests (`agentctl deliveries replay`)
 CRASH_AT = "AGENT_ORCH_TEST_CRASH_AT"  # fault injection for the tests: the daemon kills itself at this point
+
+
+KEEP_DAYS = 30  # a delivery's live row (its event, its dedupe key) is kept this long; its ledger row for ever
+PRUNE_EVERY = 3600.0  # seconds between two prunings
+MAX_NESTING = 64  # levels of a payload's JSON: deeper ones are no event anyone sends, and cost recursion
+
+
+def strict_json(text: str) -> Any:
+    """JSON as the standard has it: no NaN or Infinity (nothing downstream could read them back), at most
+    MAX_NESTING levels deep. Raises ValueError."""
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    depth = deepest = 0
+    quoted = escaped = False
+    for ch in text:  # the nesting, counted before anything recurses into it
+        if quoted:
+            escaped, quoted = (False, quoted) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                raise ValueError(f"it is nested more than {MAX_NESTING} levels deep")
+        elif ch in "]}":
+            depth -= 1
+    return json.loads(text, parse_constant=refuse)
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,7 @@ class Events:
         self.watchers: dict[tuple[str, str], list[Target]] = {}  # (kind, name) watched -> who fires on its ends
         self.on_refused: Callable[[str], None] | None = None  # metrics: a POST refused before a delivery (why)
         self.on_decided: Callable[[str, str], None] | None = None  # metrics: (trigger type, decision)
+        self._pruned = -PRUNE_EVERY  # first pruned with the first delivery
         self._ends: queue.Queue[tuple[str, str, str, str, str | None, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._fire_loop, name=f"events-{self.client_id}", daemon=True)
         self._thread.start()
@@ -116,15 +147,16 @@ class Events:
         if not proven:
             if self.on_refused is not None:
                 self.on_refused("no_secret" if secret is None else "unauthenticated")
-            raise UnauthenticatedError("the request is not signed with the webhook's secret" if trig.auth == "hmac"
-                                       else "send the webhook's secret as 'Authorization: Bearer SECRET'")
+            raise UnauthenticatedError("the request does not carry the proof of the webhook's secret (an HMAC "
+                                       "signature or a bearer secret, as the webhook's spec says)")
         kept = {k.lower(): v for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
-        delivery = Delivery(new_delivery_id(), self.client_id, f"webhook:{target.name}", target.name, target.kind,
+        # One dedupe scope per hook: a sender holding one hook's secret cannot mark another hook's events as seen.
+        delivery = Delivery(new_delivery_id(), self.client_id, f"webhook:{segment}", target.name, target.kind,
                             utcnow(), None, "accepted", None, new_run_id(), {})
         try:
-            payload = json.loads(body.decode("utf-8")) if body.strip() else {}
+            payload = strict_json(body.decode("utf-8")) if body.strip() else {}
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            self._refuse(delivery, f"the body is not JSON: {exc}")
+            self._refuse(delivery, f"the body is not JSON: {str(exc)[:200]}")
         event = {"headers": kept, "payload": payload, "event": {"type": "webhook", "target": target.name}}
         try:
             key = self._render(trig.dedupe, event).strip()[:MAX_KEY] if trig.dedupe else ""
@@ -132,7 +164,7 @@ class Events:
         except ExpressionError as exc:
             self._refuse(delivery, f"a template of the webhook failed: {exc}")
         delivery.dedupe_key = key or None
-        delivery.event = {**event, "input": body.decode("utf-8"), "inputs": inputs}
+        delivery.event = {"headers": kept, "event": event["event"], "input": body.decode("utf-8"), "inputs": inputs}
         first = self._accept(delivery)
         if first is not delivery:
             log.info("delivery %s for %s: a redelivery of %s", delivery.delivery_id, target.name, first.delivery_id)
@@ -151,6 +183,12 @@ class Events:
 
     def _accept(self, d: Delivery) -> Delivery:
         """``accept``, counted: the delivery itself, or the first one when ``d`` is a redelivery."""
+        if time.monotonic() > self._pruned + PRUNE_EVERY:
+            self._pruned = time.monotonic()
+            cutoff = stamp(datetime.now(UTC) - timedelta(days=KEEP_DAYS))
+            if forgotten := prune(self._conns.get(), self.client_id, cutoff):
+                log.info("forgot %d deliveries received over %d days ago (their ledger rows stay)", forgotten,
+                         KEEP_DAYS)
         first = accept(self._conns.get(), d)
         if d.decision != "accepted":  # a duplicate, or refused as it came
             self._count(d)
@@ -196,9 +234,15 @@ class Events:
         links = Links(**d.event.get("links", {}))
         trigger = d.trigger.split(":", 1)[0]
         who = f"delivery:{d.delivery_id}"
+        if links.chain_depth > self.settings.max_chain_depth:  # a replay of a chain that went too deep, too
+            self._decide(d, "rejected", f"chain depth {links.chain_depth} is past AGENT_ORCH_MAX_CHAIN_DEPTH "
+                         f"({self.settings.max_chain_depth})")
+            return None
         try:
             if d.kind == "workflow":
                 event: dict[str, Any] = {k: d.event[k] for k in ("event", "headers", "payload") if k in d.event}
+                if "payload" not in event:  # a webhook's: kept once, as the body it came as
+                    event["payload"] = strict_json(d.event.get("input") or "{}")
                 self.workflows.start(d.target, d.event.get("inputs") or {}, trigger=trigger, requested_by=who,
                                      wf_id=d.run_id, event=event, links=links)
             else:

@@ -237,13 +237,14 @@ class ProcessTable:
         """A run a previous daemon left running, now on record as interrupted (recovery.sweep): its retry."""
         data = json.loads(progress_row["row"]) if progress_row["row"] else {}
         return self.retry(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
-                          data.get("input"), "interrupted", int(data.get("attempt") or 1))
+                          data.get("input"), "interrupted", int(data.get("attempt") or 1), Links.of(data))
 
     # -- retrying -----------------------------------------------------------------------------------
 
     def retry(self, run_id: str, agent: str, trigger: str, input: str | None, status: str,
-              attempt: int) -> Request | None:
-        """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one."""
+              attempt: int, links: Links = NO_LINKS) -> Request | None:
+        """Queue a retry of a run that ended in ``status``, if the agent's ``retry`` asks for one. The retry keeps
+        the run's links: a chain's depth goes on where it was (a retry never restarts a chain)."""
         if trigger in ("manual", "a2a", "workflow", "agent") or status not in RETRIABLE or not self.accepting:
             return None
         applied = load_applied(self.conn, self.settings.client_id, agent).get(agent)
@@ -258,7 +259,7 @@ class ProcessTable:
         delay = float(policy.get("backoff", 0))
         log.info("run %s of %s %s: retry %d of %d in %gs", run_id, agent, status, attempts + 1, policy["limit"], delay)
         return self.submit(agent, trigger=trigger, input=input, overlap="queue", retry_of=run_id,
-                           attempt=attempt + 1, delay=delay)
+                           attempt=attempt + 1, delay=delay, links=links)
 
     # -- dispatching --------------------------------------------------------------------------------
 
@@ -336,7 +337,8 @@ class ProcessTable:
             request.on_end(request, row)
         if self.on_run_end is not None:
             self.on_run_end(request, row)
-        self.retry(request.run_id, request.agent, request.trigger, request.input, row.status, request.attempt)
+        self.retry(request.run_id, request.agent, request.trigger, request.input, row.status, request.attempt,
+                   request.links)
 
     # -- stopping -----------------------------------------------------------------------------------
 
