@@ -14,6 +14,7 @@ tree onto them in one place).
     │   ├── DeniedError                  refused by policy (a path outside a tool's, a missing role)
     │   │   └── SymlinkError             a sandbox rule's path has a symbolic link in it
     │   ├── NotFoundError                the thing asked for does not exist
+    │   ├── UnauthenticatedError         no proof of a secret an open endpoint asks for (a webhook's)
     │   ├── ConflictError                it changed under the caller, or someone else holds it
     │   │   └── DaemonRunningError       another daemon serves this home
     │   ├── LedgerError                  the ledger file cannot be opened (not a lock: broken)

@@ -79,7 +79,7 @@ log = logging.getLogger("runner.daemon")
 # importing it).
 AppFactory = Callable[[dict[str, Runtime], Metrics], Any]
 MAX_BACKOFF = 300.0
-API_MAX_BODY = 1024 * 1024  # bytes of a body (runner.api.app.MAX_BODY, checked again there)
+API_MAX_BODY = 2 << 20  # bytes waitress reads of a body; the app answers past its own 1 MiB (MAX_BODY) in JSON
 FOLLOW_INTERVAL = 0.2  # seconds between two reads of the applied generations: a re-arm lags an apply by about this
 
 
