@@ -50,7 +50,8 @@ def deliveries_list(app: App, trigger: str | None, decision: str | None, limit: 
 @pass_app
 def deliveries_replay(app: App, delivery_id: str) -> None:
     """Start a delivery's event again (a new delivery; its dedupe key does not hold it back)."""
-    answer = ask(app, {"op": "delivery.replay", "id": delivery_id, "requested_by": "cli"})
+    answer = ask(app, {"op": "delivery.replay", "id": delivery_id, "requested_by": "cli"},
+                 "a replay starts its run in the daemon")
     new = {k: v for k, v in answer.items() if k != "ok"}
     started = new.get("run_id") or new.get("workflow_run_id")
     app.emit(new, lambda: click.echo(f"delivery {delivery_id} replayed as {new['delivery_id']}: {new['decision']}"

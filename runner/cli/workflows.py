@@ -76,14 +76,14 @@ def parse_inputs(given: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def ask(app: App, request: dict[str, Any]) -> dict[str, Any]:
-    """The daemon's answer to ``request``; a refusal is raised as our error (exit 2), as is no daemon at all."""
+def ask(app: App, request: dict[str, Any], why: str = "workflows run in the daemon only") -> dict[str, Any]:
+    """The daemon's answer to ``request``; a refusal is raised as our error (exit 2), as is no daemon at all
+    (``why`` says why the daemon is needed)."""
     from runner.cli.runs import ask_daemon
 
     answer = ask_daemon(app, request)
     if answer is None:
-        raise UsageError(f"no daemon runs for this home ({app.settings.home}): workflows run in the daemon only; "
-                         "start it with 'agentctl serve'")
+        raise UsageError(f"no daemon runs for this home ({app.settings.home}): {why}; start it with 'agentctl serve'")
     return answer
 
 
