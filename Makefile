@@ -38,11 +38,25 @@ NETNS = $(if $(filter 0,$(shell id -u)),unshare -n,unshare -rn) sh -c 'ip link s
 
 # The test files run on two workers (pytest-xdist; each file's tests on one worker, in order): the tests wait
 # on daemons and processes more than they compute, and this halves the wall time on 2 cores.
-pytest: $(TEST_STAMP) $(BIN)/promtool
+pytest: $(TEST_STAMP) $(BIN)/promtool $(VENV)/.chromium
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/ray
 	@if $(NETNS) true 2>/dev/null; then set -x; $(NETNS) $(BIN)/python -m pytest -q -p no:cacheprovider tests/ray; \
 	else echo "no private network namespace can be made here: the Ray tests will say they are skipped"; \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/ray; fi
+
+# The dashboard's browser tests drive Debian's own Chromium (no browser is downloaded). Where apt-get exists, as on
+# CI's machines, chromium and chromium-driver are installed, and a failed install fails the build; on a machine
+# without apt the browser tests say they are skipped, and why.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
+$(VENV)/.chromium: | $(BIN)/python
+	@if command -v apt-get >/dev/null; then \
+	  if ! { command -v chromium && command -v chromedriver; } >/dev/null; then \
+	    echo "installing chromium and chromium-driver (apt-get) for the browser tests"; \
+	    $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null; } || exit 1; \
+	  fi; \
+	else echo "no apt-get here: the browser tests will say they are skipped"; fi
+	@touch $@
 
 # promtool checks the /metrics output. Only the binary is taken from Debian's prometheus package
 # (no service, no dependencies). Where apt is not available the tests use prometheus-client's parser.
