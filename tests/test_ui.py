@@ -9,8 +9,11 @@ Every wait is a bounded poll, never a sleep; no test times anything.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -22,6 +25,7 @@ from urllib.parse import urlencode
 import duckdb
 import pytest
 from api_helpers import Reply, Served, make_repo, poll, request, scripted
+from conftest import ROOT
 
 from runner.api.ui import CSP
 
@@ -436,3 +440,33 @@ def test_the_vendored_files_are_served_as_they_were_vendored(main: Served) -> No
     for rel in ("vendor/htmx.min.js", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
         assert hashlib.sha256((STATIC / rel).read_bytes()).hexdigest() in vendored, rel
     assert request(main.port, "GET", "/ui/static/..%2F__init__.py").status == 404
+
+
+# -- activity --------------------------------------------------------------------------------------------
+
+
+def test_activity_shows_the_numbers_agentctl_history_sql_gives(main: Served) -> None:
+    """The tokens-per-day table and the command under it: that command, run, gives the same numbers."""
+    main.wait_run(start_run(main))
+    browser = logged_in(main, "viewer")
+
+    def shown() -> tuple[dict[str, int], str] | None:
+        text = browser.page("/ui/activity").text
+        table = text[text.index('id="tokens-per-day"'):]
+        rows = {day: int(n) for day, n in re.findall(
+            r'<tr><td>([0-9-]+)</td><td>echo</td><td class="num">([0-9]+)</td></tr>', table)}
+        command = html.unescape(re.search(r"<code>(agentctl history --sql .*?)</code>", table, re.S).group(1))  # type: ignore[union-attr]
+        return (rows, command) if rows else None
+
+    def same() -> bool:
+        rows, command = poll(shown, "echo's tokens on the activity page", 30)
+        assert command.startswith('agentctl history --sql "') and command.endswith('"'), command
+        sql = command.removeprefix('agentctl history --sql "').removesuffix('"').replace('\\"', '"')
+        done = subprocess.run([sys.executable, "-m", "runner", "--home", str(main.home), "--output", "json",
+                               "history", "--sql", sql], cwd=ROOT, env=main.env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        cli = {str(r["day"])[:10]: int(r["tokens"]) for r in json.loads(done.stdout) if r["agent"] == "echo"}
+        return bool(cli) and cli == rows
+
+    poll(same, "the page and agentctl history --sql to agree", 60)
