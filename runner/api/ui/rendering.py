@@ -41,17 +41,13 @@ _files: dict[str, tuple[bytes, str]] = {}
 _files_lock = threading.Lock()
 
 
-class LoginRequired(Unauthorized):
-    """No session, or its token was revoked or expired: the browser goes to the login page."""
-
-
 class Page(Resource):
     """A dashboard page: the session's principal and its client's runtime, or the way to log in."""
 
     def session(self, req: falcon.Request) -> tuple[tokens.Principal, Runtime]:
         principal: tokens.Principal | None = req.context.get("principal")
         if principal is None:
-            raise LoginRequired("log in with an API token")
+            raise Unauthorized("log in with an API token")  # error_page sends the browser to the login page
         return principal, self.api.runtimes[principal.client_id]
 
 
