@@ -419,6 +419,36 @@ def test_an_operator_stops_and_starts_an_agent(main: Served) -> None:
     assert main.api("GET", "/agents/peeker", role="viewer").json["suspended"] is False
 
 
+def test_an_operator_runs_cancels_and_resumes_a_workflow_through_the_forms(main: Served) -> None:
+    browser = logged_in(main, "operator")
+    page = browser.page("/ui/workflows")
+    [form] = [f for f in page.forms if f["attrs"].get("data-workflow") == "pipeline"]
+    reply = browser.go("POST", form["attrs"]["action"], {**form["fields"], "input.topic": "from the form"})
+    assert reply.status == 303, (reply.status, reply.body[:300])
+    run_id = reply.headers["Location"].removeprefix("/ui/workflow-runs/")
+    run = main.api("GET", f"/workflow-runs/{run_id}", role="viewer").json
+    assert run["inputs"] == {"topic": "from the form"} and run["requested_by"] == "ui:operator-default", run
+
+    page = browser.page(f"/ui/workflow-runs/{run_id}")
+    [box] = page.with_attr("id", "dag")
+    assert box.get("hx-trigger") == "every 1s" or box["data-ended"] == "true", box
+    reply = browser.go("POST", f"/ui/workflow-runs/{run_id}/cancel", page.form("cancel-form"))
+    assert reply.status == 303, (reply.status, reply.body[:300])
+
+    def ended() -> dict[str, Any] | None:
+        found: dict[str, Any] = main.api("GET", f"/workflow-runs/{run_id}", role="viewer").json
+        return found if found["status"] in ENDED else None
+
+    assert poll(ended, "the cancelled run to stop", 60)["status"] == "stopped"
+    page = browser.page(f"/ui/workflow-runs/{run_id}")
+    assert not page.with_attr("id", "cancel-form")
+    reply = browser.go("POST", f"/ui/workflow-runs/{run_id}/resume", page.form("resume-form"))
+    assert reply.status == 303, (reply.status, reply.body[:300])
+    assert main.api("GET", f"/workflow-runs/{run_id}", role="viewer").json["attempt"] == 2
+    again = browser.go("POST", f"/ui/workflow-runs/{run_id}/cancel", {"csrf": page.form("resume-form")["csrf"]})
+    assert again.status == 303  # (the resumed run is cancelled again: the test leaves nothing running)
+
+
 # -- static files ------------------------------------------------------------------------------------------
 
 
