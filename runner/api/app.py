@@ -34,6 +34,16 @@ MAX_STRING = 64 * 1024
 OPEN_PATHS = {"/healthz", "/openapi.json", "/metrics", "/agents/v1/hooks/git"}
 # Webhooks: open, and their Authorization header (a webhook's own bearer secret) is not an API token.
 UNTOKENED = "/agents/v1/hooks/events/"
+# The dashboard (runner.api.ui, docs/dashboard.md): its pages take the principal from this cookie, and only
+# they do. A browser sends a cookie by itself, with any request any page makes: honoured by the API, it
+# would let another site's page act with the user's token (CSRF). So the API reads the Authorization
+# header alone, and the dashboard, which checks a CSRF token in every form, the cookie alone.
+UI = "/ui"
+SESSION_COOKIE = "ao_session"
+
+
+def is_ui(path: str) -> bool:
+    return path == UI or path.startswith(UI + "/")
 
 
 class Api:
@@ -82,14 +92,25 @@ class Middleware:
         header = req.get_header("Authorization") or ""
         if req.path.startswith(UNTOKENED):
             return
+        if is_ui(req.path):
+            # No principal is no error here: each page decides (the login page and static files are open;
+            # the others send the browser to log in). The Authorization header is not read.
+            cookie = next(iter(req.get_cookie_values(SESSION_COOKIE) or []), "")
+            req.context.principal = self.lookup(cookie) if cookie else None
+            return
         if header:
             scheme, _, token = header.partition(" ")
-            principal = tokens.lookup(self.api.any_conn(), token.strip()) if scheme.lower() == "bearer" else None
-            if principal is None or principal.client_id not in self.api.runtimes:
+            principal = self.lookup(token.strip()) if scheme.lower() == "bearer" else None
+            if principal is None:
                 raise Unauthorized("unknown or malformed bearer token")
             req.context.principal = principal
         elif req.path not in OPEN_PATHS:
             raise Unauthorized("send Authorization: Bearer TOKEN (agentctl token create)")
+
+    def lookup(self, token: str) -> tokens.Principal | None:
+        """The token's principal, if the token is known, unexpired and of a client served here."""
+        principal = tokens.lookup(self.api.any_conn(), token)
+        return principal if principal is not None and principal.client_id in self.api.runtimes else None
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          req_succeeded: bool) -> None:
@@ -104,6 +125,8 @@ class Middleware:
             self.api.cache.clear()  # a write (or a failed one) may have changed what pages show
         if req.path.startswith(UNTOKENED) and status in (401, 404, 413):
             return  # anyone's refused webhook: a counter (agent_orch_webhook_refused_total), never a ledger row
+        if req.path.startswith(f"{UI}/static/"):
+            return  # the dashboard's scripts and styles: fetched with every page, and they change nothing
         self.api.audit.add(client, {
             "audit_id": uuid.uuid4().hex, "client_id": client, "ts": utcnow(),
             "actor": principal.name if principal else None, "action": f"{req.method} {route}",
@@ -247,15 +270,17 @@ def int_param(req: falcon.Request, name: str, default: int, low: int, high: int)
 
 
 def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> falcon.App[Any, Any]:
-    from runner.api import a2a, agents, deliveries, runs, system, workflows
+    from runner.api import a2a, agents, deliveries, runs, system, ui, workflows
 
     api = Api(runtimes, metrics or Metrics(runtimes))
-    app = falcon.App(middleware=[Middleware(api)])
+    middleware: list[Any] = [Middleware(api), ui.Headers()]
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Falcon registers its own handler for its HTTPError, more specific than Exception: replace it too,
-    # so a 405 from routing has the same JSON shape as every other error.
-    app.add_error_handler(Exception, handle_any)
-    app.add_error_handler(falcon.HTTPError, handle_any)
+    # so a 405 from routing has the same JSON shape as every other error (the dashboard's pages: as HTML).
+    handler = ui.pages_or(handle_any)
+    app.add_error_handler(Exception, handler)
+    app.add_error_handler(falcon.HTTPError, handler)
     base = "/agents/v1"
     app.add_route(f"{base}/agents", agents.Collection(api))
     app.add_route(f"{base}/agents/{{name}}", agents.Item(api))
@@ -291,5 +316,6 @@ def create_app(runtimes: dict[str, Runtime], metrics: Metrics | None = None) -> 
     app.add_route("/metrics", system.MetricsResource(api))
     app.add_route("/healthz", system.Health(api))
     app.add_route("/openapi.json", system.OpenApi(api))
+    ui.install(app, api)
     app.add_sink(system.not_found, r"/")
     return app

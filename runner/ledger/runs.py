@@ -54,9 +54,10 @@ EVENT_BUDGET = 16 << 20  # bytes of archived events kept in memory
 
 def list_runs(conn: sqlite3.Connection, ledger_path: Path, client_id: str, *, agent: str | None = None,
               status: str | None = None, since: datetime | None = None, cursor: str | None = None,
-              limit: int = 50) -> tuple[list[dict[str, Any]], str | None]:
+              limit: int = 50, trigger: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """A page of ``client_id``'s runs, newest first (run ids are time-ordered), and the cursor of the next
-    page (None on the last). ``since`` keeps runs started (or queued) at or after it."""
+    page (None on the last). ``since`` keeps runs started (or queued) at or after it; ``trigger`` those
+    started by that kind of trigger (manual, schedule, webhook...)."""
     where, params = ["client_id = ?"], [client_id]
     if cursor:
         where.append("run_id < ?")
@@ -64,9 +65,9 @@ def list_runs(conn: sqlite3.Connection, ledger_path: Path, client_id: str, *, ag
     with _snapshot(conn):  # the live ids and the live rows as of one moment
         live_ids = {r[0] for r in conn.execute(f"SELECT run_id FROM run_progress WHERE {' AND '.join(where)}",
                                                params)}
-        matched = _live_page(conn, where, params, agent, status, since, limit + 1)
+        matched = _live_page(conn, where, params, agent, status, since, limit + 1, trigger)
     runs = {r["run_id"]: r for r in matched}
-    for row in _archive_page(ledger_path, client_id, agent, status, since, cursor, limit + 1, live_ids):
+    for row in _archive_page(ledger_path, client_id, agent, status, since, cursor, limit + 1, live_ids, trigger):
         runs.setdefault(row["run_id"], row)  # live wins: a run pruned meanwhile is in both reads
     page = [runs[k] for k in sorted(runs, reverse=True)[:limit + 1]]
     return page[:limit], page[limit - 1]["run_id"] if len(page) > limit else None
@@ -252,7 +253,8 @@ def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _live_page(conn: sqlite3.Connection, where: list[str], params: list[Any], agent: str | None,
-               status: str | None, since: datetime | None, limit: int) -> list[dict[str, Any]]:
+               status: str | None, since: datetime | None, limit: int,
+               trigger: str | None = None) -> list[dict[str, Any]]:
     where, params = list(where), list(params)
     if agent:
         where.append("agent = ?")
@@ -260,6 +262,9 @@ def _live_page(conn: sqlite3.Connection, where: list[str], params: list[Any], ag
     if status:
         where.append("status = ?")
         params.append(status)
+    if trigger:
+        where.append("json_extract(row, '$.trigger') = ?")
+        params.append(trigger)
     if since is not None:
         # Times compare as text: written to the millisecond, with a Z (or, in older rows, without one),
         # so the bound goes without it (a longer string with the same start sorts after it).
@@ -346,12 +351,13 @@ def _archive_run(cols: list[str], row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _archive_page(ledger_path: Path, client_id: str, agent: str | None, status: str | None,
-                  since: datetime | None, cursor: str | None, limit: int, live_ids: set[str]) -> list[dict[str, Any]]:
+                  since: datetime | None, cursor: str | None, limit: int, live_ids: set[str],
+                  trigger: str | None = None) -> list[dict[str, Any]]:
     if not ledger_path.exists():
         return []
     where: list[str] = ["client_id = ?"]
     params: list[Any] = [client_id]
-    for column, value in (("agent", agent), ("status", status)):
+    for column, value in (("agent", agent), ("status", status), ("trigger", trigger)):
         if value:
             where.append(f"{column} = ?")
             params.append(value)
