@@ -46,6 +46,9 @@ def browser(width: int = 1280, height: int = 900) -> Iterator[object]:
         options.add_argument(arg)
     drv = webdriver.Chrome(service=Service(executable_path=driver), options=options)
     drv.set_page_load_timeout(60)
+    if width < 500:  # a window is at least 500 px wide: narrower is a phone's viewport, emulated
+        drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
     try:
         yield drv
     finally:
