@@ -11,7 +11,8 @@ starts the callee and replies when the callee ends, from another thread; without
 and the ask is refused. ``remote.ask`` is answered here, on a pool of its own (a remote agent may take
 minutes): the URL's host is checked against the run's ``allowed_domains`` by the egress rules, each
 decision journaled as the egress proxy's are (an ``egress`` event of the run), the credential is read
-from the daemon's own environment (``secret_env``), and ``runner.agent.remote`` makes the call.
+from the daemon's own environment (``secret_env``: only a variable the operator listed in
+AGENT_ORCH_REMOTE_SECRETS, never one of the runner's own), and ``runner.agent.remote`` makes the call.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from runner.agent.remote import ask_remote
 from runner.errors import DeniedError, OrchestratorError
 from runner.plan import RunPlan, store_path
 from runner.sandbox.access import HostRule
+from runner.settings import remote_secret_refusal
 from runner.times import utcnow
 
 log = logging.getLogger("runner.agent")
@@ -110,6 +112,9 @@ class Asks:
 
         token = None
         if tool.secret_env:
+            refused = remote_secret_refusal(tool.secret_env, plan.settings)
+            if refused:
+                raise DeniedError(refused)
             token = os.environ.get(tool.secret_env)
             if not token:
                 raise OrchestratorError(f"the daemon's environment has no {tool.secret_env}: the credential of "

@@ -27,7 +27,7 @@ from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import ExpressionError, UsageError
-from runner.settings import Settings, client_ids
+from runner.settings import Settings, client_ids, own_variable
 from runner.specs import domains
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
 from runner.specs.expressions import Names, check
@@ -420,6 +420,11 @@ class _Semantics:
         if tool["name"] in BUILTIN_TOOLS:
             self._add(("tools", i, "name"), f"'{tool['name']}' is a builtin tool: a tool that asks an agent needs a "
                       "name of its own (ask_reviewer, say)")
+        secret = tool.get("secret_env")
+        if isinstance(secret, str) and own_variable(secret):
+            self._add(("tools", i, "secret_env"), f"{secret} is one of the runner's own variables (OPENAI_API_KEY, "
+                      "AGENT_ORCH_*, LANGCHAIN_*, RAY_*, a setting's): it is never sent to a remote agent; name a "
+                      "variable of the remote side's credential, listed by the operator in AGENT_ORCH_REMOTE_SECRETS")
         url = tool.get("remote_agent")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             return
