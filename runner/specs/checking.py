@@ -432,11 +432,21 @@ class _Semantics:
         allowed = constraints.get("allowed_domains") if isinstance(constraints, dict) else None
         allowed = [d.lower() for d in allowed if isinstance(d, str)] if isinstance(allowed, list) else []
         try:
-            host = urllib.parse.urlsplit(url).hostname or ""
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname or ""
         except ValueError:
-            host = ""
-        if not host:
+            parts, host = None, ""
+        if parts is None or not host:
             self._add(("tools", i, "remote_agent"), f"'{url[:200]}' names no host")
+            return
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            self._add(("tools", i, "remote_agent"), "a remote agent's URL carries no user, password, query or "
+                      "fragment (a credential there would go wherever the URL goes): name the credential's "
+                      "variable in secret_env")
+            return
+        if not host.isascii():
+            self._add(("tools", i, "remote_agent"), f"'{host[:200]}' is not an ASCII host name: write it as the "
+                      "name is looked up (xn--...), as allowed_domains must")
             return
         why = domains.refusal(host, allowed, None)
         if why:
