@@ -271,6 +271,28 @@ def test_the_callees_tokens_count_on_the_callers_budget(repo: SpecRepo, home: Pa
     assert asked["detail"]["callee_tokens"] == 600 and asked["detail"]["error"].startswith("agent 'spender'")
 
 
+def test_a_grandchilds_tokens_count_on_the_top_callers_budget(
+        repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    """An answer carries the callee's tokens and those it borrowed from its own callees: the first attack had
+    top (max_tokens 1000) ask mid five times, each asking leaf for 900 tokens, and top saw 4 per ask."""
+    scripted_agent(repo, "leaf", [turn(content="spent", usage=(800, 100))])
+    scripted_agent(repo, "mid", [turn(call("ask_leaf", question="spend"), usage=(1, 1)),
+                                 turn(content="mid done", usage=(1, 1))],
+                   tools=[ask_tool("ask_leaf", "leaf")])
+    scripted_agent(repo, "top", [*(turn(call("ask_mid", question=f"go {i}"), usage=(1, 1)) for i in range(5)),
+                                 turn(content="top done", usage=(1, 1))],
+                   tools=[ask_tool("ask_mid", "mid")], constraints={"max_tokens": 1000})
+    repo.commit("top asks mid asks leaf")
+    daemon = daemons()
+    final = daemon.run("top")
+    assert final["status"] == "budget_exceeded" and "used by agents it asked" in final["error"], final
+    asks = tool_calls(home, final["run_id"], "ask_mid")
+    assert asks[0]["detail"]["callee_tokens"] == 904, asks[0]  # mid's own 4 and leaf's 900
+    # The second ask was capped at what was left (1000 - 4 - 904): leaf overshot it once, and top stopped there.
+    assert len(asks) == 2, asks
+    assert len(ended_runs(home, "leaf", 2)) == 2
+
+
 def test_an_ask_past_the_depth_limit_is_refused_to_the_model(
         repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
     scripted_agent(repo, "leaf", [turn(content="leaf")])
