@@ -341,6 +341,22 @@ def test_stopping_the_caller_stops_its_callee(repo: SpecRepo, home: Path, daemon
     assert caller["status"] == "stopped", caller
 
 
+def test_a_callee_left_in_flight_is_not_followed_again_after_a_restart() -> None:
+    """ProcessTable.reattach (Ray, after a daemon's restart) prepared a callee again with its full spec and no
+    caller. A run with a parent is not followed again: the daemon ends it interrupted and its node stops it.
+    (Reattaching needs a Ray cluster, which tests/ray covers; here the table's decision itself.)"""
+    from types import SimpleNamespace
+
+    from runner.supervise.table import ProcessTable
+
+    followed: list[Any] = []
+    table = SimpleNamespace(executor=SimpleNamespace(reattach=lambda *args: followed.append(args) or True))
+    row = {"run_id": "r-callee", "agent": "reader", "retry_of": None, "status": "running", "pid": 42, "seq": 3,
+           "row": json.dumps({"trigger": "agent", "parent_run_id": "r-caller", "input": "q"})}
+    assert ProcessTable.reattach(table, row) is False  # type: ignore[arg-type]
+    assert followed == []
+
+
 # -- what a run may ask -------------------------------------------------------------------------------------------
 
 
