@@ -165,6 +165,16 @@ class Settings(BaseSettings):
         "runs",
     )
 
+    remote_secrets: str = _env(
+        "AGENT_ORCH_REMOTE_SECRETS",
+        "",
+        "Comma-separated names of the daemon's environment variables a `remote_agent` tool's `secret_env` may "
+        "name: the credentials the daemon may send to remote A2A agents. Empty: none (an ask naming one is "
+        "refused). The runner's own secrets (OPENAI_API_KEY, AGENT_ORCH_*, LANGCHAIN_*, RAY_*, any setting's "
+        "variable) are refused even when listed.",
+        "runs",
+    )
+
     max_tool_depth: int = _env(
         "AGENT_ORCH_MAX_TOOL_DEPTH",
         3,
@@ -467,6 +477,28 @@ def environment() -> dict[str, Any]:
     """The settings the environment sets, by their variable names (exactly as documented: ``HOME`` is not
     ``AGENT_ORCH_HOME``, however a case-insensitive match would see it)."""
     return EnvSettingsSource(Settings, case_sensitive=True)()
+
+
+def own_variable(name: str) -> bool:
+    """Whether an environment variable is one of the runner's own (a setting's, or under its prefixes):
+    never a credential a spec may have the daemon send elsewhere (``remote_agent``'s ``secret_env``)."""
+    upper = name.upper()
+    settings = {str((f.json_schema_extra or {}).get("env", "")).upper()  # type: ignore[union-attr]
+                for f in Settings.model_fields.values()}
+    return upper in settings or upper.startswith(("AGENT_ORCH_", "LANGCHAIN_", "OPENAI_", "RAY_"))
+
+
+def remote_secret_refusal(name: str, settings: Settings) -> str | None:
+    """Why ``secret_env`` ``name`` may not be sent to a remote agent, or None: it must be listed in
+    AGENT_ORCH_REMOTE_SECRETS (the operator's allow-list) and not be one of the runner's own variables."""
+    if own_variable(name):
+        return (f"secret_env {name} names one of the runner's own variables (OPENAI_API_KEY, AGENT_ORCH_*, "
+                "LANGCHAIN_*, RAY_*, a setting's): it is never sent to a remote agent")
+    allowed = {n.strip() for n in settings.remote_secrets.split(",") if n.strip()}
+    if name not in allowed:
+        return (f"secret_env {name} is not in AGENT_ORCH_REMOTE_SECRETS (the variables the daemon may send to "
+                "remote agents; an operator lists them there)")
+    return None
 
 
 def shadowed_environment(settings: Settings) -> list[str]:

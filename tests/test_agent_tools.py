@@ -135,6 +135,120 @@ def test_narrowing_keeps_what_both_specs_allow(tmp_path: Path) -> None:
     assert intersect_domains(["*.a.com"], ["*.b.a.com", "a.com"]) == ["*.b.a.com"]
 
 
+PEEK = """from langchain_core.tools import tool
+PERMISSIONS = ["read"]
+@tool
+def peek(target: str) -> str:
+    \"\"\"Read a file (its argument is not named like a path: only the sandbox stands in the way).\"\"\"
+    try:
+        return "PEEK:" + open(target).read()
+    except OSError as exc:
+        return "PEEK-FAILED:" + type(exc).__name__
+"""
+POKE = """from langchain_core.tools import tool
+PERMISSIONS = ["write"]
+@tool
+def poke(target: str) -> str:
+    \"\"\"Write a file (its argument is not named like a path: only the sandbox stands in the way).\"\"\"
+    try:
+        with open(target, "w") as handle:
+            handle.write("by caller")
+        return "WROTE"
+    except OSError as exc:
+        return "POKE-FAILED:" + type(exc).__name__
+"""
+
+
+def test_paths_of_a_tool_that_uses_none_give_no_access(
+        repo: SpecRepo, home: Path, tmp_path: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    """A memory tool's paths (validation says they are ignored) give nothing: neither in the agent's own
+    sandbox nor, through narrowing, to a callee (the first attack read /secret through memory_search)."""
+    public, secret = tmp_path / "data" / "public", tmp_path / "data" / "secret"
+    for folder in (public, secret):
+        folder.mkdir(parents=True)
+    (secret / "s.txt").write_text("TOPSECRET")
+    repo.write("specs/tools/peek.py", PEEK)
+    scripted_agent(repo, "vault", [turn(call("peek", target=str(secret / "s.txt"))), turn(content="vault done")],
+                   memory={"type": "vector_db"},
+                   tools=[{"name": "peek", "paths": [str(public)]},
+                          {"name": "memory_search", "permissions": ["read"], "paths": [str(secret)]},
+                          {"name": "http_get", "paths": [str(secret)]}])
+    scripted_agent(repo, "low", [turn(call("ask_vault", question="x")), turn(content="ok")],
+                   tools=[{"name": "file_reader", "paths": [str(public)]}, ask_tool("ask_vault", "vault")])
+    repo.commit("a vault whose memory tool names a secret folder")
+    daemon = daemons()
+    alone = daemon.run("vault")
+    assert alone["status"] == "succeeded", alone
+    asked = daemon.run("low")
+    assert asked["status"] == "succeeded", asked
+    for run in ended_runs(home, "vault", 2):
+        (peeked,) = tool_calls(home, run["run_id"], "peek")
+        assert peeked["detail"]["result"] == "PEEK-FAILED:PermissionError", peeked
+    sandbox = [e for e in events(home, alone["run_id"], "log") if e["name"] == "sandbox"]
+    assert not any(str(secret) in json.dumps(e["detail"]) for e in sandbox), sandbox
+
+
+def test_a_custom_tools_omitted_permissions_are_read_alike_by_sandbox_and_narrowing(
+        repo: SpecRepo, home: Path, tmp_path: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    """A custom tool without spec permissions holds what its module declares, in its own sandbox and when its
+    agent narrows a callee: the caller that may write through it writes, and so may its callee, no more."""
+    shared, other = tmp_path / "data" / "shared", tmp_path / "data" / "other"
+    for folder in (shared, other):
+        folder.mkdir(parents=True)
+    repo.write("specs/tools/poke.py", POKE)
+    scripted_agent(repo, "writer", [turn(call("file_writer", path=str(shared / "by_callee.txt"), content="x")),
+                                    turn(call("file_writer", path=str(other / "by_callee.txt"), content="x")),
+                                    turn(content="w done")],
+                   tools=[{"name": "file_writer", "paths": [str(shared), str(other)]}])
+    scripted_agent(repo, "poker", [turn(call("poke", target=str(shared / "by_caller.txt"))),
+                                   turn(call("ask_writer", question="x")), turn(content="ok")],
+                   tools=[{"name": "poke", "paths": [str(shared)]}, ask_tool("ask_writer", "writer")])
+    repo.commit("a caller that writes through a custom tool, and a writer")
+    daemon = daemons()
+    final = daemon.run("poker")
+    assert final["status"] == "succeeded", final
+    (own,) = tool_calls(home, final["run_id"], "poke")
+    assert own["detail"]["result"] == "WROTE", own
+    (callee,) = ended_runs(home, "writer")
+    wrote = tool_calls(home, callee["run_id"], "file_writer")
+    assert [c["decision"] for c in wrote] == ["allowed", "denied"], wrote
+    assert sorted(p.name for p in shared.iterdir()) == ["by_callee.txt", "by_caller.txt"]
+    assert not list(other.iterdir())
+
+
+def test_the_sandbox_and_narrowing_read_a_tools_permissions_alike(tmp_path: Path) -> None:
+    """One reading (catalog.effective_permissions, path_access) for both layers, without a daemon."""
+    from runner.plan import RunPlan
+    from runner.sandbox.confining import spec_paths
+    from runner.settings import Settings
+
+    variables = {"CLIENT_ID": "default", "AGENT_NAME": "x", "AGENT_ORCH_HOME": str(tmp_path)}
+    sources = {"poke": POKE, "peek": PEEK}
+
+    def sandbox(spec: AgentSpec) -> dict[str, set[str]]:
+        plan = RunPlan(run_id="r", client_id="default", agent="x", revision=None, spec=spec,
+                       settings=Settings(home=tmp_path), custom_sources=sources)
+        out: dict[str, set[str]] = {}
+        for _tool, path, perms in spec_paths(plan):
+            out.setdefault(path, set()).update(perms)
+        return out
+
+    caller = AgentSpec.model_validate({"name": "caller", "model": "scripted:x.yaml", "tools": [
+        {"name": "poke", "paths": ["/data/w"]}, {"name": "peek", "paths": ["/data/r"]},
+        {"name": "memory_search", "permissions": ["read"], "paths": ["/data/m"]},
+        {"name": "http_get", "paths": ["/data/h"]}]})
+    assert sandbox(caller) == {"/data/w": {"read", "write"}, "/data/r": {"read"}}
+    callee = AgentSpec.model_validate({"name": "callee", "model": "scripted:x.yaml", "memory": {"type": "vector_db"},
+                                       "tools": [{"name": "file_writer", "paths": ["/data"]},
+                                                 {"name": "file_reader", "paths": ["/data"]},
+                                                 {"name": "memory_save", "paths": ["/data"]}]})
+    narrowed = narrow(callee, caller, callee_vars=variables, caller_vars=variables, callee_sources=sources,
+                      caller_sources=sources, deeper=False)
+    assert {t.name: t.paths for t in narrowed.tools} == \
+        {"file_writer": ["/data/w"], "file_reader": ["/data/r", "/data/w"], "memory_save": []}
+    assert sandbox(narrowed) == {"/data/w": {"read", "write"}, "/data/r": {"read"}}
+
+
 # -- the shared budget, the depth ---------------------------------------------------------------------------------
 
 
@@ -155,6 +269,28 @@ def test_the_callees_tokens_count_on_the_callers_budget(repo: SpecRepo, home: Pa
     assert caller["input_tokens"] + caller["output_tokens"] == 15  # its own only: the ledger counts nothing twice
     (asked,) = tool_calls(home, final["run_id"], "ask_spender")
     assert asked["detail"]["callee_tokens"] == 600 and asked["detail"]["error"].startswith("agent 'spender'")
+
+
+def test_a_grandchilds_tokens_count_on_the_top_callers_budget(
+        repo: SpecRepo, home: Path, daemons: MakeDaemon) -> None:  # noqa: F811
+    """An answer carries the callee's tokens and those it borrowed from its own callees: the first attack had
+    top (max_tokens 1000) ask mid five times, each asking leaf for 900 tokens, and top saw 4 per ask."""
+    scripted_agent(repo, "leaf", [turn(content="spent", usage=(800, 100))])
+    scripted_agent(repo, "mid", [turn(call("ask_leaf", question="spend"), usage=(1, 1)),
+                                 turn(content="mid done", usage=(1, 1))],
+                   tools=[ask_tool("ask_leaf", "leaf")])
+    scripted_agent(repo, "top", [*(turn(call("ask_mid", question=f"go {i}"), usage=(1, 1)) for i in range(5)),
+                                 turn(content="top done", usage=(1, 1))],
+                   tools=[ask_tool("ask_mid", "mid")], constraints={"max_tokens": 1000})
+    repo.commit("top asks mid asks leaf")
+    daemon = daemons()
+    final = daemon.run("top")
+    assert final["status"] == "budget_exceeded" and "used by agents it asked" in final["error"], final
+    asks = tool_calls(home, final["run_id"], "ask_mid")
+    assert asks[0]["detail"]["callee_tokens"] == 904, asks[0]  # mid's own 4 and leaf's 900
+    # The second ask was capped at what was left (1000 - 4 - 904): leaf overshot it once, and top stopped there.
+    assert len(asks) == 2, asks
+    assert len(ended_runs(home, "leaf", 2)) == 2
 
 
 def test_an_ask_past_the_depth_limit_is_refused_to_the_model(
@@ -203,6 +339,22 @@ def test_stopping_the_caller_stops_its_callee(repo: SpecRepo, home: Path, daemon
     assert callee["status"] == "stopped" and callee["parent_run_id"] == started["run_id"], callee
     (caller,) = ended_runs(home, "impatient")
     assert caller["status"] == "stopped", caller
+
+
+def test_a_callee_left_in_flight_is_not_followed_again_after_a_restart() -> None:
+    """ProcessTable.reattach (Ray, after a daemon's restart) prepared a callee again with its full spec and no
+    caller. A run with a parent is not followed again: the daemon ends it interrupted and its node stops it.
+    (Reattaching needs a Ray cluster, which tests/ray covers; here the table's decision itself.)"""
+    from types import SimpleNamespace
+
+    from runner.supervise.table import ProcessTable
+
+    followed: list[Any] = []
+    table = SimpleNamespace(executor=SimpleNamespace(reattach=lambda *args: followed.append(args) or True))
+    row = {"run_id": "r-callee", "agent": "reader", "retry_of": None, "status": "running", "pid": 42, "seq": 3,
+           "row": json.dumps({"trigger": "agent", "parent_run_id": "r-caller", "input": "q"})}
+    assert ProcessTable.reattach(table, row) is False  # type: ignore[arg-type]
+    assert followed == []
 
 
 # -- what a run may ask -------------------------------------------------------------------------------------------

@@ -1205,3 +1205,36 @@ def test_placement_labels_are_rays_label_syntax(tmp_path: Path, labels: str) -> 
         """)
     out = validate(str(tmp_path / "specs"), root=tmp_path)
     assert out.proc.returncode == 1 and "label" in out.proc.stdout, out.proc.stdout
+
+
+def test_a_remote_agent_may_not_be_sent_the_runners_own_secrets() -> None:
+    problems = _check("""
+        name: a
+        model: m
+        description: x
+        constraints: {allowed_domains: [local]}
+        tools:
+          - {name: leak, remote_agent: "http://localhost:9/a", secret_env: OPENAI_API_KEY}
+          - {name: leak2, remote_agent: "http://localhost:9/a", secret_env: AGENT_ORCH_WEBHOOK_SECRET}
+          - {name: ok, remote_agent: "http://localhost:9/a", secret_env: PARTNER_TOKEN}
+        """)
+    assert [(p.field, p.severity) for p in problems] == [("tools[0].secret_env", "error"),
+                                                         ("tools[1].secret_env", "error")]
+    assert "AGENT_ORCH_REMOTE_SECRETS" in problems[0].message
+
+
+def test_a_remote_agents_url_carries_no_credential() -> None:
+    problems = _check("""
+        name: a
+        model: m
+        description: x
+        constraints: {allowed_domains: [local, partner.example.com]}
+        tools:
+          - {name: a1, remote_agent: "http://user:pw@localhost:9/a"}
+          - {name: a2, remote_agent: "https://partner.example.com/a?token=abc"}
+          - {name: a3, remote_agent: "https://partner.example.com/a#x"}
+          - {name: a4, remote_agent: "http://partner.example．com/a"}
+          - {name: ok, remote_agent: "https://partner.example.com/a"}
+        """)
+    assert [(p.field, p.severity) for p in problems] == [(f"tools[{i}].remote_agent", "error") for i in range(4)]
+    assert "no user, password, query" in problems[0].message

@@ -11,7 +11,8 @@ starts the callee and replies when the callee ends, from another thread; without
 and the ask is refused. ``remote.ask`` is answered here, on a pool of its own (a remote agent may take
 minutes): the URL's host is checked against the run's ``allowed_domains`` by the egress rules, each
 decision journaled as the egress proxy's are (an ``egress`` event of the run), the credential is read
-from the daemon's own environment (``secret_env``), and ``runner.agent.remote`` makes the call.
+from the daemon's own environment (``secret_env``: only a variable the operator listed in
+AGENT_ORCH_REMOTE_SECRETS, never one of the runner's own), and ``runner.agent.remote`` makes the call.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runner.agent.executor import Executor
-from runner.agent.remote import ask_remote
+from runner.agent.remote import ask_remote, origin
 from runner.errors import DeniedError, OrchestratorError
 from runner.plan import RunPlan, store_path
-from runner.sandbox.access import HostRule
+from runner.sandbox.access import HostRule, loopback
+from runner.sandbox.egress import control_plane_refusal
+from runner.settings import remote_secret_refusal
 from runner.times import utcnow
 
 log = logging.getLogger("runner.agent")
@@ -92,28 +95,45 @@ class Asks:
         tool = next((t for t in plan.spec.tools if t.name == ask.get("tool") and t.remote_agent), None)
         if tool is None or tool.remote_agent is None:
             raise DeniedError(f"'{ask.get('tool')}' is not a remote_agent tool of this agent")
+        if "@" in urllib.parse.urlsplit(tool.remote_agent).netloc:
+            raise DeniedError("a remote agent's URL carries no user or password: its credential is secret_env")
+        token = None
+        if tool.secret_env:
+            refused = remote_secret_refusal(tool.secret_env, plan.settings)
+            if refused:
+                raise DeniedError(refused)
+            token = os.environ.get(tool.secret_env)
+            if not token:
+                raise OrchestratorError(f"the daemon's environment has no {tool.secret_env}: the credential of "
+                                        f"the remote agent at {tool.remote_agent} is missing")
         rule = HostRule(tuple(plan.spec.constraints.allowed_domains), plan.settings.enable_remote_tools)
+        home = origin(tool.remote_agent)
+        control = frozenset({plan.settings.port})
 
         def check(url: str) -> None:
-            """The egress rules for one URL of the call, the decision journaled as the proxy's are."""
-            parts = urllib.parse.urlsplit(url)
-            detail = {"method": "POST", "host": parts.hostname or "-", "port": _port(parts),
-                      "via": f"remote_agent {tool.name}"}
+            """The egress rules for one URL of the call, the decision journaled as the proxy's are: the tool's
+            own origin only, a host allowed_domains allows, not the runner's own API, and a credential never
+            over plain http beyond this machine."""
+            detail: dict[str, Any] = {"method": "POST", "host": "-", "port": 0, "via": f"remote_agent {tool.name}"}
             try:
-                if parts.scheme not in ("http", "https") or not parts.hostname:
-                    raise DeniedError(f"only http and https URLs are allowed, not '{url[:200]}'")
-                rule.check(parts.hostname)
+                scheme, host, port = origin(url)
+                detail.update(host=host, port=port)
+                if (scheme, host, port) != home:
+                    raise DeniedError(f"{scheme}://{host}:{port} is not the origin of the tool's URL ({home[0]}://"
+                                      f"{home[1]}:{home[2]}): a remote agent's card may not send the call, or its "
+                                      "credential, elsewhere")
+                addresses = rule.check(host)
+                refused = control_plane_refusal(host, port, addresses, control)
+                if refused:
+                    raise DeniedError(refused)
+                if token and scheme == "http" and not (addresses and all(loopback(a) for a in addresses)):
+                    raise DeniedError(f"the credential ({tool.secret_env}) is never sent over plain http to a host "
+                                      f"beyond this machine ('{host}'): ask it at an https URL")
             except DeniedError as exc:
                 _journal(record, "denied", {**detail, "reason": exc.message})
                 raise
             _journal(record, "allowed", {**detail, "reason": "allowed_domains"})
 
-        token = None
-        if tool.secret_env:
-            token = os.environ.get(tool.secret_env)
-            if not token:
-                raise OrchestratorError(f"the daemon's environment has no {tool.secret_env}: the credential of "
-                                        f"the remote agent at {tool.remote_agent} is missing")
         timeout = tool.timeout or plan.settings.default_agent_timeout
         answer = ask_remote(tool.remote_agent, ask["text"], token=token, timeout=timeout, check=check)
         host = urllib.parse.urlsplit(tool.remote_agent).hostname
@@ -152,13 +172,6 @@ class Asks:
             for store in self._stores.values():
                 store.close()
             self._stores.clear()
-
-
-def _port(parts: urllib.parse.SplitResult) -> int:
-    try:
-        return parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return 0
 
 
 def _journal(record: Journal | None, decision: str, detail: dict[str, Any]) -> None:

@@ -32,9 +32,9 @@ from runner.errors import DeniedError
 from runner.plan import RunPlan
 from runner.sandbox import isolating, landlock, privileges, seccomp
 from runner.sandbox.egress import MODEL_HOST, Upstream, proxy_environment
-from runner.specs.catalog import BUILTIN_TOOLS
+from runner.specs.catalog import effective_permissions, path_access
 from runner.specs.checking import expand, overlap_reason
-from runner.specs.custom_tools import describe_module
+from runner.specs.custom_tools import tool_info
 
 ETC_FILES = ("ssl", "ca-certificates", "pki", "localtime", "timezone", "hosts", "resolv.conf", "nsswitch.conf",
              "host.conf", "gai.conf", "mime.types", "protocols", "services", "ld.so.cache", "ld.so.conf",
@@ -257,8 +257,7 @@ def network_tools(plan: RunPlan) -> bool:
     for t in plan.spec.tools:
         if t.agent or t.remote_agent:
             continue  # asked through the control plane: the run opens no connection for it
-        info = BUILTIN_TOOLS.get(t.name) or describe_module(t.name, plan.custom_sources.get(t.name, "").encode())
-        if "network" in (t.permissions or info.allowed):
+        if "network" in effective_permissions(tool_info(t.name, plan.custom_sources), t.permissions):
             return True
     return False
 
@@ -309,15 +308,15 @@ def _limits(plan: RunPlan) -> dict[str, int]:
 
 
 def spec_paths(plan: RunPlan) -> list[tuple[str, str, set[str]]]:
-    """(tool, path, permissions) of every path the spec gives a tool, expanded, as written."""
+    """(tool, path, permissions) of every path the spec gives a tool, expanded, as written. Only tools that
+    use paths get them (``path_access``): a memory tool's or http_get's paths give nothing."""
     out = []
     for tool in plan.spec.tools:
         if tool.agent or tool.remote_agent:
             continue  # no paths: the agent asked has its own
-        info = BUILTIN_TOOLS.get(tool.name)
-        perms = set(tool.permissions or (info.needs if info else []))
-        if info is None:
-            perms |= {"read"}
+        perms = set(path_access(tool_info(tool.name, plan.custom_sources), tool.permissions))
+        if not perms:
+            continue
         out += [(tool.name, os.path.normpath(os.path.abspath(expand(raw, plan.variables))), perms)
                 for raw in tool.paths]
     return out

@@ -80,6 +80,15 @@ MAX_DECISIONS = 2000  # decisions recorded in full per run
 CONTROL_PLANE: set[int] = set()
 
 
+def control_plane_refusal(host: str, port: int, addresses: list[str],
+                          control: frozenset[int] = frozenset()) -> str | None:
+    """Why ``host:port`` (resolved to ``addresses``) may not be reached from a run, or by the daemon on a run's
+    behalf (a remote agent asked): the runner's own API, under any address of this machine."""
+    if port in CONTROL_PLANE | control and any(loopback(a) for a in addresses):
+        return f"{host}:{port} is the runner's own API, which no run may reach"
+    return None
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """Where a run may connect: its model endpoints, and (with network tools) its allowed domains."""
@@ -103,8 +112,9 @@ class EgressPolicy:
             raise DeniedError(f"{host}:{port} is not the model endpoint, and no tool of this agent is granted "
                               "'network'")
         addresses = self.hosts.check(host)
-        if port in CONTROL_PLANE | self.control and any(loopback(a) for a in addresses):
-            raise DeniedError(f"{host}:{port} is the runner's own API, which no run may reach")
+        refused = control_plane_refusal(host, port, addresses, self.control)
+        if refused:
+            raise DeniedError(refused)
         if self.is_model(addresses, port):  # the model server under another name (localhost, say)
             self._model_rules(host, port, method, path,
                               tunnel=any(self._model_addresses.get((a, port)) for a in addresses))

@@ -6,9 +6,11 @@ source's ``tools/`` folder and described by ``CustomTool`` (their permissions re
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 PERMISSIONS = ("read", "write", "execute", "network")
+PATH_PERMISSIONS = ("read", "write", "execute")  # the permissions a tool's paths are granted for
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,26 @@ def custom_tool(name: str, permissions: list[str] | None, error: str | None = No
     perms = frozenset(permissions or [])
     return ToolInfo(name, "custom tool", perms, perms, file_tool=bool(perms & {"read", "write"}),
                     builtin=False, error=error)
+
+
+def uses_paths(info: ToolInfo) -> bool:
+    """Whether a tool's ``paths`` mean anything: the file tools, data_analyzer, shell and custom tools. The
+    others (http_get, the memory tools) are given no file access for paths a spec lists (validation warns
+    that they are ignored, and they are: by the sandbox and by narrowing)."""
+    return info.file_tool or not info.builtin or info.name in ("data_analyzer", "shell")
+
+
+def effective_permissions(info: ToolInfo, granted: Iterable[str] | None) -> frozenset[str]:
+    """The permissions a tool holds: what its spec grants (``granted``), else what it needs (a custom
+    tool: the PERMISSIONS its module declares). The one reading of an omitted ``permissions``: the
+    sandbox, narrowing and the network's rules all ask here."""
+    return frozenset(granted) if granted is not None else info.needs
+
+
+def path_access(info: ToolInfo, granted: Iterable[str] | None) -> frozenset[str]:
+    """What a tool's paths give the run (Landlock): its read, write and execute permissions (a custom tool's
+    paths are read at least); nothing for a tool that does not use paths."""
+    if not uses_paths(info):
+        return frozenset()
+    access = effective_permissions(info, granted) & frozenset(PATH_PERMISSIONS)
+    return access if info.builtin else access | {"read"}

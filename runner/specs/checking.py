@@ -27,7 +27,7 @@ from croniter import croniter
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import ExpressionError, UsageError
-from runner.settings import Settings, client_ids
+from runner.settings import Settings, client_ids, own_variable
 from runner.specs import domains
 from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo
 from runner.specs.expressions import Names, check
@@ -420,6 +420,11 @@ class _Semantics:
         if tool["name"] in BUILTIN_TOOLS:
             self._add(("tools", i, "name"), f"'{tool['name']}' is a builtin tool: a tool that asks an agent needs a "
                       "name of its own (ask_reviewer, say)")
+        secret = tool.get("secret_env")
+        if isinstance(secret, str) and own_variable(secret):
+            self._add(("tools", i, "secret_env"), f"{secret} is one of the runner's own variables (OPENAI_API_KEY, "
+                      "AGENT_ORCH_*, LANGCHAIN_*, RAY_*, a setting's): it is never sent to a remote agent; name a "
+                      "variable of the remote side's credential, listed by the operator in AGENT_ORCH_REMOTE_SECRETS")
         url = tool.get("remote_agent")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             return
@@ -427,11 +432,21 @@ class _Semantics:
         allowed = constraints.get("allowed_domains") if isinstance(constraints, dict) else None
         allowed = [d.lower() for d in allowed if isinstance(d, str)] if isinstance(allowed, list) else []
         try:
-            host = urllib.parse.urlsplit(url).hostname or ""
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname or ""
         except ValueError:
-            host = ""
-        if not host:
+            parts, host = None, ""
+        if parts is None or not host:
             self._add(("tools", i, "remote_agent"), f"'{url[:200]}' names no host")
+            return
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            self._add(("tools", i, "remote_agent"), "a remote agent's URL carries no user, password, query or "
+                      "fragment (a credential there would go wherever the URL goes): name the credential's "
+                      "variable in secret_env")
+            return
+        if not host.isascii():
+            self._add(("tools", i, "remote_agent"), f"'{host[:200]}' is not an ASCII host name: write it as the "
+                      "name is looked up (xn--...), as allowed_domains must")
             return
         why = domains.refusal(host, allowed, None)
         if why:

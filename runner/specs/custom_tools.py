@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import ast
 
-from runner.specs.catalog import PERMISSIONS, ToolInfo, custom_tool
+from runner.specs.catalog import BUILTIN_TOOLS, PERMISSIONS, ToolInfo, custom_tool
 
 MAX_MODULE = 1 << 20  # bytes of a custom tool module: more is not a tool, and parsing it costs gigabytes
+
+
+def tool_info(name: str, sources: dict[str, str]) -> ToolInfo:
+    """A builtin tool's info, or a custom tool's as its module (in ``sources``, by name) declares it."""
+    return BUILTIN_TOOLS.get(name) or describe_module(name, sources.get(name, "").encode())
 
 
 def describe_module(name: str, source: bytes) -> ToolInfo:

@@ -58,7 +58,8 @@ class ToolSpec(Strict):
     secret_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="remote_agent only: the daemon's "
         "environment variable holding the remote side's bearer token (never the token itself; the run never "
-        "sees it).")
+        "sees it). The operator must list it in AGENT_ORCH_REMOTE_SECRETS; the runner's own variables "
+        "(OPENAI_API_KEY, AGENT_ORCH_*, LANGCHAIN_*) are refused.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ToolSpec:

@@ -12,9 +12,10 @@ callable). For one ask of a run (the caller) it:
 3. submits it to the process table (trigger ``agent``, ``parent_run_id`` = the caller), which hands it
    off at once: the caller holds a MAX_AGENTS slot and waits, and the one-run-per-agent rule does not
    apply to it;
-4. answers when it ends (``on_end``): its output, or its status and error, and always its tokens, which
-   the caller's side adds to its budget count. They are kept here too (``borrowed``): the next callee of
-   the same caller is capped at what is left after both.
+4. answers when it ends (``on_end``): its output, or its status and error, and always its tokens (its own,
+   and those its own callees used: ``borrowed``, so a grandchild's count on the top caller's budget too),
+   which the caller's side adds to its budget count. They are kept here too (``borrowed``): the next callee
+   of the same caller is capped at what is left after both.
 
 A caller that ends or is stopped stops its callees in flight (``caller_ended``, ``stop_callees``); a
 callee's own callees go the same way. Depth is counted here, from the callees this daemon started: a
@@ -47,6 +48,7 @@ class Calls:
         self._depth: dict[str, int] = {}  # a callee in flight: its depth (1: asked by a run started otherwise)
         self._caller: dict[str, str] = {}  # a callee in flight: its caller
         self._borrowed: dict[str, int] = {}  # a caller: tokens its callees used, on its budget
+        self._lent: dict[str, int] = {}  # a callee just ended: what its own callees used, for its answer
 
     def ask(self, plan: RunPlan, ask: dict[str, Any], _record: Journal | None, reply: Reply) -> None:
         """Start the callee of ``ask`` for ``plan``'s run, and ``reply`` when it ends; raises
@@ -80,8 +82,8 @@ class Calls:
         run_id = new_run_id()
 
         def ended(_request: Request, row: RunRow) -> None:
-            tokens = row.input_tokens + row.output_tokens
             with self._lock:
+                tokens = row.input_tokens + row.output_tokens + self._lent.pop(run_id, 0)
                 self._depth.pop(run_id, None)
                 self._caller.pop(run_id, None)
                 if caller in self._borrowed:
@@ -114,7 +116,10 @@ class Calls:
             self.table.stop_run(run_id, reason)
 
     def caller_ended(self, run_id: str) -> None:
-        """A run ended: stop what it asked and still runs, and forget what it borrowed."""
+        """A run ended: stop what it asked and still runs, and forget what it borrowed (a callee's is kept
+        for its answer: its caller's budget covers its callees' tokens too)."""
         self.stop_callees(run_id, f"its caller, run {run_id}, ended")
         with self._lock:
-            self._borrowed.pop(run_id, None)
+            borrowed = self._borrowed.pop(run_id, 0)
+            if run_id in self._caller:
+                self._lent[run_id] = borrowed

@@ -4,15 +4,17 @@
 other (Landlock gets the narrowed paths, the proxy the narrowed domains). Rules (docs/events.md):
 
 - **Permissions.** A tool keeps only the permissions the caller holds on some tool of its own. A tool
-  that loses one it needs to work is dropped. Omitted permissions are the tool's needs (for a custom
-  tool, what its module declares), as the sandbox reads them.
-- **Paths.** For each path permission a tool keeps (read, write, execute), its paths are cut to the
-  region where the caller holds that permission: a callee path inside a caller's path stays; a
-  caller's path inside a callee path replaces it. A tool that had paths and has none left is dropped.
+  that loses one it needs to work is dropped. Omitted permissions are read as the sandbox reads them
+  (``catalog.effective_permissions``: the tool's needs; a custom tool's, what its module declares).
+- **Paths.** For each path permission a tool's paths give it in the sandbox (``catalog.path_access``),
+  its paths are cut to the region where the caller's paths give that permission: a callee path inside a
+  caller's path stays; a caller's path inside a callee path replaces it. A tool that had paths and has
+  none left is dropped. A tool that does not use paths (memory tools, http_get) loses them, on either
+  side: they give nothing in the sandbox, so they give nothing here.
 - **shell** keeps the commands both list (any caller shell tool's); none left, it is dropped.
 - **allowed_domains** is the intersection, wildcards included (``*.example.com`` ∩ ``api.example.com``
   is ``api.example.com``); ``local`` stays when both have it.
-- **Memory** stays the callee's own: its memory tools are kept as they are.
+- **Memory** stays the callee's own: its memory tools are kept (without paths).
 - Its own ``agent`` tools are kept while the depth allows one more level, ``remote_agent`` tools too
   when their host is still in the narrowed domains; the supervisor checks each call again anyway.
 
@@ -26,13 +28,12 @@ import os
 import urllib.parse
 from collections.abc import Iterable
 
-from runner.specs.catalog import BUILTIN_TOOLS, ToolInfo
+from runner.specs.catalog import PATH_PERMISSIONS, ToolInfo, effective_permissions, path_access, uses_paths
 from runner.specs.checking import expand
-from runner.specs.custom_tools import describe_module
+from runner.specs.custom_tools import tool_info
 from runner.specs.domains import refusal
 from runner.specs.models import AgentSpec, ToolSpec
 
-PATH_PERMISSIONS = ("read", "write", "execute")
 MEMORY_TOOLS = ("memory_search", "memory_save")
 
 
@@ -40,8 +41,8 @@ def narrow(callee: AgentSpec, caller: AgentSpec, *, callee_vars: dict[str, str],
            callee_sources: dict[str, str], caller_sources: dict[str, str], deeper: bool) -> AgentSpec:
     """``callee`` with what ``caller`` holds too; ``deeper``: the callee may ask agents in its turn."""
     held = [_held(t, caller_vars, caller_sources) for t in caller.tools if not (t.agent or t.remote_agent)]
-    holds = set().union(*(perms for perms, _paths in held)) if held else set()
-    region = {p: [path for perms, paths in held if p in perms for path in paths] for p in PATH_PERMISSIONS}
+    holds = set().union(*(perms for perms, _access, _paths in held)) if held else set()
+    region = {p: [path for _perms, access, paths in held if p in access for path in paths] for p in PATH_PERMISSIONS}
     commands = {c for t in caller.tools if t.name == "shell" for c in t.commands}
     domains = intersect_domains(callee.constraints.allowed_domains, caller.constraints.allowed_domains)
     tools: list[ToolSpec] = []
@@ -51,9 +52,9 @@ def narrow(callee: AgentSpec, caller: AgentSpec, *, callee_vars: dict[str, str],
                 tools.append(tool)
             continue
         if tool.name in MEMORY_TOOLS:
-            tools.append(tool)
+            tools.append(tool.model_copy(update={"paths": []}))  # of its own memory; paths give it nothing
             continue
-        kept = _narrow_tool(tool, _info(tool.name, callee_sources), holds, region, commands, callee_vars)
+        kept = _narrow_tool(tool, tool_info(tool.name, callee_sources), holds, region, commands, callee_vars)
         if kept is not None:
             tools.append(kept)
     constraints = callee.constraints.model_copy(update={"allowed_domains": domains})
@@ -62,17 +63,17 @@ def narrow(callee: AgentSpec, caller: AgentSpec, *, callee_vars: dict[str, str],
 
 def _narrow_tool(tool: ToolSpec, info: ToolInfo, holds: set[str], region: dict[str, list[str]],
                  commands: set[str], variables: dict[str, str]) -> ToolSpec | None:
-    own: set[str] = set(tool.permissions) if tool.permissions is not None else set(info.needs)
+    own = effective_permissions(info, tool.permissions)
     perms = own & holds
     if (info.needs - perms) or (own and not perms):
         return None  # it cannot work without what it lost
-    update: dict[str, object] = {"permissions": sorted(perms)}
-    if tool.paths:
+    update: dict[str, object] = {"permissions": sorted(perms), "paths": []}
+    access = path_access(info, perms)  # what its paths give it in the sandbox, once narrowed
+    if tool.paths and uses_paths(info):
         paths = [_normal(expand(p, variables)) for p in tool.paths]
-        # A path a custom tool is given is read at least, as the sandbox grants it.
-        for perm in (perms & set(PATH_PERMISSIONS)) or {"read"}:
+        for perm in access:
             paths = intersect_paths(paths, region[perm])
-        if not paths:
+        if not paths or not access:
             return None
         update["paths"] = paths
     if tool.name == "shell":
@@ -83,17 +84,16 @@ def _narrow_tool(tool: ToolSpec, info: ToolInfo, holds: set[str], region: dict[s
     return tool.model_copy(update=update)
 
 
-def _held(tool: ToolSpec, variables: dict[str, str], sources: dict[str, str]) -> tuple[set[str], list[str]]:
-    """What a caller's tool holds: its permissions and its paths (expanded, normalised)."""
-    info = _info(tool.name, sources)
-    perms: set[str] = set(tool.permissions) if tool.permissions is not None else set(info.needs)
+def _held(tool: ToolSpec, variables: dict[str, str],
+          sources: dict[str, str]) -> tuple[frozenset[str], frozenset[str], list[str]]:
+    """What a caller's tool holds: its permissions, what its paths give it in the sandbox, and those paths
+    (expanded, normalised), all as the sandbox reads them."""
+    info = tool_info(tool.name, sources)
     if tool.name in MEMORY_TOOLS:
-        perms = set()  # its read and write are of its own memory, not of files
-    return perms, [_normal(expand(p, variables)) for p in tool.paths]
-
-
-def _info(name: str, sources: dict[str, str]) -> ToolInfo:
-    return BUILTIN_TOOLS.get(name) or describe_module(name, sources.get(name, "").encode())
+        return frozenset(), frozenset(), []  # its read and write are of its own memory, not of files
+    access = path_access(info, tool.permissions)
+    return (effective_permissions(info, tool.permissions), access,
+            [_normal(expand(p, variables)) for p in tool.paths] if access else [])
 
 
 def _normal(path: str) -> str:

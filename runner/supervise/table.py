@@ -199,11 +199,19 @@ class ProcessTable:
     def reattach(self, progress_row: Any) -> bool:
         """Follow again a run a previous daemon left in flight on a cluster node, when its node still has it
         (its story is read again from the first message; what is on record is not written twice). False:
-        nobody has it, and the caller ends it interrupted."""
+        nobody has it, and the caller ends it interrupted (its node, told nobody follows it, stops it).
+
+        An agent asked as a tool (``parent_run_id``) is never followed again: its narrowed spec and its
+        caller's links died with that daemon, and prepared again it would go on with its full spec. It ends
+        interrupted, as a callee still queued does (``requeue``); its caller, if followed again, asks anew."""
+        data = json.loads(progress_row["row"]) if progress_row["row"] else {}
+        if Links.of(data).parent_run_id is not None:
+            log.info("run %s of %s: asked as a tool by run %s; not followed again", progress_row["run_id"],
+                     progress_row["agent"], Links.of(data).parent_run_id)
+            return False
         reattach = getattr(self.executor, "reattach", None)
         if reattach is None:
             return False
-        data = json.loads(progress_row["row"]) if progress_row["row"] else {}
         request = Request(progress_row["run_id"], progress_row["agent"], data.get("trigger") or "unknown",
                           data.get("input"), data.get("requested_by"), data.get("queued_at") or utcnow(),
                           status="running", retry_of=progress_row["retry_of"], attempt=int(data.get("attempt") or 1),
