@@ -7,7 +7,7 @@ TEST_STAMP := $(VENV)/.installed-test
 SERVICE := agent-orchestrator
 PREFIX ?= /opt/agent-orchestrator
 
-.PHONY: run install test lint pytest bench e2e-llm schema docs clean \
+.PHONY: run install test lint pytest bench e2e-llm schema screenshots docs clean \
 	agent-orchestrator agent-orchestrator-status agent-orchestrator-logs agent-orchestrator-restart
 
 $(BIN)/python:
@@ -80,6 +80,10 @@ bench: $(TEST_STAMP)
 e2e-llm: $(TEST_STAMP)
 	$(BIN)/pip install --quiet -e '.[test,e2e]'
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider e2e
+
+# The dashboard's pages at 1280 and 390 pixels, into docs/screenshots/ (a real daemon, scripted agents, Chromium).
+screenshots: $(TEST_STAMP) $(VENV)/.chromium
+	SCREENSHOTS=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_ui_browser.py -k screenshots
 
 schema: $(STAMP)
 	$(BIN)/python -m runner.specs.schema --write

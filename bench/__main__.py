@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ["plan", "memory", "overhead", "daemon", "runmem", "api", "sandbox", "rearm", "ray", "workflows", "events"]
+BENCHES = ["plan", "memory", "overhead", "daemon", "runmem", "api", "sandbox", "rearm", "ray", "workflows", "events",
+           "ui"]
 BY_NAME = [*BENCHES, "soak"]
 
 
