@@ -110,7 +110,7 @@ fi
 
 if [ -n "$DOMAIN" ]; then
   port=$(sed -n 's/^AGENT_ORCH_PORT=//p' "$ENV_FILE" | tail -n 1)
-  printf '# agent-orchestrator API as https://%s (Caddy obtains the certificate).\n%s {\n\treverse_proxy 127.0.0.1:%s\n}\n' \
+  printf '# agent-orchestrator API as https://%s (Caddy obtains the certificate).\n%s {\n\theader Strict-Transport-Security "max-age=31536000"\n\treverse_proxy 127.0.0.1:%s\n}\n' \
     "$DOMAIN" "$DOMAIN" "${port:-3031}" > /etc/agent-orchestrator/Caddyfile
   echo "install.sh: reverse proxy for $DOMAIN in /etc/agent-orchestrator/Caddyfile" \
        "(import it from /etc/caddy/Caddyfile, or point another proxy at 127.0.0.1:${port:-3031})"

@@ -209,6 +209,19 @@ def test_login_sets_an_httponly_samesite_strict_cookie_scoped_to_the_dashboard(m
     assert browser.page("/ui/").with_attr("id", "session")[0]["data-role"] == "viewer"
 
 
+def test_over_plain_http_to_another_name_the_cookie_is_secure_and_the_login_page_says_why(main: Served) -> None:
+    """Behind the Caddyfile's TLS proxy the Host is the public name: the cookie is Secure, so a browser never sends
+    it over plain HTTP. Plain HTTP to a name that is not this machine cannot keep it, and the login page says so."""
+    public = {"Host": "agents.example.com"}
+    login = request(main.port, "GET", "/ui/login", headers=public)
+    assert Page.of(login).with_attr("id", "login-problem") and b"plain HTTP to agents.example.com" in login.body
+    browser = Browser(main.port)
+    form = browser.page("/ui/login").form("login-form")
+    reply = browser.go("POST", "/ui/login", {**form, "token": main.tokens["viewer"]}, headers=public)
+    [raw] = [c for c in reply.headers.get_all("Set-Cookie") or [] if c.startswith("ao_session=")]
+    assert "secure" in raw.lower(), raw
+
+
 def test_a_wrong_token_or_a_forged_login_is_refused(main: Served) -> None:
     browser = Browser(main.port)
     reply = browser.login("ao_" + "x" * 43)
@@ -241,7 +254,8 @@ def test_the_session_cookie_never_authenticates_the_api(main: Served) -> None:
 def test_logout_ends_the_session(main: Served) -> None:
     browser = logged_in(main, "viewer")
     form = browser.page("/ui/").form("logout-form")
-    assert browser.go("POST", "/ui/logout", form).status == 303
+    out = browser.go("POST", "/ui/logout", form)
+    assert out.status == 303 and out.headers["Clear-Site-Data"] == '"cache"'  # Back shows nothing it saw
     assert "ao_session" not in browser.cookies
     assert browser.go("GET", "/ui/").status == 303
 
@@ -428,6 +442,8 @@ def test_an_operator_runs_cancels_and_resumes_a_workflow_through_the_forms(main:
     run_id = reply.headers["Location"].removeprefix("/ui/workflow-runs/")
     run = main.api("GET", f"/workflow-runs/{run_id}", role="viewer").json
     assert run["inputs"] == {"topic": "from the form"} and run["requested_by"] == "ui:operator-default", run
+    huge = browser.go("POST", form["attrs"]["action"], {**form["fields"], "input.topic": "x" * 70_000})
+    assert huge.status == 400, huge.status  # the API's bound on a string, as the API has it
 
     page = browser.page(f"/ui/workflow-runs/{run_id}")
     [box] = page.with_attr("id", "dag")

@@ -74,6 +74,10 @@ class RunWorkflow(Action):
             raise NotFound(f"no workflow named '{name}'")
         inputs: dict[str, Any] = {k.removeprefix("input."): v for k, v in form.items()
                                   if k.startswith("input.") and v != ""}
+        for key, value in inputs.items():  # as the API bounds a body's strings
+            if len(value) > MAX_STRING:
+                raise BadRequest(f"input '{key[:60]}' is longer than {MAX_STRING} characters",
+                                 details=[f"input.{key[:60]}"], code="too_long")
         try:
             run_id = rt.start_workflow(name, inputs, requested_by=who)
         except UsageError as exc:

@@ -35,12 +35,16 @@ RUNS_PAGE = 50
 NEXT = re.compile(r"/ui(/[A-Za-z0-9._~%/?&=+-]*)?")
 
 
+PLAIN_HTTP = ("This page came over plain HTTP to {host}: the session cookie is only kept over HTTPS (the Caddyfile "
+              "of `make agent-orchestrator DOMAIN=...`), or on this machine itself (ssh -L 3031:127.0.0.1:3031).")
+
+
 class Login(Page):
     """GET: the form; POST: a token in, the session cookie out (or 401 and the form again)."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         render(req, resp, "login.html", login_csrf=session.login_csrf(req, resp), next=_next(req.get_param("next")),
-               problem=None)
+               problem=PLAIN_HTTP.format(host=req.host) if session.plain_http_elsewhere(req) else None)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         form = session.checked_form(req, "login")

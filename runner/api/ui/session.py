@@ -1,8 +1,10 @@
 """How a browser is let in: the API token in a cookie, and a CSRF token in every form.
 
-The session is the token itself, in an ``HttpOnly; SameSite=Strict`` cookie scoped to ``/ui`` (``Secure``
-when the request came over TLS): nothing is kept on the server, so a token revoked or expired is refused at
-the next page exactly as at the next API call (``tokens.lookup`` runs for each request).
+The session is the token itself, in an ``HttpOnly; SameSite=Strict`` cookie scoped to ``/ui``, ``Secure`` unless
+the page came over plain HTTP to this machine itself (behind the Caddyfile's TLS proxy the Host is the public
+name, so the cookie is Secure there, and a browser never sends it over plain HTTP). Nothing is kept on the
+server, so a token revoked or expired is refused at the next page exactly as at the next API call
+(``tokens.lookup`` runs for each request).
 
 SameSite=Strict already keeps other sites' requests from carrying the cookie; the CSRF token is the second
 lock, for browsers or set-ups where that does not hold. It is an HMAC of the cookie's value under a key made
@@ -85,11 +87,23 @@ def start(req: falcon.Request, resp: falcon.Response, token: str) -> None:
 
 def end(resp: falcon.Response) -> None:
     resp.unset_cookie(SESSION_COOKIE, same_site="Strict", path=UI)  # empty, and expired now
+    resp.set_header("Clear-Site-Data", '"cache"')  # Back after logging out shows nothing the session saw
+
+
+def plain_http_elsewhere(req: falcon.Request) -> bool:
+    """The page came over plain HTTP to a name that is not this machine's loopback: a Secure cookie will not be
+    kept, so logging in cannot work (and should not: the token would cross the network in clear)."""
+    return req.scheme != "https" and not _loopback(req.host)
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1") or host.endswith(".localhost") or host.startswith("127.")
 
 
 def _set(req: falcon.Request, resp: falcon.Response, name: str, value: str, *, max_age: int, path: str) -> None:
     resp.set_cookie(name, value, max_age=max_age, path=path, http_only=True, same_site="Strict",
-                    secure=req.scheme == "https")
+                    secure=not (req.scheme == "http" and _loopback(req.host)))
 
 
 def _cookie(req: falcon.Request, name: str) -> str:
