@@ -71,7 +71,7 @@ UNSUPPORTED = {
     "DeleteTaskPushNotificationConfig": "push notifications are not offered",
     "GetExtendedAgentCard": "there is no extended card: the card itself already needs a token",
 }
-# A blocking SendMessage holds one of the API's 12 threads while its run goes on: at most this long, and at
+# A blocking SendMessage holds one of the API's 24 threads while its run goes on: at most this long, and at
 # most this many at once; past either the task is answered as it stands and the caller polls GetTask.
 BLOCKING_WAIT = 120.0  # seconds
 MAX_BLOCKING = 6

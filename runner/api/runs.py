@@ -38,7 +38,7 @@ AGO = re.compile(r"(\d{1,6})([smhdw])")
 UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # A stream holds one of the server's threads (waitress runs eight) for as long as it lasts: at most this
 # many at once, so plain requests always have threads left; the next is 503 with Retry-After.
-MAX_STREAMS = 8  # streams open at once: each holds one of the API's 12 threads
+MAX_STREAMS = 8  # streams open at once: each holds one of the API's 24 threads
 MAX_CLIENT_STREAMS = 4  # of them, one client's: a client cannot take every slot from the others
 STREAM_POLL = 0.2  # seconds between two reads of the stores while a run is followed
 STREAM_KEEPALIVE = 15.0  # seconds of silence before a comment line (proxies and waitress keep the connection)
