@@ -208,3 +208,13 @@ def serve(base: Path, files: dict[str, Any], *, client_id: str = "default", home
         served.stop()
         raise
     return served
+
+
+def two_clients(base: Path, default_repo: Path, other_repo: Path) -> Served:
+    """A daemon serving two clients from its home's settings file: 'default' from ``default_repo`` and 'other'
+    from ``other_repo`` (whose tokens must learn nothing of the first's). Started; no tokens made yet."""
+    home = base / "home"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "settings.json").write_text(json.dumps(
+        {"AGENT_ORCH_SOURCE": str(default_repo), "clients": {"other": {"AGENT_ORCH_SOURCE": str(other_repo)}}}))
+    return Served(home, default_repo, base / "daemon.log", source_env=False).start()

@@ -40,7 +40,7 @@ from a2a.types.a2a_pb2 import (
     TaskState,
 )
 from a2a.utils.errors import InvalidParamsError, TaskNotFoundError
-from api_helpers import Served, make_repo, poll, scripted
+from api_helpers import Served, make_repo, poll, scripted, two_clients
 
 EXPOSED = {"a2a": {"expose": True}}
 
@@ -55,11 +55,7 @@ def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     }
     default_repo = make_repo(base / "repo-default", files)
     other_repo = make_repo(base / "repo-other", scripted("theirs", [{"content": "theirs"}], **EXPOSED))
-    home = base / "home"
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "settings.json").write_text(json.dumps(
-        {"AGENT_ORCH_SOURCE": str(default_repo), "clients": {"other": {"AGENT_ORCH_SOURCE": str(other_repo)}}}))
-    served = Served(home, default_repo, base / "daemon.log", source_env=False).start()
+    served = two_clients(base, default_repo, other_repo)
     try:
         served.tokens = {role: served.token(role, f"{role}-default") for role in ("viewer", "operator")}
         served.tokens["other"] = served.token("operator", "operator-other", "other")

@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 import pytest
 import yaml
-from api_helpers import Reply, Served, blob, git, head, make_repo, poll, scripted, serve, write_files
+from api_helpers import Reply, Served, blob, git, head, make_repo, poll, scripted, serve, two_clients, write_files
 from conftest import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -716,11 +716,7 @@ def test_clients_of_one_daemon_never_learn_each_others_names(main: Served, tmp_p
         "specs/alpha.yaml": {"name": "alpha", "model": "llama2", "description": "ours"}})
     other_repo = make_repo(tmp_path / "repo-other", {
         **scripted("hidden", reader, tools=[{"name": "file_reader", "paths": [str(data)]}])})
-    home = tmp_path / "home"
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "settings.json").write_text(json.dumps(
-        {"AGENT_ORCH_SOURCE": str(default_repo), "clients": {"other": {"AGENT_ORCH_SOURCE": str(other_repo)}}}))
-    daemon = Served(home, default_repo, tmp_path / "daemon.log", source_env=False).start()
+    daemon = two_clients(tmp_path, default_repo, other_repo)
     try:
         ours = {role: daemon.token(role, f"{role}-ours") for role in ("viewer", "operator", "admin")}
         theirs = {role: daemon.token(role, f"{role}-theirs", "other") for role in ("viewer", "operator", "admin")}

@@ -7,13 +7,12 @@ of scripted agents; every wait is a bounded poll, never a sleep.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from api_helpers import Reply, Served, make_repo, poll, scripted
+from api_helpers import Reply, Served, make_repo, poll, scripted, two_clients
 from prometheus_client.parser import text_string_to_metric_families
 
 ENDED = ("succeeded", "failed", "timed_out", "budget_exceeded", "stopped", "interrupted")
@@ -43,11 +42,7 @@ def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     }
     default_repo = make_repo(base / "repo-default", files)
     other_repo = make_repo(base / "repo-other", scripted("theirs", [{"content": "theirs"}]))
-    home = base / "home"
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "settings.json").write_text(json.dumps(
-        {"AGENT_ORCH_SOURCE": str(default_repo), "clients": {"other": {"AGENT_ORCH_SOURCE": str(other_repo)}}}))
-    served = Served(home, default_repo, base / "daemon.log", source_env=False).start()
+    served = two_clients(base, default_repo, other_repo)
     try:
         served.tokens = {role: served.token(role, f"{role}-default") for role in ("viewer", "operator", "admin")}
         served.tokens.update({f"other-{role}": served.token(role, f"{role}-other", "other")

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import duckdb
 import pytest
-from api_helpers import Reply, Served, make_repo, poll, request, scripted
+from api_helpers import Reply, Served, make_repo, poll, request, scripted, two_clients
 from conftest import ROOT
 
 from runner.api.ui import CSP
@@ -50,11 +50,7 @@ def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     }
     default_repo = make_repo(base / "repo-default", files)
     other_repo = make_repo(base / "repo-other", scripted("theirs", [{"content": "theirs"}]))
-    home = base / "home"
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "settings.json").write_text(json.dumps(
-        {"AGENT_ORCH_SOURCE": str(default_repo), "clients": {"other": {"AGENT_ORCH_SOURCE": str(other_repo)}}}))
-    served = Served(home, default_repo, base / "daemon.log", source_env=False).start()
+    served = two_clients(base, default_repo, other_repo)
     try:
         served.tokens = {role: served.token(role, f"{role}-default") for role in ("viewer", "operator", "admin")}
         served.tokens["other-operator"] = served.token("operator", "operator-other", "other")
