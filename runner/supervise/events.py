@@ -46,6 +46,7 @@ CRASH_AT = "AGENT_ORCH_TEST_CRASH_AT"  # fault injection for the tests: the daem
 
 KEEP_DAYS = 30  # a delivery's live row (its event, its dedupe key) is kept this long; its ledger row for ever
 PRUNE_EVERY = 3600.0  # seconds between two prunings
+SAY_AGAIN = 3600.0  # seconds before the log says again that a hook has no secret
 MAX_NESTING = 64  # levels of a payload's JSON: deeper ones are no event anyone sends, and cost recursion
 
 
@@ -108,6 +109,7 @@ class Events:
         self.on_refused: Callable[[str], None] | None = None  # metrics: a POST refused before a delivery (why)
         self.on_decided: Callable[[str, str], None] | None = None  # metrics: (trigger type, decision)
         self._pruned = -PRUNE_EVERY  # first pruned with the first delivery
+        self._warned: dict[str, float] = {}  # hooks without a secret, when the log last said so
         self._ends: queue.Queue[tuple[str, str, str, str, str | None, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._fire_loop, name=f"events-{self.client_id}", daemon=True)
         self._thread.start()
@@ -222,7 +224,9 @@ class Events:
                 value = ""
                 where = f"{path} ({exc.strerror})"
         if not value:
-            log.warning("webhook of %s: its secret %s is empty or missing: every delivery is refused", name, where)
+            if time.monotonic() > self._warned.get(name, -SAY_AGAIN) + SAY_AGAIN:  # once an hour, not once a request
+                self._warned[name] = time.monotonic()
+                log.warning("webhook of %s: its secret %s is empty or missing: every delivery is refused", name, where)
             return None
         return value
 
