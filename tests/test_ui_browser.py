@@ -48,6 +48,14 @@ def wait(driver: Any, what: str, check: Callable[[], Any], timeout: float = 30) 
     return poll(check, what, timeout, every=0.1)
 
 
+def transcript(driver: Any) -> tuple[str, str] | None:
+    """The transcript's status and text, read in one step in the page: htmx swaps the element while the run goes
+    on, so a handle to it can go stale between two reads."""
+    found = driver.execute_script("const e = document.getElementById('transcript');"
+                                  "return e ? [e.dataset.status || '', e.innerText] : null")
+    return (str(found[0]), str(found[1])) if found else None
+
+
 def log_in(driver: Any, served: Served, role: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -68,14 +76,13 @@ def test_an_operator_logs_in_sees_the_agents_and_watches_a_run_fill_in(served: S
         driver.get(f"http://127.0.0.1:{served.port}/ui/agents/slow")
         driver.find_element(By.ID, "run-input").send_keys("watch me")
         driver.find_element(By.ID, "run-agent-button").click()
-        transcript = wait(driver, "the run's page", lambda: driver.find_elements(By.ID, "transcript"))[0]
-        assert "watch me" in transcript.text  # the input, at once
+        status, text = wait(driver, "the run's page", lambda: transcript(driver))
+        assert "watch me" in text  # the input, at once
         # Live: the page shows the run in flight, polls its transcript, and fills in the answer once it ended.
-        assert transcript.get_attribute("data-status") in ("queued", "running"), transcript.get_attribute("data-status")
-        assert "slowly done" not in transcript.text
-        wait(driver, "the run to end on the page", lambda: driver.find_element(By.ID, "transcript")
-             .get_attribute("data-status") == "succeeded", timeout=60)
-        assert "slowly done" in driver.find_element(By.ID, "transcript").text
+        assert status in ("queued", "running") and "slowly done" not in text, (status, text)
+        status, text = wait(driver, "the run to end on the page", lambda: (found := transcript(driver)) and
+                            found[0] == "succeeded" and found, timeout=60)
+        assert "slowly done" in text
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert not errors, errors  # no script blocked by the CSP, no asset missing
 
@@ -97,10 +104,14 @@ def test_an_operator_approves_a_waiting_step_in_the_browser(served: Served) -> N
         (form,) = wait(driver, "the step to wait for its approval", waiting_form)
         form.find_element(By.NAME, "comment").send_keys("looks right")
         form.find_element(By.CSS_SELECTOR, "button[data-action=approve]").click()
+        # The click submits the form and the browser follows the answer's redirect: wait for that page (a new
+        # navigation now would abort the POST), where the step waits no more.
+        wait(driver, "the approval to be posted", lambda: not driver.execute_script(
+            "return document.querySelector('.approve-form[data-workflow-run-id=\"' + arguments[0] + '\"]')", wf_id))
         driver.get(f"http://127.0.0.1:{served.port}/ui/workflow-runs/{wf_id}")
-        wait(driver, "the workflow run to succeed on its page", lambda: (driver.get(driver.current_url) or True) and
-             any(g.get_attribute("data-step") == "last" and g.get_attribute("data-status") == "succeeded"
-                 for g in driver.find_elements(By.CSS_SELECTOR, "#dag g[data-step]")))
+        wait(driver, "the workflow run to succeed on its page", lambda: ["last", "succeeded"] in driver.execute_script(
+            "return Array.from(document.querySelectorAll('#dag g[data-step]'))"
+            ".map(g => [g.dataset.step, g.dataset.status])"))  # read in one step: htmx swaps the DAG as it goes
     approvals = served.api("GET", f"/workflow-runs/{wf_id}", role="viewer").json["approvals"]
     assert approvals and approvals[0]["by"] == "ui:operator-ui" and approvals[0]["comment"] == "looks right"
 
