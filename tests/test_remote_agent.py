@@ -1,15 +1,13 @@
 """remote_agent tools: a run asks an A2A agent elsewhere through its supervisor (docs/events.md, A2A).
 
-The daemon under test is real; the other side is, for now, ``PartnerDouble``: a small A2A v1.0 JSON-RPC
-server made here (an Agent Card and ``SendMessage``), standing in for the other daemon's A2A server until
-``runner.api.a2a`` is merged. Its messages are built with a2a-sdk's own types, so the wire format is the
-SDK's. The end-to-end test against a second daemon is at the bottom and says why it is skipped while that
-server is not here. Every wait is a bounded poll.
+The daemon under test is real. The end-to-end test at the bottom asks a second real daemon's A2A server. The
+other tests face ``PartnerDouble``, a test double: a small A2A v1.0 JSON-RPC server made here (an Agent Card and
+``SendMessage``, built with a2a-sdk's own types) that can misbehave as no daemon of ours does (a card naming
+another origin, a body past the caps), which is what those tests need. Every wait is a bounded poll.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import threading
@@ -307,11 +305,6 @@ def test_the_runners_own_api_and_plain_http_beyond_this_machine_are_refused(
 
 # -- end to end, against a second daemon's A2A server -----------------------------------------------------------
 
-A2A_SERVER = importlib.util.find_spec("runner.api.a2a") is not None
-
-
-@pytest.mark.skipif(not A2A_SERVER, reason="the A2A server (runner.api.a2a, branch a2a) is not merged yet: "
-                    "the client is tested above against PartnerDouble")
 def test_a_run_asks_an_agent_of_another_daemon(tmp_path: Path) -> None:
     from api_helpers import scripted, serve
 
