@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import duckdb
 import httpx
 import pytest
 from a2a.client import (
@@ -41,6 +40,7 @@ from a2a.types.a2a_pb2 import (
 )
 from a2a.utils.errors import InvalidParamsError, TaskNotFoundError
 from api_helpers import Served, make_repo, poll, scripted, two_clients
+from daemon_helpers import wait_ledger
 
 EXPOSED = {"a2a": {"expose": True}}
 
@@ -300,19 +300,8 @@ def test_malformed_calls_get_json_rpc_errors_never_a_500(main: Served) -> None:
 def test_each_call_is_an_audit_row(main: Served) -> None:
     task = asyncio.run(_send_once(main, "helper", "for the record"))
 
-    def audited() -> list[tuple[Any, ...]] | None:
-        try:
-            con = duckdb.connect(str(main.home / "runs.duckdb"), read_only=True)
-        except duckdb.IOException:
-            return None  # the daemon is flushing right now
-        try:
-            rows = con.execute("SELECT action, target, outcome, actor FROM audit WHERE action = 'a2a.SendMessage' "
-                               "AND outcome = ?", [f"started run {task.id}"]).fetchall()
-        except duckdb.CatalogException:
-            return None
-        finally:
-            con.close()
-        return rows or None
-
-    [row] = poll(audited, "the SendMessage in the audit table", 20)
+    [found] = wait_ledger(main.home, "SELECT action, target, outcome, actor FROM audit WHERE action = "
+                          "'a2a.SendMessage' AND outcome = ?", [f"started run {task.id}"], until=bool,
+                          what="the SendMessage in the audit table")
+    row = tuple(found.values())
     assert row == ("a2a.SendMessage", "helper", f"started run {task.id}", "operator-default")

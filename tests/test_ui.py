@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import duckdb
 import pytest
 from api_helpers import Reply, Served, make_repo, poll, request, scripted, two_clients
 from conftest import ROOT
+from daemon_helpers import wait_ledger
 
 from runner.api.ui import CSP
 
@@ -338,25 +338,14 @@ def test_an_operator_runs_an_agent_through_the_form_and_the_audit_names_the_toke
     assert run["status"] == "succeeded"
     action = "POST /ui/agents/{name}/run"
 
-    def audited() -> list[tuple[Any, ...]] | None:
-        try:
-            con = duckdb.connect(str(main.home / "runs.duckdb"), read_only=True)
-        except duckdb.IOException:
-            return None  # the daemon is flushing right now
-        try:
-            rows = con.execute("SELECT actor, outcome, client_id FROM audit WHERE action = ? AND target = ?",
-                               [action, "/ui/agents/echo/run"]).fetchall()
-            leaked = con.execute("SELECT count(*) FROM audit WHERE contains(coalesce(target, '') || "
-                                 "coalesce(CAST(detail AS VARCHAR), '') || coalesce(actor, ''), ?)",
-                                 [main.tokens["operator"]]).fetchone()
-        except duckdb.CatalogException:
-            return None
-        finally:
-            con.close()
-        assert leaked == (0,), "a token reached the audit table"
-        return rows or None
-
-    rows = poll(audited, "the dashboard's run in the audit table", 30)
+    found = wait_ledger(main.home, "SELECT actor, outcome, client_id FROM audit WHERE action = ? AND target = ?",
+                        [action, "/ui/agents/echo/run"], until=bool, what="the dashboard's run in the audit table",
+                        timeout=30)
+    rows = [tuple(r.values()) for r in found]
+    leaked = wait_ledger(main.home, "SELECT count(*) AS n FROM audit WHERE contains(coalesce(target, '') || "
+                         "coalesce(CAST(detail AS VARCHAR), '') || coalesce(actor, ''), ?)", [main.tokens["operator"]],
+                         until=bool, what="the audit table")
+    assert leaked == [{"n": 0}], "a token reached the audit table"
     assert ("operator-default", "303", "default") in rows, rows
 
 
