@@ -132,10 +132,6 @@ class Runs(Page):
 class Run(Page):
     """A run's transcript; the fragment (``fragment=True``) is what the page polls while the run goes on."""
 
-    def __init__(self, api: Any, fragment: bool = False) -> None:
-        super().__init__(api)
-        self.fragment = fragment
-
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
         _, rt = self.session(req)
         found = transcript(rt.conn(), rt.settings.ledger_path, rt.settings.client_id, run_id) \

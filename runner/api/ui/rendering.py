@@ -42,7 +42,12 @@ _files_lock = threading.Lock()
 
 
 class Page(Resource):
-    """A dashboard page: the session's principal and its client's runtime, or the way to log in."""
+    """A dashboard page: the session's principal and its client's runtime, or the way to log in. ``fragment``: the
+    live part of the page alone (what htmx polls while a run goes on), for pages that have one."""
+
+    def __init__(self, api: Any, fragment: bool = False) -> None:
+        super().__init__(api)
+        self.fragment = fragment
 
     def session(self, req: falcon.Request) -> tuple[tokens.Principal, Runtime]:
         principal: tokens.Principal | None = req.context.get("principal")

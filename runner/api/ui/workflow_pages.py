@@ -13,7 +13,6 @@ from typing import Any
 
 import falcon
 
-from runner.api.app import Api
 from runner.api.errors import BadRequest, NotFound
 from runner.api.ui.rendering import Page, render
 from runner.api.workflows import STATUSES, WORKFLOW_RUN_ID
@@ -50,10 +49,6 @@ class Workflows(Page):
 
 class WorkflowRun(Page):
     """A workflow run: its DAG and steps (the fragment, polled while the run goes on), approvals, actions."""
-
-    def __init__(self, api: Api, fragment: bool = False) -> None:
-        super().__init__(api)
-        self.fragment = fragment
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_run_id: str) -> None:
         _, rt = self.session(req)
